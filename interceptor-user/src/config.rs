@@ -1,0 +1,581 @@
+//! The daemon's configuration file (TOML).
+//!
+//! Every table denies unknown fields so that a typo is an error, not a
+//! silently ignored setting. Secrets are referenced, never inlined: the file
+//! can be shown in a review or a bug report without leaking anything.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// What can go wrong when loading a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Addresses the proxy accepts clients on, IPv4 and/or IPv6
+    /// (`"127.0.0.1:6432"`, `"[::1]:6432"`).
+    pub listen: Vec<Spanned<SocketAddr>>,
+    /// Where generated TLS material and other daemon state are kept.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub client_tls: ClientTls,
+    /// The databases this proxy stands in front of.
+    #[serde(rename = "target")]
+    pub targets: Vec<Spanned<Target>>,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/interceptor")
+}
+
+/// Resource limits. Every one has a default that suits a CI runner.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest frontend message accepted, in bytes. Larger ones are refused
+    /// with SQLSTATE 08P01 before they are buffered.
+    pub max_message_size: u32,
+    /// Concurrent client connections; further ones get SQLSTATE 53300.
+    pub max_connections: usize,
+    /// How long to wait for the upstream TCP/TLS connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long a client may take from connecting to finishing login.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Close a session after this long with no traffic either way
+    /// (`"0s"` disables it, like PostgreSQL's idle_session_timeout).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM, how long sessions may run before they are closed.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 64 * 1024 * 1024,
+            max_connections: 1024,
+            connect_timeout: Duration::from_secs(5),
+            startup_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::ZERO,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// TLS between clients and the proxy.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    /// `disabled` answers SSLRequest with `N`; `enabled` accepts TLS.
+    #[serde(default)]
+    pub mode: ClientTlsMode,
+    /// PEM certificate chain. Without `cert` and `key`, a CA and a server
+    /// certificate are generated under `state_dir/tls/` on first start.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Names put in a generated certificate besides localhost, 127.0.0.1, ::1.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientTlsMode {
+    Disabled,
+    #[default]
+    Enabled,
+}
+
+/// One protected database server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub name: String,
+    /// The addresses clients believe they connect to: `"10.0.0.5:5432"`,
+    /// `"10.0.0.0/8:5432"`, `"[fd00::1]:5432"` or `"*:5432"`.
+    #[serde(default)]
+    pub destinations: Vec<Destination>,
+    /// The real server.
+    pub upstream: Upstream,
+    /// Databases clients may open through this target; `"*"` allows any.
+    pub databases: Vec<String>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    pub upstream_auth: UpstreamAuth,
+    #[serde(default)]
+    pub upstream_tls: UpstreamTls,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+}
+
+fn default_pg_port() -> u16 {
+    5432
+}
+
+/// How clients prove who they are to the proxy. Identity-based login
+/// arrives with the policy work; this is the interim, per-target secret.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    #[serde(default)]
+    pub method: ClientAuthMethod,
+    /// The shared client secret, read from this file...
+    pub secret_file: Option<PathBuf>,
+    /// ...or from this environment variable.
+    pub secret_env: Option<String>,
+}
+
+impl ClientAuth {
+    pub fn secret(&self) -> SecretRef {
+        SecretRef {
+            file: self.secret_file.clone(),
+            env: self.secret_env.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuthMethod {
+    #[default]
+    Trust,
+    ScramSha256,
+    /// Cleartext password, accepted only over TLS.
+    Password,
+}
+
+/// The credentials the proxy itself logs in upstream with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamAuth {
+    pub user: String,
+    /// The upstream password, read from this file...
+    pub password_file: Option<PathBuf>,
+    /// ...or from this environment variable. Neither: log in without one
+    /// (trust upstream).
+    pub password_env: Option<String>,
+}
+
+impl UpstreamAuth {
+    pub fn password(&self) -> Option<SecretRef> {
+        (self.password_file.is_some() || self.password_env.is_some()).then(|| SecretRef {
+            file: self.password_file.clone(),
+            env: self.password_env.clone(),
+        })
+    }
+}
+
+/// Where a secret is held outside the config file: a file (trailing newline
+/// stripped) or an environment variable. The reference is not secret.
+#[derive(Debug, Clone)]
+pub struct SecretRef {
+    pub file: Option<PathBuf>,
+    pub env: Option<String>,
+}
+
+/// A secret's value. Debug and Display never show it.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl SecretRef {
+    /// Reads the secret now, so that rotation needs no restart.
+    pub fn load(&self) -> Result<Secret, String> {
+        match (&self.file, &self.env) {
+            (Some(path), None) => std::fs::read_to_string(path)
+                .map(|s| Secret(s.trim_end_matches(['\n', '\r']).to_owned()))
+                .map_err(|e| format!("cannot read secret file {}: {e}", path.display())),
+            (None, Some(var)) => std::env::var(var)
+                .map(Secret)
+                .map_err(|_| format!("environment variable {var} is not set")),
+            (None, None) => Err("no file or environment variable given".into()),
+            (Some(_), Some(_)) => Err("give a file or an environment variable, not both".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    #[serde(default)]
+    pub mode: UpstreamTlsMode,
+    /// CA bundle for `verify-full`.
+    pub ca_file: Option<PathBuf>,
+    /// Name checked against the certificate (default: `upstream.host`).
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsMode {
+    #[default]
+    Disable,
+    /// Encrypt, without checking the server's certificate.
+    Require,
+    /// Encrypt, and check the certificate chain and host name.
+    VerifyFull,
+}
+
+/// An address a protected database is reached at, as a client sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Exact(SocketAddr),
+    Network(IpNet, u16),
+    AnyHost(u16),
+}
+
+impl Destination {
+    pub fn matches(&self, addr: SocketAddr) -> bool {
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        match *self {
+            Destination::Exact(d) => d.port() == addr.port() && d.ip() == ip,
+            Destination::Network(net, port) => port == addr.port() && net.contains(&ip),
+            Destination::AnyHost(port) => port == addr.port(),
+        }
+    }
+}
+
+impl FromStr for Destination {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "`{s}` is not a destination; use IP:PORT, CIDR:PORT ([v6]:PORT, [v6/len]:PORT) or *:PORT"
+            )
+        };
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host == "*" {
+            return Ok(Destination::AnyHost(port));
+        }
+        if host.contains('/') {
+            return IpNet::from_str(host)
+                .map(|n| Destination::Network(n.trunc(), port))
+                .map_err(|_| bad());
+        }
+        IpAddr::from_str(host)
+            .map(|ip| Destination::Exact(SocketAddr::new(ip, port)))
+            .map_err(|_| bad())
+    }
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Target {
+    pub fn allows_database(&self, db: &str) -> bool {
+        self.databases.iter().any(|d| d == "*" || d == db)
+    }
+}
+
+impl Config {
+    /// Reads, parses and checks a config file. Secrets are resolved once here
+    /// so that a missing one is reported at start-up, not at first login.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().to_owned(),
+            }
+        })?;
+        config.validate(path, text)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let invalid = |offset: usize, key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: line_col(text, offset).0,
+            key,
+            message,
+        };
+        if self.listen.is_empty() {
+            return Err(invalid(
+                0,
+                "listen".into(),
+                "give at least one address".into(),
+            ));
+        }
+        let mut seen_listen = HashSet::new();
+        for l in &self.listen {
+            if !seen_listen.insert(*l.get_ref()) {
+                return Err(invalid(
+                    l.span().start,
+                    "listen".into(),
+                    format!("{} is listed twice", l.get_ref()),
+                ));
+            }
+        }
+        if self.targets.is_empty() {
+            return Err(invalid(
+                0,
+                "target".into(),
+                "define at least one [[target]]".into(),
+            ));
+        }
+        let tls = &self.client_tls;
+        if tls.cert.is_some() != tls.key.is_some() {
+            return Err(invalid(
+                text.find("[client_tls]").unwrap_or(0),
+                "client_tls".into(),
+                "give both `cert` and `key`, or neither to generate them".into(),
+            ));
+        }
+        if self.limits.max_message_size < 1024 {
+            return Err(invalid(
+                text.find("max_message_size").unwrap_or(0),
+                "limits.max_message_size".into(),
+                "must be at least 1024 bytes".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        for spanned in &self.targets {
+            let t = spanned.get_ref();
+            let at = spanned.span().start;
+            let key = |k: &str| format!("target.{}.{k}", t.name);
+            if !names.insert(t.name.as_str()) {
+                return Err(invalid(
+                    at,
+                    "target.name".into(),
+                    format!("target `{}` is defined twice", t.name),
+                ));
+            }
+            if t.databases.is_empty() {
+                return Err(invalid(
+                    at,
+                    key("databases"),
+                    "list the databases clients may open, or \"*\"".into(),
+                ));
+            }
+            if let Some(secret) = t.upstream_auth.password() {
+                secret
+                    .load()
+                    .map_err(|m| invalid(at, key("upstream_auth"), m))?;
+            }
+            if t.client_auth.method != ClientAuthMethod::Trust {
+                t.client_auth.secret().load().map_err(|m| {
+                    invalid(
+                        at,
+                        key("client_auth"),
+                        format!("this method needs `secret_file` or `secret_env`: {m}"),
+                    )
+                })?;
+            }
+            if t.client_auth.method == ClientAuthMethod::Password
+                && tls.mode == ClientTlsMode::Disabled
+            {
+                return Err(invalid(
+                    at,
+                    key("client_auth.method"),
+                    "`password` sends the secret in clear, so it needs client_tls enabled".into(),
+                ));
+            }
+            if t.upstream_tls.mode == UpstreamTlsMode::VerifyFull
+                && t.upstream_tls.ca_file.is_none()
+            {
+                return Err(invalid(
+                    at,
+                    key("upstream_tls.ca_file"),
+                    "verify-full needs a CA file".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The target a connection is for. Until the kernel reports the original
+    /// destination, a connection to a listener goes to the only target, or to
+    /// the one whose destinations include that listener's address.
+    pub fn target_for(&self, original_destination: SocketAddr) -> Option<&Target> {
+        if let [only] = self.targets.as_slice() {
+            return Some(only.get_ref());
+        }
+        self.targets.iter().map(Spanned::get_ref).find(|t| {
+            t.destinations
+                .iter()
+                .any(|d| d.matches(original_destination))
+        })
+    }
+
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listen.iter().map(|l| *l.get_ref()).collect()
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = ["127.0.0.1:6432", "[::1]:6432"]
+state_dir = "/tmp/x"
+
+[limits]
+connect_timeout = "2s"
+
+[client_tls]
+mode = "disabled"
+
+[[target]]
+name = "main"
+destinations = ["10.0.0.5:5432", "10.1.0.0/16:5432", "[fd00::/8]:5432", "*:6543"]
+upstream = { host = "127.0.0.1", port = 5432 }
+databases = ["app"]
+upstream_auth = { user = "admin", password_env = "HOME" }
+"#;
+
+    #[test]
+    fn parses_a_full_file() {
+        let c = Config::parse(Path::new("x.toml"), GOOD).expect("valid");
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.limits.connect_timeout, Duration::from_secs(2));
+        let t = c.targets[0].get_ref();
+        assert!(t.allows_database("app"));
+        assert!(!t.allows_database("postgres"));
+        assert!(t.destinations[1].matches("10.1.2.3:5432".parse().unwrap()));
+        assert!(!t.destinations[1].matches("10.2.2.3:5432".parse().unwrap()));
+        assert!(t.destinations[0].matches("[::ffff:10.0.0.5]:5432".parse().unwrap()));
+        assert!(t.destinations[3].matches("1.2.3.4:6543".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = GOOD.replace(
+            "connect_timeout = \"2s\"",
+            "connect_timeout = \"2s\"\nconect_timeout = 3",
+        );
+        let err = Config::parse(Path::new("c.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.toml:7:"), "{err}");
+        assert!(err.contains("conect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn missing_secret_is_reported_without_value() {
+        let text = GOOD.replace(
+            "password_env = \"HOME\"",
+            "password_env = \"INTERCEPTOR_SURELY_UNSET\"",
+        );
+        let err = Config::parse(Path::new("c.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("target.main.upstream_auth"), "{err}");
+        assert!(err.contains("INTERCEPTOR_SURELY_UNSET is not set"), "{err}");
+        assert!(err.starts_with("c.toml:11:"), "{err}");
+    }
+
+    #[test]
+    fn cleartext_client_auth_requires_tls() {
+        let text = GOOD.replace(
+            "databases = [\"app\"]",
+            "databases = [\"app\"]\nclient_auth = { method = \"password\", secret_env = \"HOME\" }",
+        );
+        let err = Config::parse(Path::new("c.toml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs client_tls"), "{err}");
+    }
+
+    #[test]
+    fn secret_debug_hides_value() {
+        let s = Secret("hunter2".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_destination_is_rejected() {
+        assert!("db.internal:5432".parse::<Destination>().is_err());
+        assert_eq!(
+            "*:5432".parse::<Destination>(),
+            Ok(Destination::AnyHost(5432))
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! Messages the proxy writes itself, encoded by pgwire.
+
+use bytes::BytesMut;
+use pgwire::messages::Message;
+use pgwire::messages::response::{
+    ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus as PgTs,
+};
+use pgwire::messages::startup::{
+    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, SecretKey,
+};
+
+use super::backend::TransactionStatus;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+}
+
+/// An error the proxy raises itself, with a SQLSTATE clients can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyError {
+    pub severity: Severity,
+    pub code: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl ProxyError {
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        ProxyError {
+            severity: Severity::Fatal,
+            code,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        ProxyError {
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn encode(&self, buf: &mut BytesMut) {
+        let sev = match self.severity {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        };
+        let mut fields = vec![
+            (b'S', sev.to_owned()),
+            (b'V', sev.to_owned()),
+            (b'C', self.code.to_owned()),
+            (b'M', self.message.clone()),
+        ];
+        if let Some(h) = &self.hint {
+            fields.push((b'H', h.clone()));
+        }
+        encode(&ErrorResponse::new(fields), buf);
+    }
+}
+
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+fn encode<M: Message>(m: &M, buf: &mut BytesMut) {
+    // Every message built here is small and well-formed; pgwire only fails
+    // on size limits these cannot reach.
+    m.encode(buf).expect("encoding a proxy-built message");
+}
+
+pub fn notice(message: &str, buf: &mut BytesMut) {
+    let fields = vec![
+        (b'S', "NOTICE".to_owned()),
+        (b'V', "NOTICE".to_owned()),
+        (b'C', "00000".to_owned()),
+        (b'M', message.to_owned()),
+    ];
+    encode(&NoticeResponse::new(fields), buf);
+}
+
+pub fn ready_for_query(status: TransactionStatus, buf: &mut BytesMut) {
+    let s = match status {
+        TransactionStatus::Idle => PgTs::Idle,
+        TransactionStatus::InBlock => PgTs::Transaction,
+        TransactionStatus::Failed => PgTs::Error,
+    };
+    encode(&ReadyForQuery::new(s), buf);
+}
+
+pub fn authentication(auth: Authentication, buf: &mut BytesMut) {
+    encode(&auth, buf);
+}
+
+pub fn parameter_status(name: &str, value: &str, buf: &mut BytesMut) {
+    encode(
+        &ParameterStatus::new(name.to_owned(), value.to_owned()),
+        buf,
+    );
+}
+
+pub fn backend_key_data(pid: i32, secret: i32, buf: &mut BytesMut) {
+    encode(&BackendKeyData::new(pid, SecretKey::I32(secret)), buf);
+}
+
+/// Tells a client that asked for protocol 3.x (x > 0) that 3.0 is spoken,
+/// and which `_pq_.` options were not recognised.
+pub fn negotiate_protocol_version(options: Vec<String>, buf: &mut BytesMut) {
+    encode(&NegotiateProtocolVersion::new(0, options), buf);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend::BackendMessage;
+
+    #[test]
+    fn error_round_trips() {
+        let mut buf = BytesMut::new();
+        ProxyError::fatal("08P01", "bad")
+            .with_hint("fix it")
+            .encode(&mut buf);
+        let BackendMessage::ErrorResponse(f) = BackendMessage::parse(&buf).unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.sqlstate(), Some("08P01"));
+        assert_eq!(f.get(b'S'), Some(&b"FATAL"[..]));
+        assert_eq!(f.get(b'H'), Some(&b"fix it"[..]));
+    }
+}

@@ -1,0 +1,357 @@
+//! The relay after login: both directions at once, in one task.
+//!
+//! Complete messages are decoded into borrowed views (for tracking now, for
+//! policy and masking later) and the original bytes are forwarded in one
+//! write per read. Only the backend direction writes to the client; the
+//! frontend direction hands it errors to send through a channel, so a
+//! proxy-made message can never land in the middle of a relayed one.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::config::Limits;
+use crate::protocol::backend::{BackendMessage, TransactionStatus};
+use crate::protocol::build::ProxyError;
+use crate::protocol::frontend::FrontendMessage;
+use crate::protocol::{FrameHeader, ProtocolError, next_frame};
+use crate::runtime::{Phase, Shared};
+use crate::stream::{Conn, READ_CHUNK};
+use crate::upstream::BACKEND_MAX_MESSAGE;
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// The client sent Terminate.
+    Terminated(Stats),
+    /// The client closed its socket.
+    ClientClosed(Stats),
+    /// The server closed its socket (after a FATAL, or a crash).
+    UpstreamClosed(Stats),
+    /// The proxy ended the session with this error, sent to the client.
+    Fatal(ProxyError, Stats),
+    /// An IO error on either side.
+    Error(String),
+}
+
+/// Counters for the end-of-session log line.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub frontend_messages: u64,
+    pub backend_messages: u64,
+    pub queries: u64,
+    pub rows: u64,
+}
+
+impl fmt::Display for RelayEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What the frontend direction knows of the session.
+#[derive(Debug, Default)]
+struct FrontendState {
+    stats: Stats,
+}
+
+impl FrontendState {
+    fn observe(&mut self, msg: &FrontendMessage<'_>) {
+        self.stats.frontend_messages += 1;
+        if matches!(
+            msg,
+            FrontendMessage::Query { .. } | FrontendMessage::Execute { .. }
+        ) {
+            self.stats.queries += 1;
+        }
+    }
+}
+
+/// What the backend direction knows of the session.
+#[derive(Debug)]
+struct BackendState {
+    status: TransactionStatus,
+    stats: Stats,
+}
+
+impl BackendState {
+    fn observe(&mut self, msg: &BackendMessage<'_>) {
+        self.stats.backend_messages += 1;
+        match msg {
+            BackendMessage::ReadyForQuery(s) => self.status = *s,
+            BackendMessage::DataRow { .. } => self.stats.rows += 1,
+            _ => {}
+        }
+    }
+}
+
+enum FrontEnd {
+    Terminated,
+    Closed,
+    Violation(ProtocolError),
+    Io(std::io::Error),
+}
+
+enum BackEnd {
+    Closed,
+    Fatal(ProxyError),
+    Io(std::io::Error),
+    Violation(ProtocolError),
+}
+
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// Makes room for the next read: at least the rest of a message whose
+/// header has arrived, otherwise one chunk.
+fn reserve_for_next(buf: &mut BytesMut, max: usize) {
+    let want = match next_frame(buf, max) {
+        Err(ProtocolError::TooLarge { .. }) | Err(_) => 0,
+        _ if buf.len() >= 5 => {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
+            len.saturating_sub(buf.len())
+        }
+        _ => 0,
+    };
+    let spare = buf.capacity() - buf.len();
+    if spare < want.max(1024) {
+        buf.reserve(want.max(READ_CHUNK));
+    }
+}
+
+/// Splits off the complete frames at the front of `buf`, calling `each` on
+/// every one. Returns how many bytes they span.
+fn complete_frames(
+    buf: &[u8],
+    max: usize,
+    mut each: impl FnMut(&[u8]) -> Result<bool, ProtocolError>,
+) -> (usize, Result<bool, ProtocolError>) {
+    let mut off = 0;
+    loop {
+        match next_frame(&buf[off..], max) {
+            Ok(Some(FrameHeader { wire_len, .. })) => {
+                let frame = &buf[off..off + wire_len];
+                match each(frame) {
+                    Ok(true) => off += wire_len,
+                    Ok(false) => return (off + wire_len, Ok(false)),
+                    Err(e) => return (off, Err(e)),
+                }
+            }
+            Ok(None) => return (off, Ok(true)),
+            Err(e) => return (off, Err(e)),
+        }
+    }
+}
+
+async fn pump_frontend<R, W>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    wr: &mut W,
+    max: usize,
+    state: &mut FrontendState,
+    activity: &Activity,
+) -> FrontEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let (used, verdict) = complete_frames(buf, max, |frame| {
+            let msg = FrontendMessage::parse(frame)?;
+            state.observe(&msg);
+            Ok(!matches!(msg, FrontendMessage::Terminate))
+        });
+        if used > 0 {
+            if let Err(e) = write_out(wr, &buf[..used]).await {
+                return FrontEnd::Io(e);
+            }
+            buf.advance(used);
+        }
+        match verdict {
+            Ok(true) => {}
+            Ok(false) => return FrontEnd::Terminated,
+            Err(e) => return FrontEnd::Violation(e),
+        }
+        reserve_for_next(buf, max);
+        match rd.read_buf(buf).await {
+            Ok(0) => return FrontEnd::Closed,
+            Ok(_) => activity.touch(),
+            Err(e) => return FrontEnd::Io(e),
+        }
+    }
+}
+
+async fn pump_backend<R, W>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    wr: &mut W,
+    injected: &mut mpsc::Receiver<ProxyError>,
+    state: &mut BackendState,
+    activity: &Activity,
+) -> BackEnd
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    loop {
+        let (used, verdict) = complete_frames(buf, BACKEND_MAX_MESSAGE, |frame| {
+            state.observe(&BackendMessage::parse(frame)?);
+            Ok(true)
+        });
+        if used > 0 {
+            if let Err(e) = write_out(wr, &buf[..used]).await {
+                return BackEnd::Io(e);
+            }
+            buf.advance(used);
+        }
+        if let Err(e) = verdict {
+            return BackEnd::Violation(e);
+        }
+        reserve_for_next(buf, BACKEND_MAX_MESSAGE);
+        tokio::select! {
+            biased;
+            Some(err) = injected.recv() => {
+                let mut out = BytesMut::new();
+                err.encode(&mut out);
+                let _ = write_out(wr, &out).await;
+                let _ = wr.shutdown().await;
+                return BackEnd::Fatal(err);
+            }
+            r = rd.read_buf(buf) => match r {
+                Ok(0) => return BackEnd::Closed,
+                Ok(_) => activity.touch(),
+                Err(e) => return BackEnd::Io(e),
+            },
+        }
+    }
+}
+
+async fn write_out<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
+}
+
+pub async fn run(client: Conn, upstream: Conn, shared: &Shared, limits: &Limits) -> RelayEnd {
+    let Conn {
+        io: client_io,
+        buf: mut client_buf,
+    } = client;
+    let Conn {
+        io: upstream_io,
+        buf: mut upstream_buf,
+    } = upstream;
+    let (mut client_rd, mut client_wr) = tokio::io::split(client_io);
+    let (mut upstream_rd, mut upstream_wr) = tokio::io::split(upstream_io);
+    let (inject, mut injected) = mpsc::channel::<ProxyError>(1);
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+    let mut front_state = FrontendState::default();
+    let mut back_state = BackendState {
+        status: TransactionStatus::Idle,
+        stats: Stats::default(),
+    };
+    let max = limits.max_message_size as usize;
+
+    let outcome = {
+        let front = pump_frontend(
+            &mut client_rd,
+            &mut client_buf,
+            &mut upstream_wr,
+            max,
+            &mut front_state,
+            &activity,
+        );
+        let back = pump_backend(
+            &mut upstream_rd,
+            &mut upstream_buf,
+            &mut client_wr,
+            &mut injected,
+            &mut back_state,
+            &activity,
+        );
+        tokio::pin!(front, back);
+
+        let mut phase = shared.phase.clone();
+        let idle_timeout = limits.idle_timeout;
+        let idle = async {
+            if idle_timeout.is_zero() {
+                return std::future::pending().await;
+            }
+            loop {
+                let quiet = activity.idle_for();
+                if quiet >= idle_timeout {
+                    return;
+                }
+                tokio::time::sleep(idle_timeout - quiet).await;
+            }
+        };
+        tokio::pin!(idle);
+
+        // Asks the backend direction to send `err` and waits (bounded) for it.
+        async fn finish_with<F: std::future::Future<Output = BackEnd>>(
+            inject: &mpsc::Sender<ProxyError>,
+            back: std::pin::Pin<&mut F>,
+            err: ProxyError,
+        ) -> BackEnd {
+            if inject.send(err.clone()).await.is_err() {
+                return BackEnd::Fatal(err);
+            }
+            tokio::time::timeout(Duration::from_secs(2), back)
+                .await
+                .unwrap_or(BackEnd::Fatal(err))
+        }
+
+        let outcome: Result<BackEnd, FrontEnd> = tokio::select! {
+            end = &mut back => Ok(end),
+            end = &mut front => match end {
+                FrontEnd::Violation(e) => {
+                    let err = ProxyError::fatal("08P01", format!("protocol violation: {e}"));
+                    Ok(finish_with(&inject, back.as_mut(), err).await)
+                }
+                other => Err(other),
+            },
+            _ = crate::runtime::reached(&mut phase, Phase::Closing) => {
+                let err = ProxyError::fatal("57P01", "terminating connection because interceptor is shutting down");
+                Ok(finish_with(&inject, back.as_mut(), err).await)
+            }
+            _ = &mut idle => {
+                let err = ProxyError::fatal("57P05", format!("terminating connection after {idle_timeout:?} without traffic (interceptor idle_timeout)"));
+                Ok(finish_with(&inject, back.as_mut(), err).await)
+            }
+        };
+        outcome
+    };
+    let mut stats = back_state.stats.clone();
+    stats.frontend_messages = front_state.stats.frontend_messages;
+    stats.queries = front_state.stats.queries;
+    match outcome {
+        Ok(BackEnd::Closed) => RelayEnd::UpstreamClosed(stats),
+        Ok(BackEnd::Fatal(e)) => RelayEnd::Fatal(e, stats),
+        Ok(BackEnd::Io(e)) => RelayEnd::Error(format!("upstream read or client write: {e}")),
+        Ok(BackEnd::Violation(e)) => RelayEnd::Error(format!("upstream protocol violation: {e}")),
+        Err(FrontEnd::Terminated) => RelayEnd::Terminated(stats),
+        Err(FrontEnd::Closed) => RelayEnd::ClientClosed(stats),
+        Err(FrontEnd::Io(e)) => RelayEnd::Error(format!("client read or upstream write: {e}")),
+        Err(FrontEnd::Violation(_)) => unreachable!("handled above"),
+    }
+}

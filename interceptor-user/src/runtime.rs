@@ -1,0 +1,165 @@
+//! Everything derived from one configuration file, swapped as a whole on
+//! reload so that a session sees either the old or the new settings, never a
+//! mix.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::ScramVerifier;
+use crate::cancel::CancelRegistry;
+use crate::config::{ClientAuthMethod, Config, Secret, Target};
+use crate::tls::{self, UpstreamConnector};
+
+pub struct TargetRuntime {
+    pub config: Target,
+    pub client_scram: Option<ScramVerifier>,
+    pub client_password: Option<Secret>,
+    pub upstream_tls: Option<UpstreamConnector>,
+}
+
+pub struct Runtime {
+    pub config: Config,
+    pub client_tls: Option<TlsAcceptor>,
+    pub targets: HashMap<String, Arc<TargetRuntime>>,
+}
+
+impl Runtime {
+    pub fn build(config: Config) -> anyhow::Result<Runtime> {
+        let client_tls = tls::client_acceptor(&config.client_tls, &config.state_dir)?;
+        let mut targets = HashMap::new();
+        for t in &config.targets {
+            let t = t.get_ref().clone();
+            let secret = match t.client_auth.method {
+                ClientAuthMethod::Trust => None,
+                _ => Some(t.client_auth.secret().load().map_err(anyhow::Error::msg)?),
+            };
+            let client_scram = match t.client_auth.method {
+                ClientAuthMethod::ScramSha256 => secret
+                    .as_ref()
+                    .map(|s| ScramVerifier::from_password(s.expose())),
+                _ => None,
+            };
+            let client_password = match t.client_auth.method {
+                ClientAuthMethod::Password => secret,
+                _ => None,
+            };
+            let upstream_tls = tls::upstream_connector(&t.upstream_tls, &t.upstream.host)?;
+            targets.insert(
+                t.name.clone(),
+                Arc::new(TargetRuntime {
+                    config: t,
+                    client_scram,
+                    client_password,
+                    upstream_tls,
+                }),
+            );
+        }
+        Ok(Runtime {
+            config,
+            client_tls,
+            targets,
+        })
+    }
+
+    pub fn target_for(
+        &self,
+        original_destination: std::net::SocketAddr,
+    ) -> Option<Arc<TargetRuntime>> {
+        let t = self.config.target_for(original_destination)?;
+        self.targets.get(&t.name).cloned()
+    }
+}
+
+/// The daemon's lifecycle as sessions see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Serving,
+    /// SIGTERM: no new connections; sessions may finish.
+    Draining,
+    /// The grace period is over: sessions end now.
+    Closing,
+}
+
+/// State shared by every session.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub cancels: CancelRegistry,
+    pub phase: watch::Receiver<Phase>,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+impl Shared {
+    pub fn new(runtime: Runtime, phase: watch::Receiver<Phase>) -> Self {
+        Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            cancels: CancelRegistry::default(),
+            phase,
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+        }
+    }
+
+    /// Counts a session in; `None` when the limit is reached.
+    pub fn admit(self: &Arc<Self>, max: usize) -> Option<SessionSlot> {
+        let mut current = self.active.load(Ordering::Relaxed);
+        loop {
+            if current >= max {
+                return None;
+            }
+            match self.active.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(SessionSlot(self.clone())),
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Waits until no session is active.
+    pub async fn all_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// One admitted session; releases its place when dropped.
+pub struct SessionSlot(Arc<Shared>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Resolves once the daemon has reached `phase` or a later one.
+pub async fn reached(rx: &mut watch::Receiver<Phase>, phase: Phase) {
+    let later = |p: &Phase| match phase {
+        Phase::Serving => true,
+        Phase::Draining => *p != Phase::Serving,
+        Phase::Closing => *p == Phase::Closing,
+    };
+    // The guard wait_for returns must not live across an await (it is !Send).
+    if rx.wait_for(later).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}

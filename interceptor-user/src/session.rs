@@ -1,0 +1,402 @@
+//! One client connection, from the first byte to the end: encryption
+//! negotiation, startup, client authentication, the upstream login, then
+//! the relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::BytesMut;
+use pgwire::messages::startup::Authentication;
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::auth::SCRAM_SHA_256;
+use crate::cancel::{UpstreamKey, send_cancel};
+use crate::config::ClientAuthMethod;
+use crate::protocol::build::{self, ProxyError};
+use crate::protocol::startup::{StartupMessage, StartupPacket, next_startup_packet};
+use crate::protocol::{ProtocolError, Reader};
+use crate::relay::{self, RelayEnd};
+use crate::runtime::{Runtime, SessionSlot, Shared, TargetRuntime};
+use crate::stream::{Conn, MaybeTls, ReadError};
+use crate::upstream::{self, UpstreamError};
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Serves one accepted connection. Never panics on client input; every
+/// failure ends this session only.
+pub async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    slot: SessionSlot,
+) {
+    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("session", session_id = id, %peer);
+    async move {
+        let _slot = slot;
+        let _ = tcp.set_nodelay(true);
+        let runtime = shared.runtime.load_full();
+        let mut client = Conn::new(MaybeTls::Plain(tcp));
+        let startup_timeout = runtime.config.limits.startup_timeout;
+        let login = tokio::time::timeout(startup_timeout, login(&shared, &runtime, &mut client, local)).await;
+        let session = match login {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => return refuse(&mut client, e).await,
+            Err(_) => {
+                let e = ProxyError::fatal("08006", format!("login did not finish within {startup_timeout:?}"));
+                return refuse(&mut client, LoginError::Client(e)).await;
+            }
+        };
+        let LoggedIn { user, database, target, upstream } = session;
+        let (_cancel_guard, pid, secret) = shared.cancels.register(UpstreamKey {
+            host: target.config.upstream.host.clone(),
+            port: target.config.upstream.port,
+            pid: upstream.pid,
+            secret: upstream.secret.clone(),
+        });
+        let mut hello = BytesMut::new();
+        build::authentication(Authentication::Ok, &mut hello);
+        hello.extend_from_slice(&upstream.greeting);
+        build::backend_key_data(pid, secret, &mut hello);
+        build::ready_for_query(upstream.status, &mut hello);
+        if client.send(&hello).await.is_err() {
+            return;
+        }
+        info!(%user, %database, target = %target.config.name, tls = client.io.is_tls(), "session started");
+        let end = relay::run(client, upstream.conn, &shared, &runtime.config.limits).await;
+        match &end {
+            RelayEnd::Error(e) => warn!("session ended: {e}"),
+            end => info!(outcome = ?end, "session ended"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+struct LoggedIn {
+    user: String,
+    database: String,
+    target: Arc<TargetRuntime>,
+    upstream: upstream::Upstream,
+}
+
+enum LoginError {
+    /// Sent to the client as a FATAL error, then the connection closes.
+    Client(ProxyError),
+    /// The upstream's own FATAL ErrorResponse, relayed as is.
+    Relayed(BytesMut),
+    /// Nothing useful can be said (the client went away).
+    Silent,
+}
+
+impl From<ProxyError> for LoginError {
+    fn from(e: ProxyError) -> Self {
+        LoginError::Client(e)
+    }
+}
+
+fn protocol_violation(e: impl std::fmt::Display) -> LoginError {
+    LoginError::Client(ProxyError::fatal(
+        "08P01",
+        format!("protocol violation: {e}"),
+    ))
+}
+
+impl From<ReadError> for LoginError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Closed | ReadError::Io(_) => LoginError::Silent,
+            ReadError::Protocol(p) => protocol_violation(p),
+        }
+    }
+}
+
+async fn refuse(client: &mut Conn, e: LoginError) {
+    let mut buf = BytesMut::new();
+    match e {
+        LoginError::Client(e) => {
+            info!("login refused: {e}");
+            e.encode(&mut buf);
+        }
+        LoginError::Relayed(msg) => buf = msg,
+        LoginError::Silent => return,
+    }
+    let _ = client.send(&buf).await;
+}
+
+/// Startup-phase packets; `None` when the connection was only a cancel.
+async fn read_startup(client: &mut Conn) -> Result<StartupPacket, LoginError> {
+    loop {
+        match next_startup_packet(&client.buf) {
+            Ok(Some((packet, used))) => {
+                let _ = client.buf.split_to(used);
+                return Ok(packet);
+            }
+            Ok(None) => client.fill().await?,
+            Err(e) => return Err(protocol_violation(e)),
+        }
+    }
+}
+
+async fn login(
+    shared: &Shared,
+    runtime: &Runtime,
+    client: &mut Conn,
+    local: SocketAddr,
+) -> Result<Option<LoggedIn>, LoginError> {
+    let mut negotiated_ssl = false;
+    let mut negotiated_gss = false;
+    let startup = loop {
+        match read_startup(client).await? {
+            StartupPacket::SslRequest if !negotiated_ssl && !client.io.is_tls() => {
+                negotiated_ssl = true;
+                // Bytes after SSLRequest but before the handshake would be
+                // treated as encrypted by a careless proxy (CVE-2021-23214).
+                if !client.buf.is_empty() {
+                    return Err(protocol_violation("unencrypted data after SSLRequest"));
+                }
+                let Some(acceptor) = &runtime.client_tls else {
+                    client.send(b"N").await.map_err(|_| LoginError::Silent)?;
+                    continue;
+                };
+                client.send(b"S").await.map_err(|_| LoginError::Silent)?;
+                let MaybeTls::Plain(tcp) = std::mem::replace(&mut client.io, MaybeTls::Detached)
+                else {
+                    return Err(protocol_violation("SSLRequest on an encrypted connection"));
+                };
+                let tls = acceptor.accept(tcp).await.map_err(|e| {
+                    debug!("TLS handshake failed: {e}");
+                    LoginError::Silent
+                })?;
+                client.io = MaybeTls::Server(Box::new(tls));
+            }
+            StartupPacket::GssEncRequest if !negotiated_gss && !client.io.is_tls() => {
+                negotiated_gss = true;
+                client.send(b"N").await.map_err(|_| LoginError::Silent)?;
+            }
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                return Err(protocol_violation("repeated encryption request"));
+            }
+            StartupPacket::Cancel { pid, secret } => {
+                match shared.cancels.lookup(pid, &secret) {
+                    Some(key) => {
+                        info!(pid, "forwarding cancel request");
+                        if let Err(e) =
+                            send_cancel(&key, runtime.config.limits.connect_timeout).await
+                        {
+                            warn!("cancel request to upstream failed: {e}");
+                        }
+                    }
+                    None => debug!(pid, "cancel request with an unknown key dropped"),
+                }
+                return Ok(None);
+            }
+            StartupPacket::Startup(s) => break s,
+        }
+    };
+    let StartupMessage {
+        major,
+        minor,
+        params,
+    } = &startup;
+    if *major != 3 {
+        return Err(ProxyError::fatal(
+            "0A000",
+            format!(
+                "unsupported frontend protocol {major}.{minor}: interceptor speaks protocol 3.0"
+            ),
+        )
+        .into());
+    }
+    let mut forwarded = Vec::with_capacity(params.len());
+    let mut unknown_options = Vec::new();
+    let mut user = None;
+    let mut database = None;
+    for (k, v) in params {
+        match k.as_str() {
+            "user" => user = Some(v.clone()),
+            "database" => database = Some(v.clone()),
+            "replication" if !matches!(v.as_str(), "false" | "off" | "no" | "0") => {
+                return Err(ProxyError::fatal(
+                    "0A000",
+                    "replication connections are not allowed through interceptor",
+                )
+                .with_hint("Connect without `replication=`; interceptor only relays SQL sessions.")
+                .into());
+            }
+            k if k.starts_with("_pq_.") => unknown_options.push(k.to_owned()),
+            _ => forwarded.push((k.clone(), v.clone())),
+        }
+    }
+    if *minor > 0 || !unknown_options.is_empty() {
+        let mut buf = BytesMut::new();
+        build::negotiate_protocol_version(unknown_options, &mut buf);
+        client.send(&buf).await.map_err(|_| LoginError::Silent)?;
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or_else(|| {
+        ProxyError::fatal(
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+    })?;
+    // PostgreSQL's default database is the user name; the upstream role
+    // differs, so say it explicitly.
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    forwarded.insert(0, ("database".to_owned(), database.clone()));
+
+    let target = runtime.target_for(local).ok_or_else(|| {
+        ProxyError::fatal("08004", format!("no target is configured for {local}"))
+            .with_hint("Add the address to a target's `destinations` in the interceptor config.")
+    })?;
+    if !target.config.allows_database(&database) {
+        return Err(ProxyError::fatal(
+            "42501",
+            format!(
+                "database \"{database}\" is not allowed through target `{}`",
+                target.config.name
+            ),
+        )
+        .with_hint(format!(
+            "Allowed databases: {}.",
+            target.config.databases.join(", ")
+        ))
+        .into());
+    }
+
+    authenticate_client(client, &target, &user).await?;
+
+    let upstream = upstream::connect(&target, &forwarded, runtime.config.limits.connect_timeout)
+        .await
+        .map_err(|e| match e {
+            UpstreamError::Client(e) => LoginError::Client(e),
+            UpstreamError::Relayed(m) => LoginError::Relayed(m),
+        })?;
+    Ok(Some(LoggedIn {
+        user,
+        database,
+        target,
+        upstream,
+    }))
+}
+
+fn auth_failed(user: &str) -> LoginError {
+    ProxyError::fatal(
+        "28P01",
+        format!("password authentication failed for user \"{user}\""),
+    )
+    .into()
+}
+
+async fn authenticate_client(
+    client: &mut Conn,
+    target: &TargetRuntime,
+    user: &str,
+) -> Result<(), LoginError> {
+    const AUTH_MAX: usize = 16 * 1024;
+    let mut buf = BytesMut::new();
+    match target.config.client_auth.method {
+        ClientAuthMethod::Trust => Ok(()),
+        ClientAuthMethod::Password => {
+            if !client.io.is_tls() {
+                return Err(ProxyError::fatal(
+                    "28000",
+                    "this target accepts passwords only over TLS",
+                )
+                .with_hint("Connect with sslmode=require or stronger.")
+                .into());
+            }
+            build::authentication(Authentication::CleartextPassword, &mut buf);
+            client.send(&buf).await.map_err(|_| LoginError::Silent)?;
+            let msg = client.read_message(AUTH_MAX).await?;
+            let given = password_body(&msg)?;
+            let expected = target
+                .client_password
+                .as_ref()
+                .map(|s| s.expose().as_bytes())
+                .unwrap_or_default();
+            let given = Reader::new(given)
+                .cstr()
+                .ok_or_else(|| protocol_violation("password is not NUL-terminated"))?;
+            if constant_time_eq(given, expected) {
+                Ok(())
+            } else {
+                Err(auth_failed(user))
+            }
+        }
+        ClientAuthMethod::ScramSha256 => {
+            let verifier = target
+                .client_scram
+                .as_ref()
+                .ok_or_else(|| auth_failed(user))?;
+            build::authentication(
+                Authentication::SASL(vec![SCRAM_SHA_256.to_owned()]),
+                &mut buf,
+            );
+            client.send(&buf).await.map_err(|_| LoginError::Silent)?;
+            let msg = client.read_message(AUTH_MAX).await?;
+            let mut r = Reader::new(password_body(&msg)?);
+            let mechanism = r
+                .cstr()
+                .ok_or_else(|| protocol_violation("SASL mechanism"))?;
+            if mechanism != SCRAM_SHA_256.as_bytes() {
+                return Err(ProxyError::fatal(
+                    "28000",
+                    "client selected an invalid SASL authentication mechanism",
+                )
+                .into());
+            }
+            let len = r
+                .i32()
+                .ok_or_else(|| protocol_violation("SASL initial response length"))?;
+            let first = r
+                .bytes(
+                    usize::try_from(len)
+                        .map_err(|_| protocol_violation("SASL initial response length"))?,
+                )
+                .ok_or_else(|| protocol_violation("SASL initial response runs past the message"))?;
+            let (exchange, server_first) = verifier
+                .start(first)
+                .map_err(|e| ProxyError::fatal("08P01", e.to_string()))?;
+            buf.clear();
+            build::authentication(
+                Authentication::SASLContinue(server_first.into_bytes().into()),
+                &mut buf,
+            );
+            client.send(&buf).await.map_err(|_| LoginError::Silent)?;
+            let msg = client.read_message(AUTH_MAX).await?;
+            let server_final = match exchange.finish(password_body(&msg)?) {
+                Ok(f) => f,
+                Err(crate::auth::ScramError::Failed) => return Err(auth_failed(user)),
+                Err(e) => return Err(ProxyError::fatal("08P01", e.to_string()).into()),
+            };
+            buf.clear();
+            build::authentication(
+                Authentication::SASLFinal(server_final.into_bytes().into()),
+                &mut buf,
+            );
+            client.send(&buf).await.map_err(|_| LoginError::Silent)?;
+            Ok(())
+        }
+    }
+}
+
+/// The body of a PasswordMessage-family ('p') message.
+fn password_body(msg: &[u8]) -> Result<&[u8], LoginError> {
+    if msg[0] != b'p' {
+        return Err(protocol_violation(ProtocolError::Malformed {
+            tag: msg[0],
+            what: "expected a password message",
+        }));
+    }
+    Ok(&msg[5..])
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

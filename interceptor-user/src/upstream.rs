@@ -1,0 +1,306 @@
+//! The proxy's own login to a target's server, with the vaulted credentials.
+
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::net::TcpStream;
+
+use crate::auth::SCRAM_SHA_256;
+use crate::config::Secret;
+use crate::protocol::backend::{BackendMessage, TransactionStatus};
+use crate::protocol::build::ProxyError;
+use crate::protocol::startup::SSL_REQUEST_CODE;
+use crate::runtime::TargetRuntime;
+use crate::stream::{Conn, MaybeTls, ReadError};
+
+/// PostgreSQL's own ceiling for one message.
+pub const BACKEND_MAX_MESSAGE: usize = 1 << 30;
+
+/// A logged-in upstream connection, ready for queries.
+pub struct Upstream {
+    pub conn: Conn,
+    pub pid: i32,
+    pub secret: Vec<u8>,
+    /// ParameterStatus and NoticeResponse messages to replay to the client.
+    pub greeting: BytesMut,
+    pub status: TransactionStatus,
+}
+
+/// Why the upstream login failed, split into what the client may see and
+/// what only the daemon log gets.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Shown to the client as is.
+    Client(ProxyError),
+    /// A FATAL ErrorResponse from the server after authentication (for
+    /// example "database does not exist"), relayed verbatim.
+    Relayed(BytesMut),
+}
+
+fn unavailable(target: &str, why: impl std::fmt::Display) -> UpstreamError {
+    UpstreamError::Client(
+        ProxyError::fatal(
+            "08006",
+            format!("interceptor cannot reach the server of target `{target}`: {why}"),
+        )
+        .with_hint("The database or the network to it is down; retry later or ask the operator."),
+    )
+}
+
+fn rejected(target: &str, log_detail: &str) -> UpstreamError {
+    // The server's message may name the upstream role; keep it in the log.
+    tracing::error!(
+        target_name = target,
+        detail = log_detail,
+        "upstream login failed"
+    );
+    UpstreamError::Client(
+        ProxyError::fatal(
+            "08004",
+            format!("the server of target `{target}` refused interceptor's login"),
+        )
+        .with_hint(
+            "The operator must check the target's upstream_auth credentials; see the daemon log.",
+        ),
+    )
+}
+
+pub async fn connect(
+    target: &TargetRuntime,
+    params: &[(String, String)],
+    connect_timeout: Duration,
+) -> Result<Upstream, UpstreamError> {
+    let name = target.config.name.as_str();
+    let up = &target.config.upstream;
+    let tcp = tokio::time::timeout(
+        connect_timeout,
+        TcpStream::connect((up.host.as_str(), up.port)),
+    )
+    .await
+    .map_err(|_| {
+        unavailable(
+            name,
+            format!(
+                "no connection to {}:{} within {connect_timeout:?}",
+                up.host, up.port
+            ),
+        )
+    })?
+    .map_err(|e| unavailable(name, format!("{}:{}: {e}", up.host, up.port)))?;
+    let _ = tcp.set_nodelay(true);
+    let mut conn = Conn::new(MaybeTls::Plain(tcp));
+
+    if let Some(tls) = &target.upstream_tls {
+        let mut req = BytesMut::with_capacity(8);
+        req.put_i32(8);
+        req.put_i32(SSL_REQUEST_CODE);
+        conn.send(&req).await.map_err(|e| unavailable(name, e))?;
+        let answer = tokio::time::timeout(connect_timeout, async {
+            while conn.buf.is_empty() {
+                conn.fill().await?;
+            }
+            Ok::<u8, ReadError>(conn.buf.split_to(1)[0])
+        })
+        .await
+        .map_err(|_| unavailable(name, "no answer to SSLRequest"))?
+        .map_err(|e| unavailable(name, e))?;
+        if answer != b'S' {
+            return Err(unavailable(
+                name,
+                "the server does not accept TLS, but upstream_tls requires it",
+            ));
+        }
+        if !conn.buf.is_empty() {
+            return Err(unavailable(
+                name,
+                "the server sent unencrypted data after accepting TLS",
+            ));
+        }
+        let MaybeTls::Plain(tcp) = conn.io else {
+            unreachable!("fresh connection")
+        };
+        let tls_stream = tokio::time::timeout(
+            connect_timeout,
+            tls.connector.connect(tls.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| unavailable(name, "TLS handshake timed out"))?
+        .map_err(|e| unavailable(name, format!("TLS handshake: {e}")))?;
+        conn = Conn::new(MaybeTls::Client(Box::new(tls_stream)));
+    }
+
+    let user = &target.config.upstream_auth.user;
+    let mut startup = BytesMut::new();
+    startup.put_i32(0);
+    startup.put_i32(196608);
+    for (k, v) in std::iter::once(("user", user.as_str()))
+        .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    {
+        startup.put_slice(k.as_bytes());
+        startup.put_u8(0);
+        startup.put_slice(v.as_bytes());
+        startup.put_u8(0);
+    }
+    startup.put_u8(0);
+    let len = startup.len() as i32;
+    startup[..4].copy_from_slice(&len.to_be_bytes());
+    conn.send(&startup)
+        .await
+        .map_err(|e| unavailable(name, e))?;
+
+    let password = || -> Result<Secret, UpstreamError> {
+        target
+            .config
+            .upstream_auth
+            .password()
+            .ok_or_else(|| {
+                rejected(
+                    name,
+                    "the server asked for a password and none is configured",
+                )
+            })?
+            .load()
+            .map_err(|e| rejected(name, &e))
+    };
+    let mut scram: Option<ScramSha256> = None;
+    let mut authenticated = false;
+    let mut key = None;
+    let mut greeting = BytesMut::new();
+    loop {
+        let msg = conn
+            .read_message(BACKEND_MAX_MESSAGE)
+            .await
+            .map_err(|e| match e {
+                ReadError::Closed => {
+                    unavailable(name, "the server closed the connection during login")
+                }
+                e => unavailable(name, e),
+            })?;
+        let parsed = BackendMessage::parse(&msg).map_err(|e| unavailable(name, e))?;
+        match parsed {
+            BackendMessage::Authentication { code, data } => {
+                let reply = match code {
+                    0 => {
+                        authenticated = true;
+                        continue;
+                    }
+                    3 => password_message(password()?.expose().as_bytes()),
+                    5 => {
+                        let salt: [u8; 4] = data
+                            .try_into()
+                            .map_err(|_| unavailable(name, "bad MD5 salt"))?;
+                        let hash = md5_hash(user.as_bytes(), password()?.expose().as_bytes(), salt);
+                        password_message(hash.as_bytes())
+                    }
+                    10 => {
+                        let offers_scram = data
+                            .split(|b| *b == 0)
+                            .any(|m| m == SCRAM_SHA_256.as_bytes());
+                        if !offers_scram {
+                            return Err(rejected(
+                                name,
+                                "the server offers no SASL mechanism interceptor supports",
+                            ));
+                        }
+                        // "n,,": we do not use channel binding, so a server
+                        // offering -PLUS does not see a downgrade.
+                        let s = ScramSha256::new(
+                            password()?.expose().as_bytes(),
+                            ChannelBinding::unsupported(),
+                        );
+                        let mut m = BytesMut::new();
+                        m.put_u8(b'p');
+                        m.put_i32(0);
+                        m.put_slice(SCRAM_SHA_256.as_bytes());
+                        m.put_u8(0);
+                        m.put_i32(s.message().len() as i32);
+                        m.put_slice(s.message());
+                        fix_len(&mut m);
+                        scram = Some(s);
+                        m
+                    }
+                    11 => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| unavailable(name, "SASL continue without SASL start"))?;
+                        s.update(data).map_err(|e| rejected(name, &e.to_string()))?;
+                        password_message_raw(s.message())
+                    }
+                    12 => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| unavailable(name, "SASL final without SASL start"))?;
+                        s.finish(data)
+                            .map_err(|e| rejected(name, &format!("server signature: {e}")))?;
+                        continue;
+                    }
+                    other => {
+                        return Err(rejected(
+                            name,
+                            &format!("unsupported authentication request code {other}"),
+                        ));
+                    }
+                };
+                conn.send(&reply).await.map_err(|e| unavailable(name, e))?;
+            }
+            BackendMessage::ErrorResponse(fields) if !authenticated => {
+                return Err(rejected(
+                    name,
+                    &format!(
+                        "{} ({})",
+                        fields.message(),
+                        fields.sqlstate().unwrap_or("?")
+                    ),
+                ));
+            }
+            BackendMessage::ErrorResponse(_) => return Err(UpstreamError::Relayed(msg)),
+            BackendMessage::BackendKeyData { pid, secret } => key = Some((pid, secret.to_vec())),
+            BackendMessage::ParameterStatus { .. } | BackendMessage::NoticeResponse(_) => {
+                greeting.extend_from_slice(&msg);
+            }
+            BackendMessage::NegotiateProtocolVersion => {}
+            BackendMessage::ReadyForQuery(status) if authenticated => {
+                let (pid, secret) = key.unwrap_or((0, vec![0; 4]));
+                return Ok(Upstream {
+                    conn,
+                    pid,
+                    secret,
+                    greeting,
+                    status,
+                });
+            }
+            other => {
+                return Err(unavailable(
+                    name,
+                    format!("unexpected message during login: {other:?}"),
+                ));
+            }
+        }
+    }
+}
+
+fn fix_len(m: &mut BytesMut) {
+    let len = (m.len() - 1) as i32;
+    m[1..5].copy_from_slice(&len.to_be_bytes());
+}
+
+fn password_message(password: &[u8]) -> BytesMut {
+    let mut m = BytesMut::new();
+    m.put_u8(b'p');
+    m.put_i32(0);
+    m.put_slice(password);
+    m.put_u8(0);
+    fix_len(&mut m);
+    m
+}
+
+fn password_message_raw(data: &[u8]) -> BytesMut {
+    let mut m = BytesMut::new();
+    m.put_u8(b'p');
+    m.put_i32(0);
+    m.put_slice(data);
+    fix_len(&mut m);
+    m
+}

@@ -182,6 +182,7 @@ impl ClientAuth {
 pub enum ClientAuthMethod {
     #[default]
     Trust,
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
     /// Cleartext password, accepted only over TLS.
     Password,

@@ -1,0 +1,241 @@
+//! The real `interceptor` daemon, started with a generated config.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::pg::{ADMIN_USER, PgCluster};
+use crate::{free_port, run_ok, workspace_root};
+
+/// Builds the daemon once per process (a no-op when it is up to date) and
+/// returns its path. `INTERCEPTOR_BIN` overrides.
+pub fn binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("INTERCEPTOR_BIN") {
+            return PathBuf::from(p);
+        }
+        let release = std::env::var("INTERCEPTOR_PROFILE").as_deref() == Ok("release");
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(workspace_root()).args([
+            "build",
+            "--quiet",
+            "-p",
+            "interceptor-user",
+            "--bin",
+            "interceptor",
+        ]);
+        if release {
+            cmd.arg("--release");
+        }
+        run_ok(&mut cmd).expect("build the interceptor binary");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace_root().join("target"));
+        target
+            .join(if release { "release" } else { "debug" })
+            .join("interceptor")
+    })
+    .clone()
+}
+
+/// How to configure a test proxy. `Default` is: plain listener on
+/// 127.0.0.1, client TLS enabled with generated certs, trust client auth,
+/// databases `app` and `postgres` (and the regression ones).
+#[derive(Clone)]
+pub struct ProxyOptions {
+    pub client_tls: bool,
+    /// `client_auth = { ... }` inline table body, e.g. `method = "scram-sha-256", secret_file = "..."`.
+    pub client_auth: Option<String>,
+    pub databases: Vec<String>,
+    /// Upstream port; defaults to the cluster's.
+    pub upstream_port: Option<u16>,
+    pub upstream_tls: Option<String>,
+    /// Extra lines for the `[limits]` table.
+    pub limits: Vec<String>,
+    pub listen_v6: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            client_tls: true,
+            client_auth: None,
+            databases: vec!["*".into()],
+            upstream_port: None,
+            upstream_tls: None,
+            limits: vec![],
+            listen_v6: false,
+        }
+    }
+}
+
+pub struct Proxy {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+impl Proxy {
+    pub fn config_text(pg: &PgCluster, opts: &ProxyOptions, port: u16, state_dir: &Path) -> String {
+        let mut listen = vec![format!("\"127.0.0.1:{port}\"")];
+        if opts.listen_v6 {
+            listen.push(format!("\"[::1]:{port}\""));
+        }
+        let dbs: Vec<String> = opts.databases.iter().map(|d| format!("\"{d}\"")).collect();
+        let mut text = format!(
+            "listen = [{}]\nstate_dir = \"{}\"\n\n[limits]\nconnect_timeout = \"2s\"\nshutdown_grace = \"5s\"\n{}\n\n[client_tls]\nmode = \"{}\"\n\n",
+            listen.join(", "),
+            state_dir.display(),
+            opts.limits.join("\n"),
+            if opts.client_tls {
+                "enabled"
+            } else {
+                "disabled"
+            },
+        );
+        text.push_str(&format!(
+            "[[target]]\nname = \"main\"\ndestinations = [\"127.0.0.1:{port}\"]\nupstream = {{ host = \"127.0.0.1\", port = {} }}\ndatabases = [{}]\nupstream_auth = {{ user = \"{ADMIN_USER}\", password_file = \"{}\" }}\n",
+            opts.upstream_port.unwrap_or(pg.port),
+            dbs.join(", "),
+            pg.password_file.display(),
+        ));
+        if let Some(auth) = &opts.client_auth {
+            text.push_str(&format!("client_auth = {{ {auth} }}\n"));
+        }
+        if let Some(tls) = &opts.upstream_tls {
+            text.push_str(&format!("upstream_tls = {{ {tls} }}\n"));
+        }
+        text
+    }
+
+    pub fn start(pg: &PgCluster, opts: ProxyOptions) -> Result<Proxy> {
+        let dir = tempfile::Builder::new()
+            .prefix("interceptor-proxy-")
+            .tempdir()?;
+        let port = free_port();
+        let config_path = dir.path().join("interceptor.toml");
+        std::fs::write(
+            &config_path,
+            Self::config_text(pg, &opts, port, &dir.path().join("state")),
+        )?;
+        Self::start_with(dir, config_path, port)
+    }
+
+    /// Starts the daemon on an existing config file and waits until it is ready.
+    pub fn start_with(dir: tempfile::TempDir, config_path: PathBuf, port: u16) -> Result<Proxy> {
+        let log_path = dir.path().join("interceptor.log");
+        let log = File::create(&log_path)?;
+        let child = Command::new(binary())
+            .arg("daemon")
+            .arg("--config")
+            .arg(&config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("INTERCEPTOR_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn interceptor")?;
+        let mut proxy = Proxy {
+            child,
+            port,
+            dir,
+            config_path,
+            log_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if proxy.log().contains("interceptor: ready") {
+                return Ok(proxy);
+            }
+            if let Some(status) = proxy.child.try_wait()? {
+                bail!(
+                    "interceptor exited with {status} before it was ready:\n{}",
+                    proxy.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("interceptor not ready after 30 s:\n{}", proxy.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// Waits for the daemon to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The generated CA clients verify the proxy with.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("state/tls/ca.pem")
+    }
+
+    /// A libpq connection string through the proxy.
+    pub fn conninfo(&self, db: &str, sslmode: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname={db} user=agent sslmode={sslmode}",
+            self.port
+        )
+    }
+
+    /// Peak resident memory of the daemon so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        status_field(self.pid(), "VmHWM:")
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        status_field(self.pid(), "VmRSS:")
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,1 +1,95 @@
-fn main() {}
+//! Developer commands. `cargo xtask --help` lists them.
+
+mod bench;
+mod demo;
+mod deps;
+mod regress;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "interceptor's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the tests and the demo need (apt packages, Python and
+    /// Node drivers). Idempotent; run as root.
+    Setup,
+    /// Run every test: unit, integration (real PostgreSQL 15, psql, pgbench,
+    /// pg_dump, drivers, malformed input) and PostgreSQL's regression suite
+    /// through the proxy.
+    Test {
+        /// Skip the regression suite (about 3 minutes).
+        #[arg(long)]
+        no_regress: bool,
+    },
+    /// Start a local PostgreSQL with sample data and interceptor in front of
+    /// it, and show clients working through the proxy.
+    Demo {
+        /// Keep everything running until Ctrl-C, for trying it by hand.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run PostgreSQL 15's own regression suite directly and through the
+    /// proxy, and diff the two results folders.
+    Regress,
+    /// Run a benchmark; writes target/bench/NAME.json.
+    Bench {
+        /// Which benchmark: `proxy`.
+        name: String,
+    },
+}
+
+/// Runs a command to completion, failing with its name if it fails.
+pub fn exec(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(interceptor_tests::workspace_root());
+    c
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => deps::ensure(),
+        Cmd::Test { no_regress } => {
+            deps::ensure()?;
+            exec(cargo().args(["build", "-p", "interceptor-user", "--bin", "interceptor"]))?;
+            exec(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))?;
+            if !no_regress {
+                regress::run()?;
+            }
+            Ok(())
+        }
+        Cmd::Demo { keep } => {
+            deps::ensure()?;
+            demo::run(keep)
+        }
+        Cmd::Regress => {
+            deps::ensure()?;
+            regress::run()
+        }
+        Cmd::Bench { name } => {
+            deps::ensure()?;
+            match name.as_str() {
+                "proxy" => bench::proxy(),
+                other => bail!("unknown benchmark `{other}`; available: proxy"),
+            }
+        }
+    }
+}

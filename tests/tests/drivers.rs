@@ -1,0 +1,155 @@
+//! The drivers agents use, through the proxy, with TLS on and off:
+//! psycopg 3, asyncpg, node-postgres and pgjdbc. Each script asserts on its
+//! own results and prints "<driver> OK" only when all of them held.
+//!
+//! The drivers are installed by `cargo xtask setup` (which `cargo xtask
+//! test` and `.ci/run` call); a missing driver fails the test, it is never
+//! skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use interceptor_tests::pg;
+use interceptor_tests::proxy::{Proxy, ProxyOptions};
+use interceptor_tests::workspace_root;
+
+fn drivers_dir() -> PathBuf {
+    workspace_root().join("tests/drivers")
+}
+
+fn require(path: &Path) -> &Path {
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask setup` first",
+        path.display()
+    );
+    path
+}
+
+fn run(cmd: &mut Command, expect: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(expect),
+        "{cmd:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn proxy() -> Proxy {
+    Proxy::start(pg::shared(), ProxyOptions::default()).expect("start proxy")
+}
+
+fn python() -> PathBuf {
+    require(&workspace_root().join("target/venv/bin/python")).to_owned()
+}
+
+#[test]
+fn psycopg3_plain_and_tls() {
+    let p = proxy();
+    let script = drivers_dir().join("psycopg3_check.py");
+    run(
+        Command::new(python())
+            .arg(&script)
+            .arg(p.conninfo("app", "disable"))
+            .arg("plain"),
+        "psycopg3 OK",
+    );
+    let tls = format!(
+        "host=localhost port={} dbname=app user=agent sslmode=verify-full sslrootcert={}",
+        p.port,
+        p.ca_file().display()
+    );
+    run(
+        Command::new(python()).arg(&script).arg(tls).arg("tls"),
+        "psycopg3 OK",
+    );
+}
+
+#[test]
+fn asyncpg_plain_and_tls() {
+    let p = proxy();
+    let script = drivers_dir().join("asyncpg_check.py");
+    let dsn = format!("postgresql://agent@localhost:{}/app", p.port);
+    run(
+        Command::new(python()).arg(&script).arg(&dsn).arg("plain"),
+        "asyncpg OK",
+    );
+    run(
+        Command::new(python())
+            .arg(&script)
+            .arg(&dsn)
+            .arg("tls")
+            .arg(p.ca_file()),
+        "asyncpg OK",
+    );
+}
+
+#[test]
+fn node_pg_plain_and_tls() {
+    let p = proxy();
+    let modules = workspace_root().join("target/node/node_modules");
+    require(&modules.join("pg-copy-streams"));
+    let script = drivers_dir().join("node_pg_check.js");
+    let conn = format!("postgresql://agent@localhost:{}/app", p.port);
+    run(
+        Command::new("node")
+            .env("NODE_PATH", &modules)
+            .arg(&script)
+            .arg(&conn)
+            .arg("plain"),
+        "node pg OK",
+    );
+    run(
+        Command::new("node")
+            .env("NODE_PATH", &modules)
+            .arg(&script)
+            .arg(&conn)
+            .arg("tls")
+            .arg(p.ca_file()),
+        "node pg OK",
+    );
+}
+
+#[test]
+fn pgjdbc_plain_and_tls() {
+    let p = proxy();
+    let jar = require(Path::new("/usr/share/java/postgresql.jar")).to_owned();
+    let classes = tempfile::tempdir().unwrap();
+    run(
+        Command::new("javac")
+            .arg("-cp")
+            .arg(&jar)
+            .arg("-d")
+            .arg(classes.path())
+            .arg(drivers_dir().join("JdbcCheck.java"))
+            .env("JAVA_TOOL_OPTIONS", ""),
+        "",
+    );
+    let cp = format!("{}:{}", jar.display(), classes.path().display());
+    let base = format!(
+        "jdbc:postgresql://localhost:{}/app?user=agent&prepareThreshold=1",
+        p.port
+    );
+    run(
+        Command::new("java")
+            .args(["-cp", &cp, "JdbcCheck"])
+            .arg(format!("{base}&sslmode=disable"))
+            .arg("plain"),
+        "pgjdbc OK",
+    );
+    let tls = format!(
+        "{base}&sslmode=verify-full&sslrootcert={}",
+        p.ca_file().display()
+    );
+    run(
+        Command::new("java")
+            .args(["-cp", &cp, "JdbcCheck"])
+            .arg(tls)
+            .arg("tls"),
+        "pgjdbc OK",
+    );
+}

@@ -1,0 +1,3 @@
+pub fn proxy() -> anyhow::Result<()> {
+    anyhow::bail!("todo")
+}

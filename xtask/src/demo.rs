@@ -1,0 +1,3 @@
+pub fn run(_keep: bool) -> anyhow::Result<()> {
+    anyhow::bail!("todo")
+}

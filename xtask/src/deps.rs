@@ -12,9 +12,6 @@ use crate::exec;
 /// PGXS), pgbouncer for the benchmark baseline, a JDK and pgjdbc for the
 /// Java driver test.
 const APT: &[&str] = &[
-    "postgresql-15",
-    "postgresql-client-15",
-    "postgresql-server-dev-15",
     "pgbouncer",
     "build-essential",
     "default-jdk-headless",
@@ -82,6 +79,7 @@ pub fn ensure() -> Result<()> {
                 .args(&missing),
         )?;
     }
+    ensure_postgres()?;
     let python = venv_python();
     if !python.exists() {
         exec(
@@ -112,4 +110,68 @@ pub fn ensure() -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// PostgreSQL 15 server, client and server headers, all at one version
+/// whose Debian source package (the regression suite's inputs) can be
+/// downloaded here. A mirror may carry a security update's binaries but not
+/// its source; then the newest version with both is installed instead.
+const PG_PACKAGES: &[&str] = &[
+    "postgresql-15",
+    "postgresql-client-15",
+    "postgresql-server-dev-15",
+];
+
+fn version_of(pkg: &str) -> Option<String> {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status} ${Version}", pkg])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .filter(|s| s.starts_with("install ok installed"))
+        .and_then(|s| s.split_whitespace().last().map(str::to_owned))
+}
+
+fn ensure_postgres() -> Result<()> {
+    if version_of("postgresql-15").is_none() {
+        apt_install(&["postgresql-15"])?;
+    }
+    let (version, _) = crate::regress::prepare_sources()?;
+    let wanted: Vec<String> = PG_PACKAGES
+        .iter()
+        .filter(|p| version_of(p).as_deref() != Some(version.as_str()))
+        .map(|p| format!("{p}={version}"))
+        .collect();
+    if !wanted.is_empty() {
+        let args: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        apt_install(&args)?;
+    }
+    Ok(())
+}
+
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "missing packages: {}; run `sudo apt-get install -y {}`",
+            pkgs.join(" "),
+            pkgs.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", pkgs.join(" "));
+    static UPDATED: std::sync::Once = std::sync::Once::new();
+    let mut updated = Ok(());
+    UPDATED.call_once(|| updated = exec(Command::new("apt-get").args(["update", "-qq"])));
+    updated?;
+    exec(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "--allow-downgrades",
+            ])
+            .args(pkgs),
+    )
 }

@@ -41,6 +41,11 @@ impl PgCluster {
     /// initdb in a fresh temp dir, start on a free loopback port, create the
     /// SCRAM superuser and a database `app`.
     pub fn start() -> Result<PgCluster> {
+        Self::start_with(300)
+    }
+
+    /// Like [`PgCluster::start`], with room for `max_connections` sessions.
+    pub fn start_with(max_connections: u32) -> Result<PgCluster> {
         let dir = tempfile::Builder::new()
             .prefix("interceptor-pg-")
             .tempdir()?;
@@ -78,7 +83,7 @@ impl PgCluster {
                 .args(["-w", "-t", "60", "start", "-o"])
                 .arg(format!(
                     "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-                     -c full_page_writes=off -c max_connections=300 -c password_encryption=scram-sha-256",
+                     -c full_page_writes=off -c max_connections={max_connections} -c password_encryption=scram-sha-256",
                     socket_dir.display()
                 )),
         )?)

@@ -122,7 +122,7 @@ fn unsupported_protocol_versions() {
     let mut p = proxy();
     let mut c = RawClient::connect(p.port).unwrap();
     let mut pkt = startup_packet("agent", "app");
-    pkt[4..8].copy_from_slice(&((2i32 << 16) as i32).to_be_bytes());
+    pkt[4..8].copy_from_slice(&(2i32 << 16).to_be_bytes());
     c.send(&pkt).unwrap();
     assert_eq!(sqlstate(&c.read_to_end().unwrap()), "0A000");
 

@@ -1,3 +1,456 @@
-pub fn proxy() -> anyhow::Result<()> {
-    anyhow::bail!("todo")
+//! `cargo xtask bench proxy`: interceptor against direct PostgreSQL, a bare
+//! TCP relay and pgbouncer (session mode), interleaved in one run.
+//!
+//! Prints a table and writes target/bench/proxy.json.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use interceptor_tests::pg::{ADMIN_PASSWORD, ADMIN_USER, PgCluster};
+use interceptor_tests::proxy::{Proxy, ProxyOptions};
+use interceptor_tests::wire::startup_packet;
+use interceptor_tests::{free_port, pg_bin, run_ok, workspace_root};
+use serde_json::json;
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Route {
+    Direct,
+    Relay,
+    Pgbouncer,
+    Interceptor,
+}
+
+impl Route {
+    const ALL: [Route; 4] = [
+        Route::Direct,
+        Route::Relay,
+        Route::Pgbouncer,
+        Route::Interceptor,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Relay => "relay",
+            Route::Pgbouncer => "pgbouncer",
+            Route::Interceptor => "interceptor",
+        }
+    }
+}
+
+/// A plain byte relay: the floor cost of one extra hop.
+fn start_relay(upstream: SocketAddr) -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    listener.set_nonblocking(true)?;
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("relay runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("relay listener");
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _ = client.set_nodelay(true);
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = server.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+    });
+    Ok(port)
+}
+
+struct Pgbouncer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Pgbouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_pgbouncer(pg: &PgCluster, max_clients: usize) -> Result<Pgbouncer> {
+    let dir = tempfile::Builder::new()
+        .prefix("interceptor-pgbouncer-")
+        .tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+    let port = free_port();
+    let users = dir.path().join("userlist.txt");
+    std::fs::write(&users, format!("\"{ADMIN_USER}\" \"{ADMIN_PASSWORD}\"\n"))?;
+    let ini = dir.path().join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n* = host=127.0.0.1 port={}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = trust\nauth_file = {}\npool_mode = session\nmax_client_conn = {}\n\
+             default_pool_size = {}\nlogfile = {}\npidfile = {}\n",
+            pg.port,
+            users.display(),
+            max_clients + 10,
+            max_clients + 10,
+            dir.path().join("pgbouncer.log").display(),
+            dir.path().join("pgbouncer.pid").display(),
+        ),
+    )?;
+    for f in [&users, &ini] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644))?;
+    }
+    let user = nix::unistd::User::from_name("postgres")?.context("no postgres OS user")?;
+    // pgbouncer refuses to run as root.
+    let child = Command::new("pgbouncer")
+        .arg(&ini)
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start pgbouncer")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "pgbouncer did not start; see {}",
+                dir.path().join("pgbouncer.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Pgbouncer {
+        child,
+        port,
+        _dir: dir,
+    })
+}
+
+#[derive(Default, Clone)]
+struct RunResult {
+    tps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn pgbench(port: u16, mode: &str, clients: u32, seconds: u32, logdir: &Path) -> Result<RunResult> {
+    let _ = std::fs::remove_dir_all(logdir);
+    std::fs::create_dir_all(logdir)?;
+    let out = run_ok(
+        Command::new(pg_bin("pgbench"))
+            .current_dir(logdir)
+            .args(["-n", "-S", "-l", "-M", mode])
+            .arg(format!("-c{clients}"))
+            .arg(format!("-j{}", clients.min(2)))
+            .arg(format!("-T{seconds}"))
+            .args(["-h", "127.0.0.1", "-U", ADMIN_USER, "-p"])
+            .arg(port.to_string())
+            .arg("bench")
+            .env("PGPASSWORD", ADMIN_PASSWORD)
+            .env("PGSSLMODE", "disable"),
+    )?;
+    let tps = out
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no tps in pgbench output")?;
+    let mut latencies: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(logdir)? {
+        let text = std::fs::read_to_string(entry?.path())?;
+        latencies.extend(text.lines().filter_map(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .and_then(|v| v.parse::<u64>().ok())
+        }));
+    }
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)] as f64 / 1000.0
+    };
+    Ok(RunResult {
+        tps,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+    })
+}
+
+/// Opens `n` logged-in, idle sessions through `port`.
+fn idle_sessions(port: u16, n: usize, user: &str) -> Result<Vec<TcpStream>> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut c = interceptor_tests::wire::RawClient::connect(port)?;
+        let pkt = startup_packet(user, "bench");
+        c.send(&pkt)?;
+        // Direct/relay logins need SCRAM; only trust paths are measured here.
+        let msgs = c.read_until_ready()?;
+        if msgs.last().map(|m| m.0) != Some(b'Z') {
+            bail!("idle login failed: {msgs:?}");
+        }
+        conns.push(c.stream);
+    }
+    Ok(conns)
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn proxy() -> Result<()> {
+    let seconds: u32 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let rounds: u32 = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    const IDLE: usize = 1000;
+    // SAFETY: set before any thread that reads the environment starts.
+    unsafe { std::env::set_var("INTERCEPTOR_PROFILE", "release") };
+    eprintln!("bench: building interceptor (release)");
+    interceptor_tests::proxy::binary();
+
+    let pg = PgCluster::start_with(IDLE as u32 + 150)?;
+    pg.psql_admin(
+        "postgres",
+        &format!("CREATE DATABASE bench OWNER {ADMIN_USER}"),
+    )?;
+    run_ok(
+        Command::new(pg_bin("pgbench"))
+            .args([
+                "-i",
+                "-q",
+                "-s",
+                "10",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                ADMIN_USER,
+                "-p",
+            ])
+            .arg(pg.port.to_string())
+            .arg("bench")
+            .env("PGPASSWORD", ADMIN_PASSWORD),
+    )?;
+    let relay_port = start_relay(SocketAddr::from(([127, 0, 0, 1], pg.port)))?;
+    let bouncer = start_pgbouncer(&pg, IDLE)?;
+    let proxy = Proxy::start(
+        &pg,
+        ProxyOptions {
+            client_tls: false,
+            limits: vec![format!("max_connections = {}", IDLE + 100)],
+            ..Default::default()
+        },
+    )?;
+    let port_of = |p: Route| match p {
+        Route::Direct => pg.port,
+        Route::Relay => relay_port,
+        Route::Pgbouncer => bouncer.port,
+        Route::Interceptor => proxy.port,
+    };
+
+    let logdir = workspace_root().join("target/bench/pgbench-logs");
+    let mut results: BTreeMap<(String, u32, Route), Vec<RunResult>> = BTreeMap::new();
+    for round in 0..rounds {
+        for mode in ["simple", "prepared"] {
+            for clients in [1u32, 10, 50] {
+                for path in Route::ALL {
+                    eprintln!(
+                        "bench: round {} {mode} c={clients} {}",
+                        round + 1,
+                        path.name()
+                    );
+                    let r = pgbench(port_of(path), mode, clients, seconds, &logdir)?;
+                    results
+                        .entry((mode.to_owned(), clients, path))
+                        .or_default()
+                        .push(r);
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&logdir);
+
+    // Memory: idle sessions, and a 1M-row result.
+    let before = rss_kib(proxy.pid(), "VmRSS:");
+    let idle = idle_sessions(proxy.port, IDLE, "agent")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib(proxy.pid(), "VmRSS:");
+    drop(idle);
+    let interceptor_idle_kib = (after.saturating_sub(before)) as f64 / IDLE as f64;
+    let bouncer_pid = bouncer.child.id();
+    let before = rss_kib(bouncer_pid, "VmRSS:");
+    let idle = idle_sessions(bouncer.port, IDLE, ADMIN_USER)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let bouncer_idle_kib =
+        (rss_kib(bouncer_pid, "VmRSS:").saturating_sub(before)) as f64 / IDLE as f64;
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let big = Proxy::start(
+        &pg,
+        ProxyOptions {
+            client_tls: false,
+            ..Default::default()
+        },
+    )?;
+    let rows = run_ok(
+        Command::new(pg_bin("psql"))
+            .args([
+                "-X",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "agent",
+                "-d",
+                "bench",
+                "-p",
+            ])
+            .arg(big.port.to_string())
+            .args([
+                "-c",
+                "SELECT g, repeat('x', 60) || g FROM generate_series(1, 1000000) g",
+            ])
+            .stdout(Stdio::piped()),
+    )?
+    .lines()
+    .count();
+    if rows != 1_000_000 {
+        bail!("1M-row SELECT returned {rows} rows");
+    }
+    let peak_1m_kib = big.peak_rss_kib();
+
+    // Report: best round per cell (least disturbed by the other core's load).
+    let best = |k: &(String, u32, Route)| -> RunResult {
+        results[k]
+            .iter()
+            .cloned()
+            .max_by(|a, b| a.tps.total_cmp(&b.tps))
+            .unwrap_or_default()
+    };
+    println!(
+        "\n{:<9} {:>3} {:<12} {:>10} {:>8} {:>8} {:>9} {:>9}",
+        "mode", "c", "path", "tps", "p50 ms", "p99 ms", "vs direct", "vs relay"
+    );
+    let mut rows_json = Vec::new();
+    let mut min_vs_relay = f64::MAX;
+    let mut min_vs_bouncer = f64::MAX;
+    for mode in ["simple", "prepared"] {
+        for clients in [1u32, 10, 50] {
+            let direct = best(&(mode.to_owned(), clients, Route::Direct));
+            let relay = best(&(mode.to_owned(), clients, Route::Relay));
+            let bouncer = best(&(mode.to_owned(), clients, Route::Pgbouncer));
+            for path in Route::ALL {
+                let r = best(&(mode.to_owned(), clients, path));
+                let (vd, vr) = (r.tps / direct.tps, r.tps / relay.tps);
+                println!(
+                    "{:<9} {:>3} {:<12} {:>10.0} {:>8.3} {:>8.3} {:>8.2}x {:>8.2}x",
+                    mode,
+                    clients,
+                    path.name(),
+                    r.tps,
+                    r.p50_ms,
+                    r.p99_ms,
+                    vd,
+                    vr
+                );
+                if path == Route::Interceptor {
+                    min_vs_relay = min_vs_relay.min(vr);
+                    min_vs_bouncer = min_vs_bouncer.min(r.tps / bouncer.tps);
+                }
+                rows_json.push(json!({
+                    "mode": mode, "clients": clients, "path": path.name(), "tps": r.tps,
+                    "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "ratio_to_direct": vd, "ratio_to_relay": vr,
+                    "ratio_to_pgbouncer": r.tps / bouncer.tps,
+                }));
+            }
+        }
+    }
+    println!(
+        "\nidle sessions: interceptor {interceptor_idle_kib:.1} KiB/conn, pgbouncer {bouncer_idle_kib:.1} KiB/conn ({IDLE} sessions)"
+    );
+    println!(
+        "1M-row SELECT through interceptor: peak RSS {:.1} MiB",
+        peak_1m_kib as f64 / 1024.0
+    );
+
+    let target = |name: &str, value: f64, goal: &str, met: bool| json!({"name": name, "value": value, "goal": goal, "met": met});
+    let targets = vec![
+        target(
+            "min interceptor/relay tps ratio",
+            min_vs_relay,
+            ">= 0.90",
+            min_vs_relay >= 0.90,
+        ),
+        target(
+            "min interceptor/pgbouncer tps ratio",
+            min_vs_bouncer,
+            ">= 1.00",
+            min_vs_bouncer >= 1.0,
+        ),
+        target(
+            "idle KiB per connection",
+            interceptor_idle_kib,
+            "<= 64",
+            interceptor_idle_kib <= 64.0,
+        ),
+        target(
+            "peak RSS MiB, 1M-row SELECT",
+            peak_1m_kib as f64 / 1024.0,
+            "<= 16",
+            peak_1m_kib <= 16 * 1024,
+        ),
+    ];
+    println!("\ntargets:");
+    for t in &targets {
+        println!(
+            "  {:<40} {:>8.2}  goal {:<8} {}",
+            t["name"].as_str().unwrap_or(""),
+            t["value"].as_f64().unwrap_or(0.0),
+            t["goal"].as_str().unwrap_or(""),
+            if t["met"].as_bool() == Some(true) {
+                "met"
+            } else {
+                "NOT MET"
+            }
+        );
+    }
+    let report = json!({
+        "figures": {
+            "seconds_per_run": seconds, "rounds": rounds, "pgbench": rows_json,
+            "idle_kib_per_conn": {"interceptor": interceptor_idle_kib, "pgbouncer": bouncer_idle_kib, "sessions": IDLE},
+            "peak_rss_kib_1m_select": peak_1m_kib,
+        },
+        "targets": targets,
+    });
+    let out = workspace_root().join("target/bench/proxy.json");
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    println!("\nwrote {}", out.display());
+    Ok(())
 }

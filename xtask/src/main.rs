@@ -69,6 +69,16 @@ fn main() -> Result<()> {
         Cmd::Setup => deps::ensure(),
         Cmd::Test { no_regress } => {
             deps::ensure()?;
+            exec(cargo().args(["fmt", "--all", "--check"]))?;
+            exec(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--quiet",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             exec(cargo().args(["build", "-p", "interceptor-user", "--bin", "interceptor"]))?;
             exec(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))?;
             if !no_regress {

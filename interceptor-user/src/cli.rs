@@ -32,6 +32,10 @@ pub enum Command {
         /// The TOML configuration file.
         #[arg(long, short, value_name = "FILE", env = "INTERCEPTOR_CONFIG")]
         config: PathBuf,
+        /// Threads serving sessions (default: one per CPU). On a runner
+        /// that also runs the database, 1 leaves more CPU to it.
+        #[arg(long, value_name = "N", env = "INTERCEPTOR_WORKER_THREADS")]
+        worker_threads: Option<usize>,
     },
     /// Check a configuration file and exit: 0 if it is valid, 1 with
     /// `file:line: key: problem` if not. Secrets it references are read

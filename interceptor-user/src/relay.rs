@@ -20,7 +20,7 @@ use crate::protocol::build::ProxyError;
 use crate::protocol::frontend::FrontendMessage;
 use crate::protocol::{FrameHeader, ProtocolError, next_frame};
 use crate::runtime::{Phase, Shared};
-use crate::stream::{Conn, READ_CHUNK};
+use crate::stream::{Conn, MaybeTls, READ_CHUNK};
 use crate::upstream::BACKEND_MAX_MESSAGE;
 
 /// How a relay ended.
@@ -249,6 +249,24 @@ async fn write_out<W: AsyncWrite + Unpin>(wr: &mut W, bytes: &[u8]) -> std::io::
     wr.flush().await
 }
 
+type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Plain TCP splits into owned halves with no lock between them; a TLS
+/// stream shares one session state, so its halves take turns.
+fn split(io: MaybeTls) -> (ReadHalf, WriteHalf) {
+    match io {
+        MaybeTls::Plain(tcp) => {
+            let (r, w) = tcp.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        other => {
+            let (r, w) = tokio::io::split(other);
+            (Box::new(r), Box::new(w))
+        }
+    }
+}
+
 pub async fn run(client: Conn, upstream: Conn, shared: &Shared, limits: &Limits) -> RelayEnd {
     let Conn {
         io: client_io,
@@ -258,8 +276,8 @@ pub async fn run(client: Conn, upstream: Conn, shared: &Shared, limits: &Limits)
         io: upstream_io,
         buf: mut upstream_buf,
     } = upstream;
-    let (mut client_rd, mut client_wr) = tokio::io::split(client_io);
-    let (mut upstream_rd, mut upstream_wr) = tokio::io::split(upstream_io);
+    let (mut client_rd, mut client_wr) = split(client_io);
+    let (mut upstream_rd, mut upstream_wr) = split(upstream_io);
     let (inject, mut injected) = mpsc::channel::<ProxyError>(1);
     let activity = Activity {
         start: Instant::now(),

@@ -48,30 +48,113 @@ pub enum Target {
     Portal,
 }
 
+/// Lists inside Bind, Parse and FunctionCall stay as validated raw bytes
+/// and are decoded on demand: the relay parses every message, and most of
+/// them are never looked into.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parse<'a> {
     pub name: &'a [u8],
     pub sql: &'a [u8],
+    param_types: &'a [u8],
+}
+
+impl<'a> Parse<'a> {
     /// Parameter type OIDs; 0 leaves the type to the server.
-    pub param_types: Vec<u32>,
+    pub fn param_types(&self) -> impl Iterator<Item = u32> + 'a {
+        self.param_types
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind<'a> {
     pub portal: &'a [u8],
     pub statement: &'a [u8],
-    pub param_formats: Vec<i16>,
+    param_formats: &'a [u8],
+    params: Values<'a>,
+    result_formats: &'a [u8],
+}
+
+impl<'a> Bind<'a> {
+    pub fn param_formats(&self) -> impl Iterator<Item = i16> + 'a {
+        i16s(self.param_formats)
+    }
+
     /// Parameter values; `None` is SQL NULL.
-    pub params: Vec<Option<&'a [u8]>>,
-    pub result_formats: Vec<i16>,
+    pub fn params(&self) -> Values<'a> {
+        self.params.clone()
+    }
+
+    pub fn result_formats(&self) -> impl Iterator<Item = i16> + 'a {
+        i16s(self.result_formats)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FunctionCall<'a> {
     pub function_oid: u32,
-    pub arg_formats: Vec<i16>,
-    pub args: Vec<Option<&'a [u8]>>,
+    arg_formats: &'a [u8],
+    args: Values<'a>,
     pub result_format: i16,
+}
+
+impl<'a> FunctionCall<'a> {
+    pub fn arg_formats(&self) -> impl Iterator<Item = i16> + 'a {
+        i16s(self.arg_formats)
+    }
+
+    pub fn args(&self) -> Values<'a> {
+        self.args.clone()
+    }
+}
+
+fn i16s(raw: &[u8]) -> impl Iterator<Item = i16> + '_ {
+    raw.chunks_exact(2)
+        .map(|c| i16::from_be_bytes([c[0], c[1]]))
+}
+
+/// Length-prefixed values (Bind parameters, FunctionCall arguments),
+/// already checked to lie within the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Values<'a> {
+    reader: Reader<'a>,
+    left: u16,
+}
+
+impl<'a> Values<'a> {
+    pub fn len(&self) -> usize {
+        self.left as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.left == 0
+    }
+
+    /// Reads a count and that many values, checking every length.
+    fn take(r: &mut Reader<'a>) -> Option<Values<'a>> {
+        let n = r.i16().filter(|n| *n >= 0)? as u16;
+        let start = r.clone();
+        for _ in 0..n {
+            r.value()?;
+        }
+        Some(Values {
+            reader: start,
+            left: n,
+        })
+    }
+}
+
+impl<'a> Iterator for Values<'a> {
+    type Item = Option<&'a [u8]>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        self.reader.value()
+    }
 }
 
 impl<'a> FrontendMessage<'a> {
@@ -93,9 +176,8 @@ impl<'a> FrontendMessage<'a> {
                     .i16()
                     .filter(|n| *n >= 0)
                     .ok_or(bad("parameter type count"))?;
-                let param_types = (0..n)
-                    .map(|_| r.i32().map(|o| o as u32))
-                    .collect::<Option<Vec<_>>>()
+                let param_types = r
+                    .bytes(n as usize * 4)
                     .ok_or(bad("parameter types run past the end"))?;
                 FrontendMessage::Parse(Parse {
                     name,
@@ -107,13 +189,10 @@ impl<'a> FrontendMessage<'a> {
                 let portal = r.cstr().ok_or(bad("portal name"))?;
                 let statement = r.cstr().ok_or(bad("statement name"))?;
                 let param_formats = i16_list(&mut r).ok_or(bad("parameter formats"))?;
-                let n = r.i16().filter(|n| *n >= 0).ok_or(bad("parameter count"))?;
-                let params = (0..n)
-                    .map(|_| r.value())
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or(bad("parameter values run past the end"))?;
+                let params =
+                    Values::take(&mut r).ok_or(bad("parameter values run past the end"))?;
                 let result_formats = i16_list(&mut r).ok_or(bad("result formats"))?;
-                if param_formats.len() > 1 && param_formats.len() != params.len() {
+                if param_formats.len() > 2 && param_formats.len() != params.len() * 2 {
                     return Err(bad("parameter format count differs from parameter count"));
                 }
                 FrontendMessage::Bind(Bind {
@@ -152,11 +231,7 @@ impl<'a> FrontendMessage<'a> {
             b'F' => {
                 let function_oid = r.i32().ok_or(bad("function oid"))? as u32;
                 let arg_formats = i16_list(&mut r).ok_or(bad("argument formats"))?;
-                let n = r.i16().filter(|n| *n >= 0).ok_or(bad("argument count"))?;
-                let args = (0..n)
-                    .map(|_| r.value())
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or(bad("arguments run past the end"))?;
+                let args = Values::take(&mut r).ok_or(bad("arguments run past the end"))?;
                 let result_format = r.i16().ok_or(bad("result format"))?;
                 FrontendMessage::FunctionCall(FunctionCall {
                     function_oid,
@@ -174,9 +249,10 @@ impl<'a> FrontendMessage<'a> {
     }
 }
 
-fn i16_list(r: &mut Reader<'_>) -> Option<Vec<i16>> {
+/// A count and that many int16s, as raw bytes.
+fn i16_list<'a>(r: &mut Reader<'a>) -> Option<&'a [u8]> {
     let n = r.i16().filter(|n| *n >= 0)?;
-    (0..n).map(|_| r.i16()).collect()
+    r.bytes(n as usize * 2)
 }
 
 #[cfg(test)]
@@ -223,7 +299,12 @@ mod tests {
             panic!()
         };
         assert_eq!(b.portal, b"p1");
-        assert_eq!(b.params, vec![Some(&b"abc"[..]), None]);
+        assert_eq!(
+            b.params().collect::<Vec<_>>(),
+            vec![Some(&b"abc"[..]), None]
+        );
+        assert_eq!(b.param_formats().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(b.result_formats().count(), 0);
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub fn next_frame(buf: &[u8], max: usize) -> Result<Option<FrameHeader>, Protoco
 /// A cursor over a message body with bounds-checked reads. Every read that
 /// would run past the end yields `None`, which callers turn into
 /// [`ProtocolError::Malformed`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Reader<'a> {
     buf: &'a [u8],
 }

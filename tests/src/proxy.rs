@@ -58,6 +58,8 @@ pub struct ProxyOptions {
     /// Extra lines for the `[limits]` table.
     pub limits: Vec<String>,
     pub listen_v6: bool,
+    /// Upstream role and its password file; default: the harness superuser.
+    pub upstream_login: Option<(String, PathBuf)>,
 }
 
 impl Default for ProxyOptions {
@@ -70,6 +72,7 @@ impl Default for ProxyOptions {
             upstream_tls: None,
             limits: vec![],
             listen_v6: false,
+            upstream_login: None,
         }
     }
 }
@@ -100,11 +103,15 @@ impl Proxy {
                 "disabled"
             },
         );
+        let (user, password_file) = opts
+            .upstream_login
+            .clone()
+            .unwrap_or_else(|| (ADMIN_USER.to_owned(), pg.password_file.clone()));
         text.push_str(&format!(
-            "[[target]]\nname = \"main\"\ndestinations = [\"127.0.0.1:{port}\"]\nupstream = {{ host = \"127.0.0.1\", port = {} }}\ndatabases = [{}]\nupstream_auth = {{ user = \"{ADMIN_USER}\", password_file = \"{}\" }}\n",
+            "[[target]]\nname = \"main\"\ndestinations = [\"127.0.0.1:{port}\"]\nupstream = {{ host = \"127.0.0.1\", port = {} }}\ndatabases = [{}]\nupstream_auth = {{ user = \"{user}\", password_file = \"{}\" }}\n",
             opts.upstream_port.unwrap_or(pg.port),
             dbs.join(", "),
-            pg.password_file.display(),
+            password_file.display(),
         ));
         if let Some(auth) = &opts.client_auth {
             text.push_str(&format!("client_auth = {{ {auth} }}\n"));

@@ -344,5 +344,16 @@ pub fn run() -> Result<()> {
         );
     }
     println!("diff -r results: identical");
+    let count = |summary: &str| -> usize {
+        summary
+            .split_whitespace()
+            .find_map(|w| w.parse().ok())
+            .unwrap_or(0)
+    };
+    // One closing line for CI: both runs' tests, all of which passed.
+    println!(
+        "regress: {} passed, 0 failed",
+        count(&direct) + count(&proxied)
+    );
     Ok(())
 }

@@ -228,7 +228,8 @@ impl Proxy {
     }
 }
 
-fn status_field(pid: u32, field: &str) -> u64 {
+/// A numeric field of /proc/PID/status (`VmRSS:`, `VmHWM:`), in KiB.
+pub fn status_field(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

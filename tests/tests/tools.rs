@@ -175,32 +175,9 @@ fn million_row_select_and_copy_stream_in_bounded_memory() {
     let proxy = Proxy::start(pg, ProxyOptions::default()).unwrap();
     let before = proxy.peak_rss_kib();
     let sql = "SELECT g, repeat('x', 60) || g FROM generate_series(1, 1000000) g";
-    let mut child = libpq_env(
-        Command::new(pg_bin("psql")).args(["-X", "-At", "-c", sql]),
-        &proxy,
-        "app",
-    )
-    .env("PGSSLMODE", "disable")
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let count = count_lines(child.stdout.take().unwrap());
-    assert!(child.wait().unwrap().success());
-    assert_eq!(count, 1_000_000);
-
+    assert_eq!(psql_line_count(&proxy, &["-At", "-c", sql]), 1_000_000);
     let copy = format!("COPY ({sql}) TO STDOUT");
-    let mut child = libpq_env(
-        Command::new(pg_bin("psql")).args(["-X", "-c", &copy]),
-        &proxy,
-        "app",
-    )
-    .env("PGSSLMODE", "disable")
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let count = count_lines(child.stdout.take().unwrap());
-    assert!(child.wait().unwrap().success());
-    assert_eq!(count, 1_000_000);
+    assert_eq!(psql_line_count(&proxy, &["-c", &copy]), 1_000_000);
 
     let peak = proxy.peak_rss_kib();
     // About 70 MB went through; buffering any real part of it would show.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use interceptor_tests::pg::{ADMIN_PASSWORD, ADMIN_USER, PgCluster};
-use interceptor_tests::proxy::{Proxy, ProxyOptions};
+use interceptor_tests::proxy::{Proxy, ProxyOptions, status_field};
 use interceptor_tests::wire::startup_packet;
 use interceptor_tests::{free_port, pg_bin, run_ok, workspace_root};
 use serde_json::json;
@@ -208,17 +208,6 @@ fn idle_sessions(port: u16, n: usize, user: &str) -> Result<Vec<TcpStream>> {
     Ok(conns)
 }
 
-fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 pub fn proxy() -> Result<()> {
     let seconds: u32 = std::env::var("BENCH_SECONDS")
         .ok()
@@ -296,18 +285,18 @@ pub fn proxy() -> Result<()> {
     let _ = std::fs::remove_dir_all(&logdir);
 
     // Memory: idle sessions, and a 1M-row result.
-    let before = rss_kib(proxy.pid(), "VmRSS:");
+    let before = status_field(proxy.pid(), "VmRSS:");
     let idle = idle_sessions(proxy.port, IDLE, "agent")?;
     std::thread::sleep(Duration::from_millis(500));
-    let after = rss_kib(proxy.pid(), "VmRSS:");
+    let after = status_field(proxy.pid(), "VmRSS:");
     drop(idle);
     let interceptor_idle_kib = (after.saturating_sub(before)) as f64 / IDLE as f64;
     let bouncer_pid = bouncer.child.id();
-    let before = rss_kib(bouncer_pid, "VmRSS:");
+    let before = status_field(bouncer_pid, "VmRSS:");
     let idle = idle_sessions(bouncer.port, IDLE, ADMIN_USER)?;
     std::thread::sleep(Duration::from_millis(500));
     let bouncer_idle_kib =
-        (rss_kib(bouncer_pid, "VmRSS:").saturating_sub(before)) as f64 / IDLE as f64;
+        (status_field(bouncer_pid, "VmRSS:").saturating_sub(before)) as f64 / IDLE as f64;
     drop(idle);
     std::thread::sleep(Duration::from_millis(500));
 

@@ -27,11 +27,7 @@ const PIP: &[&str] = &["psycopg[binary]>=3.1,<4", "asyncpg>=0.29"];
 const NPM: &[&str] = &["pg@8", "pg-copy-streams@6"];
 
 fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
+    version_of(pkg).is_some()
 }
 
 /// The Python with the driver packages.
@@ -63,21 +59,7 @@ pub fn ensure() -> Result<()> {
         .filter(|p| !installed(p))
         .collect();
     if !missing.is_empty() {
-        if !nix::unistd::geteuid().is_root() {
-            bail!(
-                "missing packages: {}; run `sudo apt-get install -y {}`",
-                missing.join(" "),
-                missing.join(" ")
-            );
-        }
-        eprintln!("xtask: installing {}", missing.join(" "));
-        exec(Command::new("apt-get").args(["update", "-qq"]))?;
-        exec(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing),
-        )?;
+        apt_install(&missing)?;
     }
     ensure_postgres()?;
     let python = venv_python();

@@ -187,10 +187,23 @@ fn million_row_select_and_copy_stream_in_bounded_memory() {
     );
 }
 
-fn count_lines(r: impl std::io::Read) -> usize {
+/// Streams psql's output through the proxy, counting lines as they come.
+fn psql_line_count(proxy: &Proxy, args: &[&str]) -> usize {
     use std::io::BufRead;
-    std::io::BufReader::new(r)
+    let mut child = libpq_env(
+        Command::new(pg_bin("psql")).arg("-X").args(args),
+        proxy,
+        "app",
+    )
+    .env("PGSSLMODE", "disable")
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let out = child.stdout.take().unwrap();
+    let count = std::io::BufReader::new(out)
         .lines()
         .map_while(Result::ok)
-        .count()
+        .count();
+    assert!(child.wait().unwrap().success());
+    count
 }

@@ -69,13 +69,15 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         }
     }
 
+    // Stop accepting first, so that anything that sees the log line also
+    // sees the listeners closing.
+    let _ = phase_tx.send(Phase::Draining);
     let grace = shared.runtime.load().config.limits.shutdown_grace;
     info!(
         active = shared.active(),
         ?grace,
         "shutting down: no new connections"
     );
-    let _ = phase_tx.send(Phase::Draining);
     if tokio::time::timeout(grace, shared.all_idle())
         .await
         .is_err()

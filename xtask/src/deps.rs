@@ -114,6 +114,18 @@ fn version_of(pkg: &str) -> Option<String> {
         .and_then(|s| s.split_whitespace().last().map(str::to_owned))
 }
 
+/// What the demo needs: only a PostgreSQL 15 server and client.
+pub fn ensure_demo() -> Result<()> {
+    let missing: Vec<&str> = ["postgresql-15", "postgresql-client-15"]
+        .into_iter()
+        .filter(|p| !installed(p))
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing)?;
+    }
+    Ok(())
+}
+
 fn ensure_postgres() -> Result<()> {
     if version_of("postgresql-15").is_none() {
         apt_install(&["postgresql-15"])?;

@@ -87,7 +87,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Demo { keep } => {
-            deps::ensure()?;
+            deps::ensure_demo()?;
             demo::run(keep)
         }
         Cmd::Regress => {

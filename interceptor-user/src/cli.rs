@@ -32,8 +32,9 @@ pub enum Command {
         /// The TOML configuration file.
         #[arg(long, short, value_name = "FILE", env = "INTERCEPTOR_CONFIG")]
         config: PathBuf,
-        /// Threads serving sessions (default: one per CPU). On a runner
-        /// that also runs the database, 1 leaves more CPU to it.
+        /// Session threads (default: one per CPU). Each session lives on
+        /// one thread; on a runner that also runs the database, fewer
+        /// threads leave more CPU to it.
         #[arg(long, value_name = "N", env = "INTERCEPTOR_WORKER_THREADS")]
         worker_threads: Option<usize>,
     },

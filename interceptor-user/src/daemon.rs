@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::protocol::build::ProxyError;
 use crate::runtime::{Phase, Runtime, Shared};
 use crate::session;
+use crate::workers::SessionThreads;
 
 /// A large backlog: CI jobs open connection bursts, and a full backlog
 /// costs clients a 1 s SYN retransmit.
@@ -40,7 +41,10 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(TcpListener::from_std(socket.into())?)
 }
 
-pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
+/// Runs the daemon until SIGTERM/SIGINT. `threads` session threads serve
+/// the connections; this (current-thread) runtime accepts and handles
+/// signals.
+pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow::Result<()> {
     let listen = config.listen_addrs();
     let runtime = Runtime::build(config).context("cannot prepare the configuration")?;
     let listeners = listen
@@ -49,11 +53,14 @@ pub async fn run(config_path: PathBuf, config: Config) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     let shared = Arc::new(Shared::new(runtime, phase_rx));
+    let sessions =
+        Arc::new(SessionThreads::start(threads).context("cannot start session threads")?);
+    info!(threads = sessions.len(), "session threads started");
 
     for listener in listeners {
         let addr = listener.local_addr()?;
         info!(%addr, "listening");
-        tokio::spawn(accept_loop(listener, shared.clone()));
+        tokio::spawn(accept_loop(listener, shared.clone(), sessions.clone()));
     }
     // Tests and scripts wait for this line on stderr.
     eprintln!("interceptor: ready");
@@ -114,7 +121,7 @@ fn reload(path: &Path, shared: &Shared, listening: &[SocketAddr]) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, sessions: Arc<SessionThreads>) {
     let mut phase = shared.phase.clone();
     loop {
         let accepted = tokio::select! {
@@ -137,7 +144,15 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         let max = shared.runtime.load().config.limits.max_connections;
         match shared.admit(max) {
             Some(slot) => {
-                tokio::spawn(session::serve(shared.clone(), tcp, peer, local, slot));
+                // The socket moves to the session thread's IO driver.
+                let Ok(std) = tcp.into_std() else { continue };
+                let shared = shared.clone();
+                sessions.spawn(async move {
+                    match TcpStream::from_std(std) {
+                        Ok(tcp) => session::serve(shared, tcp, peer, local, slot).await,
+                        Err(e) => warn!("cannot hand the connection to a session thread: {e}"),
+                    }
+                });
             }
             None => {
                 tokio::spawn(too_many(tcp, max));

@@ -17,3 +17,4 @@ pub mod session;
 pub mod stream;
 pub mod tls;
 pub mod upstream;
+pub mod workers;

@@ -40,18 +40,20 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = worker_threads.filter(|n| *n > 0) {
-                builder.worker_threads(n);
-            }
-            let rt = match builder.enable_all().build() {
+            let threads = worker_threads
+                .filter(|n| *n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("interceptor: cannot start the async runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(interceptor::daemon::run(config, loaded)) {
+            match rt.block_on(interceptor::daemon::run(config, loaded, threads)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("interceptor: {e:#}");

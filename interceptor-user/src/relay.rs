@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -103,20 +103,35 @@ enum BackEnd {
     Violation(ProtocolError),
 }
 
+/// Counts reads in both directions. A counter rather than a timestamp:
+/// the idle check runs a few times per timeout, reads happen per message,
+/// and a counter costs no clock read.
+#[derive(Default)]
 struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
+    reads: AtomicU64,
 }
 
 impl Activity {
     fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn idle_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
+    /// Resolves once no read has happened for `timeout` (checked in quarter
+    /// steps, so it fires between `timeout` and 1.25 x `timeout`).
+    async fn quiet_for(&self, timeout: Duration) {
+        let step = timeout / 4;
+        let mut quiet = Duration::ZERO;
+        let mut seen = self.reads.load(Ordering::Relaxed);
+        while quiet < timeout {
+            tokio::time::sleep(step).await;
+            let now = self.reads.load(Ordering::Relaxed);
+            if now == seen {
+                quiet += step;
+            } else {
+                seen = now;
+                quiet = Duration::ZERO;
+            }
+        }
     }
 }
 
@@ -279,10 +294,7 @@ pub async fn run(client: Conn, upstream: Conn, shared: &Shared, limits: &Limits)
     let (mut client_rd, mut client_wr) = split(client_io);
     let (mut upstream_rd, mut upstream_wr) = split(upstream_io);
     let (inject, mut injected) = mpsc::channel::<ProxyError>(1);
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
+    let activity = Activity::default();
     let mut front_state = FrontendState::default();
     let mut back_state = BackendState {
         status: TransactionStatus::Idle,
@@ -315,13 +327,7 @@ pub async fn run(client: Conn, upstream: Conn, shared: &Shared, limits: &Limits)
             if idle_timeout.is_zero() {
                 return std::future::pending().await;
             }
-            loop {
-                let quiet = activity.idle_for();
-                if quiet >= idle_timeout {
-                    return;
-                }
-                tokio::time::sleep(idle_timeout - quiet).await;
-            }
+            activity.quiet_for(idle_timeout).await
         };
         tokio::pin!(idle);
 

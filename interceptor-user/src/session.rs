@@ -33,48 +33,90 @@ pub async fn serve(
     local: SocketAddr,
     slot: SessionSlot,
 ) {
+    let _slot = slot;
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("session", session_id = id, %peer);
-    async move {
-        let _slot = slot;
-        let _ = tcp.set_nodelay(true);
-        let runtime = shared.runtime.load_full();
-        let mut client = Conn::new(MaybeTls::Plain(tcp));
-        let startup_timeout = runtime.config.limits.startup_timeout;
-        let login = tokio::time::timeout(startup_timeout, login(&shared, &runtime, &mut client, local)).await;
-        let session = match login {
-            Ok(Ok(Some(s))) => s,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => return refuse(&mut client, e).await,
-            Err(_) => {
-                let e = ProxyError::fatal("08006", format!("login did not finish within {startup_timeout:?}"));
-                return refuse(&mut client, LoginError::Client(e)).await;
-            }
-        };
-        let LoggedIn { user, database, target, upstream } = session;
-        let (_cancel_guard, pid, secret) = shared.cancels.register(UpstreamKey {
-            host: target.config.upstream.host.clone(),
-            port: target.config.upstream.port,
-            pid: upstream.pid,
-            secret: upstream.secret.clone(),
-        });
-        let mut hello = BytesMut::new();
-        build::authentication(Authentication::Ok, &mut hello);
-        hello.extend_from_slice(&upstream.greeting);
-        build::backend_key_data(pid, secret, &mut hello);
-        build::ready_for_query(upstream.status, &mut hello);
-        if client.send(&hello).await.is_err() {
-            return;
+    let runtime = shared.runtime.load_full();
+    let Some((client, session)) = start(&shared, &runtime, tcp, local)
+        .instrument(span.clone())
+        .await
+    else {
+        return;
+    };
+    let (_cancel_guard, pid, secret) = shared.cancels.register(UpstreamKey {
+        host: session.target.config.upstream.host.clone(),
+        port: session.target.config.upstream.port,
+        pid: session.upstream.pid,
+        secret: session.upstream.secret.clone(),
+    });
+    let Some(client) = greet(client, &session, pid, secret)
+        .instrument(span.clone())
+        .await
+    else {
+        return;
+    };
+    // The relay runs outside the span: entering a span on every poll costs
+    // more than the relay's own work per message. Its outcome is logged in it.
+    let end = relay::run(
+        client,
+        session.upstream.conn,
+        &shared,
+        &runtime.config.limits,
+    )
+    .await;
+    span.in_scope(|| match &end {
+        RelayEnd::Error(e) => warn!("session ended: {e}"),
+        end => info!(outcome = ?end, "session ended"),
+    });
+}
+
+/// Login up to (not including) AuthenticationOk to the client.
+async fn start(
+    shared: &Shared,
+    runtime: &Runtime,
+    tcp: TcpStream,
+    local: SocketAddr,
+) -> Option<(Conn, LoggedIn)> {
+    let _ = tcp.set_nodelay(true);
+    let mut client = Conn::new(MaybeTls::Plain(tcp));
+    let startup_timeout = runtime.config.limits.startup_timeout;
+    let login =
+        tokio::time::timeout(startup_timeout, login(shared, runtime, &mut client, local)).await;
+    match login {
+        Ok(Ok(Some(s))) => Some((client, s)),
+        Ok(Ok(None)) => None,
+        Ok(Err(e)) => {
+            refuse(&mut client, e).await;
+            None
         }
-        info!(%user, %database, target = %target.config.name, tls = client.io.is_tls(), "session started");
-        let end = relay::run(client, upstream.conn, &shared, &runtime.config.limits).await;
-        match &end {
-            RelayEnd::Error(e) => warn!("session ended: {e}"),
-            end => info!(outcome = ?end, "session ended"),
+        Err(_) => {
+            let e = ProxyError::fatal(
+                "08006",
+                format!("login did not finish within {startup_timeout:?}"),
+            );
+            refuse(&mut client, LoginError::Client(e)).await;
+            None
         }
     }
-    .instrument(span)
-    .await
+}
+
+/// Tells the client it is in: AuthenticationOk, the server's parameters,
+/// the proxy's cancel key, ReadyForQuery.
+async fn greet(mut client: Conn, session: &LoggedIn, pid: i32, secret: i32) -> Option<Conn> {
+    let mut hello = BytesMut::new();
+    build::authentication(Authentication::Ok, &mut hello);
+    hello.extend_from_slice(&session.upstream.greeting);
+    build::backend_key_data(pid, secret, &mut hello);
+    build::ready_for_query(session.upstream.status, &mut hello);
+    client.send(&hello).await.ok()?;
+    info!(
+        user = %session.user,
+        database = %session.database,
+        target = %session.target.config.name,
+        tls = client.io.is_tls(),
+        "session started"
+    );
+    Some(client)
 }
 
 struct LoggedIn {

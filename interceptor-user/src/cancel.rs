@@ -70,14 +70,6 @@ impl CancelRegistry {
         let secret = i32::from_be_bytes(secret.try_into().ok()?);
         self.lock().get(&(pid, secret)).cloned()
     }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Sends a CancelRequest to the upstream. Like PostgreSQL, the outcome is

@@ -6,7 +6,6 @@
 //! frontend direction hands it errors to send through a channel, so a
 //! proxy-made message can never land in the middle of a relayed one.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -45,12 +44,6 @@ pub struct Stats {
     pub backend_messages: u64,
     pub queries: u64,
     pub rows: u64,
-}
-
-impl fmt::Display for RelayEnd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
 }
 
 /// What the frontend direction knows of the session.
@@ -136,15 +129,14 @@ impl Activity {
 }
 
 /// Makes room for the next read: at least the rest of a message whose
-/// header has arrived, otherwise one chunk.
-fn reserve_for_next(buf: &mut BytesMut, max: usize) {
-    let want = match next_frame(buf, max) {
-        Err(ProtocolError::TooLarge { .. }) | Err(_) => 0,
-        _ if buf.len() >= 5 => {
-            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
-            len.saturating_sub(buf.len())
-        }
-        _ => 0,
+/// header has arrived, otherwise one chunk. Runs after [`complete_frames`]
+/// consumed every whole message and validated this header's length.
+fn reserve_for_next(buf: &mut BytesMut) {
+    let want = if buf.len() >= 5 {
+        let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize + 1;
+        len.saturating_sub(buf.len())
+    } else {
+        0
     };
     let spare = buf.capacity() - buf.len();
     if spare < want.max(1024) {
@@ -205,7 +197,7 @@ where
             Ok(false) => return FrontEnd::Terminated,
             Err(e) => return FrontEnd::Violation(e),
         }
-        reserve_for_next(buf, max);
+        reserve_for_next(buf);
         match rd.read_buf(buf).await {
             Ok(0) => return FrontEnd::Closed,
             Ok(_) => activity.touch(),
@@ -240,7 +232,7 @@ where
         if let Err(e) = verdict {
             return BackEnd::Violation(e);
         }
-        reserve_for_next(buf, BACKEND_MAX_MESSAGE);
+        reserve_for_next(buf);
         tokio::select! {
             biased;
             Some(err) = injected.recv() => {

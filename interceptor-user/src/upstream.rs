@@ -186,13 +186,13 @@ pub async fn connect(
                         authenticated = true;
                         continue;
                     }
-                    3 => password_message(password()?.expose().as_bytes()),
+                    3 => password_message(&[password()?.expose().as_bytes(), b"\0"]),
                     5 => {
                         let salt: [u8; 4] = data
                             .try_into()
                             .map_err(|_| unavailable(name, "bad MD5 salt"))?;
                         let hash = md5_hash(user.as_bytes(), password()?.expose().as_bytes(), salt);
-                        password_message(hash.as_bytes())
+                        password_message(&[hash.as_bytes(), b"\0"])
                     }
                     10 => {
                         let offers_scram = data
@@ -210,14 +210,9 @@ pub async fn connect(
                             password()?.expose().as_bytes(),
                             ChannelBinding::unsupported(),
                         );
-                        let mut m = BytesMut::new();
-                        m.put_u8(b'p');
-                        m.put_i32(0);
-                        m.put_slice(SCRAM_SHA_256.as_bytes());
-                        m.put_u8(0);
-                        m.put_i32(s.message().len() as i32);
-                        m.put_slice(s.message());
-                        fix_len(&mut m);
+                        let len = (s.message().len() as i32).to_be_bytes();
+                        let m =
+                            password_message(&[SCRAM_SHA_256.as_bytes(), b"\0", &len, s.message()]);
                         scram = Some(s);
                         m
                     }
@@ -226,7 +221,7 @@ pub async fn connect(
                             .as_mut()
                             .ok_or_else(|| unavailable(name, "SASL continue without SASL start"))?;
                         s.update(data).map_err(|e| rejected(name, &e.to_string()))?;
-                        password_message_raw(s.message())
+                        password_message(&[s.message()])
                     }
                     12 => {
                         let s = scram
@@ -281,26 +276,15 @@ pub async fn connect(
     }
 }
 
-fn fix_len(m: &mut BytesMut) {
-    let len = (m.len() - 1) as i32;
-    m[1..5].copy_from_slice(&len.to_be_bytes());
-}
-
-fn password_message(password: &[u8]) -> BytesMut {
-    let mut m = BytesMut::new();
+/// A PasswordMessage-family ('p') message whose body is `parts` joined:
+/// a cleartext or MD5 password, SASLInitialResponse or SASLResponse.
+fn password_message(parts: &[&[u8]]) -> BytesMut {
+    let body: usize = parts.iter().map(|p| p.len()).sum();
+    let mut m = BytesMut::with_capacity(5 + body);
     m.put_u8(b'p');
-    m.put_i32(0);
-    m.put_slice(password);
-    m.put_u8(0);
-    fix_len(&mut m);
-    m
-}
-
-fn password_message_raw(data: &[u8]) -> BytesMut {
-    let mut m = BytesMut::new();
-    m.put_u8(b'p');
-    m.put_i32(0);
-    m.put_slice(data);
-    fix_len(&mut m);
+    m.put_i32((4 + body) as i32);
+    for part in parts {
+        m.put_slice(part);
+    }
     m
 }

@@ -75,10 +75,10 @@ public class JdbcCheck {
             }
 
             try (Statement s = c.createStatement()) {
-                s.execute("LISTEN ch_" + args[1]);
+                s.execute("LISTEN jdbc_ch_" + args[1]);
             }
             try (Connection other = DriverManager.getConnection(url); Statement s = other.createStatement()) {
-                s.execute("NOTIFY ch_" + args[1] + ", 'jdbc payload'");
+                s.execute("NOTIFY jdbc_ch_" + args[1] + ", 'jdbc payload'");
             }
             PGNotification[] notes = c.unwrap(PGConnection.class).getNotifications(10000);
             check(notes != null && notes.length == 1 && notes[0].getParameter().equals("jdbc payload"), "notification");

@@ -65,11 +65,11 @@ async def main(dsn, suffix, cafile):
 
     # LISTEN/NOTIFY.
     got = asyncio.get_running_loop().create_future()
-    await conn.add_listener(f"ch_{suffix}", lambda c, pid, ch, payload: got.done() or got.set_result((ch, payload)))
+    await conn.add_listener(f"apg_ch_{suffix}", lambda c, pid, ch, payload: got.done() or got.set_result((ch, payload)))
     other = await asyncpg.connect(dsn, **kw)
-    await other.execute(f"NOTIFY ch_{suffix}, 'payload-1'")
+    await other.execute(f"NOTIFY apg_ch_{suffix}, 'payload-1'")
     await other.close()
-    assert await asyncio.wait_for(got, 10) == (f"ch_{suffix}", "payload-1")
+    assert await asyncio.wait_for(got, 10) == (f"apg_ch_{suffix}", "payload-1")
 
     await conn.execute(f"DROP TABLE {table}")
     await conn.close()

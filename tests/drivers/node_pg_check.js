@@ -45,13 +45,13 @@ async function main() {
   await assert.rejects(c.query('SELECT 1/0'), (e) => e.code === '22012');
 
   const note = new Promise((resolve) => c.on('notification', resolve));
-  await c.query(`LISTEN ch_${suffix}`);
+  await c.query(`LISTEN node_ch_${suffix}`);
   const other = new Client({ connectionString: conn, ssl });
   await other.connect();
-  await other.query(`SELECT pg_notify('ch_${suffix}', 'node payload')`);
+  await other.query(`SELECT pg_notify('node_ch_${suffix}', 'node payload')`);
   await other.end();
   const n = await Promise.race([note, new Promise((_, rej) => setTimeout(() => rej(new Error('no notification')), 10000))]);
-  assert.strictEqual(n.channel, `ch_${suffix}`);
+  assert.strictEqual(n.channel, `node_ch_${suffix}`);
   assert.strictEqual(n.payload, 'node payload');
 
   assert.strictEqual((await c.query(`SELECT name FROM ${table} WHERE id = 0`)).rows[0].name, 'committed');

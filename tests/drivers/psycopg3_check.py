@@ -62,13 +62,13 @@ with psycopg.connect(conninfo, autocommit=True) as conn:
         pass
 
     # LISTEN/NOTIFY, payload and channel intact.
-    conn.execute(f"LISTEN chan_{suffix}")
+    conn.execute(f"LISTEN py3_ch_{suffix}")
     with psycopg.connect(conninfo, autocommit=True) as other:
-        other.execute("SELECT pg_notify(%s, %s)", (f"chan_{suffix}", "hello from the other side"))
+        other.execute("SELECT pg_notify(%s, %s)", (f"py3_ch_{suffix}", "hello from the other side"))
     gen = conn.notifies(timeout=10)
     note = next(gen)
     gen.close()
-    assert (note.channel, note.payload) == (f"chan_{suffix}", "hello from the other side"), note
+    assert (note.channel, note.payload) == (f"py3_ch_{suffix}", "hello from the other side"), note
 
     assert conn.execute(f"SELECT name FROM {table} WHERE id = 1").fetchone()[0] == "committed"
     conn.execute(f"DROP TABLE {table}")

@@ -11,34 +11,32 @@ use anyhow::{Context, Result, bail};
 use crate::pg::{ADMIN_USER, PgCluster};
 use crate::{free_port, run_ok, workspace_root};
 
-/// Builds the daemon once per process (a no-op when it is up to date) and
-/// returns its path. `INTERCEPTOR_BIN` overrides.
+/// The daemon under test. `cargo xtask` builds it once and passes its path
+/// in `INTERCEPTOR_BIN`; a plain `cargo test` builds it here, once per
+/// process, in its own target dir: this build resolves features for
+/// `interceptor-user` alone, and sharing `target/` with the test build would
+/// make each rebuild the crates the other just built.
 pub fn binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Ok(p) = std::env::var("INTERCEPTOR_BIN") {
             return PathBuf::from(p);
         }
-        let release = std::env::var("INTERCEPTOR_PROFILE").as_deref() == Ok("release");
+        let target = workspace_root().join("target/harness");
         let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(workspace_root()).args([
-            "build",
-            "--quiet",
-            "-p",
-            "interceptor-user",
-            "--bin",
-            "interceptor",
-        ]);
-        if release {
-            cmd.arg("--release");
-        }
+        cmd.current_dir(workspace_root())
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "interceptor-user",
+                "--bin",
+                "interceptor",
+                "--target-dir",
+            ])
+            .arg(&target);
         run_ok(&mut cmd).expect("build the interceptor binary");
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| workspace_root().join("target"));
-        target
-            .join(if release { "release" } else { "debug" })
-            .join("interceptor")
+        target.join("debug/interceptor")
     })
     .clone()
 }
@@ -221,10 +219,6 @@ impl Proxy {
     /// Peak resident memory of the daemon so far, in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         status_field(self.pid(), "VmHWM:")
-    }
-
-    pub fn rss_kib(&self) -> u64 {
-        status_field(self.pid(), "VmRSS:")
     }
 }
 

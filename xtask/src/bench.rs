@@ -218,10 +218,6 @@ pub fn proxy() -> Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
     const IDLE: usize = 1000;
-    // SAFETY: set before any thread that reads the environment starts.
-    unsafe { std::env::set_var("INTERCEPTOR_PROFILE", "release") };
-    eprintln!("bench: building interceptor (release)");
-    interceptor_tests::proxy::binary();
 
     let pg = PgCluster::start_with(IDLE as u32 + 150)?;
     pg.psql_admin(

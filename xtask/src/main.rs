@@ -58,6 +58,33 @@ pub fn exec(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Builds the daemon and tells the harness (in this process and in the
+/// test processes it starts) to use that binary.
+pub fn build_daemon(release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "interceptor-user",
+        "--bin",
+        "interceptor",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    exec(&mut cmd)?;
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| interceptor_tests::workspace_root().join("target"));
+    let bin = target
+        .join(if release { "release" } else { "debug" })
+        .join("interceptor");
+    // SAFETY: xtask has no other threads yet; nothing reads the environment concurrently.
+    unsafe { std::env::set_var("INTERCEPTOR_BIN", bin) };
+    Ok(())
+}
+
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(interceptor_tests::workspace_root());
@@ -79,7 +106,7 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
-            exec(cargo().args(["build", "-p", "interceptor-user", "--bin", "interceptor"]))?;
+            build_daemon(false)?;
             exec(cargo().args(["test", "--workspace", "--", "--test-threads=2"]))?;
             if !no_regress {
                 regress::run()?;
@@ -88,14 +115,17 @@ fn main() -> Result<()> {
         }
         Cmd::Demo { keep } => {
             deps::ensure_demo()?;
+            build_daemon(false)?;
             demo::run(keep)
         }
         Cmd::Regress => {
             deps::ensure()?;
+            build_daemon(false)?;
             regress::run()
         }
         Cmd::Bench { name } => {
             deps::ensure()?;
+            build_daemon(true)?;
             match name.as_str() {
                 "proxy" => bench::proxy(),
                 other => bail!("unknown benchmark `{other}`; available: proxy"),

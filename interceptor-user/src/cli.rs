@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -12,8 +12,11 @@ use clap::{Parser, Subcommand};
     long_about = "interceptor sits between CI jobs and PostgreSQL. It holds the real database \
 credentials, relays the full PostgreSQL protocol (simple and extended queries, COPY, \
 cancel, fast-path calls), and is the place where identity, per-statement policy, masking \
-and audit are enforced.\n\nStart with `interceptor check-config FILE`, then \
-`interceptor daemon --config FILE`. See README.md for a complete example configuration."
+and audit are enforced.\n\nWith an [intercept] section in the config, the daemon also loads \
+eBPF programs that send the connections of processes in a tagged cgroup to the proxy \
+without their knowledge: wrap a CI step with `interceptor run -- CMD`.\n\n\
+Start with `interceptor check-config FILE`, then `interceptor daemon --config FILE`. \
+See README.md for a complete example configuration."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -45,4 +48,93 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Run a CI step with its database connections intercepted.
+    ///
+    /// Creates a job cgroup under the tagged parent, moves itself in,
+    /// records the job's identity (user, GitHub Actions / GitLab CI
+    /// variables, the OIDC token if given) for the daemon, runs CMD, and
+    /// removes the cgroup when CMD is done (killing anything CMD left
+    /// running). Exits with CMD's status. Needs root (cgroup moves); under
+    /// sudo, CMD runs as the calling user (SUDO_UID/SUDO_GID). Refuses to
+    /// run CMD if the tagged cgroup does not exist, so CMD never runs
+    /// unintercepted.
+    Run {
+        /// Job name for the audit trail (default: GITHUB_JOB, CI_JOB_NAME, or "job").
+        #[arg(long, value_name = "NAME")]
+        job: Option<String>,
+        /// Read the job's OIDC token from this environment variable.
+        #[arg(long, value_name = "VAR", conflicts_with = "token_file")]
+        token_env: Option<String>,
+        /// Read the job's OIDC token from this file.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        #[command(flatten)]
+        location: InterceptLocation,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Intercept an existing cgroup (a systemd scope, a container) and its
+    /// descendants, for runners that already give each job a cgroup. The
+    /// daemon must have installed the programs. Needs root.
+    Tag {
+        /// The cgroup: a path under the cgroup v2 mount, absolute or relative to it.
+        #[arg(value_name = "CGROUP")]
+        target: String,
+        #[command(flatten)]
+        location: InterceptLocation,
+    },
+    /// Stop intercepting a cgroup tagged with `interceptor tag`.
+    Untag {
+        /// The cgroup, as given to `interceptor tag`.
+        #[arg(value_name = "CGROUP")]
+        target: String,
+        #[command(flatten)]
+        location: InterceptLocation,
+    },
+    /// Detach every program, remove the pins and the (empty) tagged parent
+    /// cgroup. Afterwards tagged processes connect directly again: this is
+    /// how interception is switched off, so stop the CI jobs first.
+    Uninstall {
+        #[command(flatten)]
+        location: InterceptLocation,
+    },
+}
+
+/// Where the interception state lives; must match the daemon's [intercept].
+#[derive(Debug, Args)]
+pub struct InterceptLocation {
+    /// The tagged parent cgroup, relative to the cgroup v2 mount.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "INTERCEPTOR_CGROUP",
+        default_value = "interceptor"
+    )]
+    pub cgroup: String,
+    /// Where the daemon pinned its programs, maps and links.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "INTERCEPTOR_PIN_DIR",
+        default_value = "/sys/fs/bpf/interceptor"
+    )]
+    pub pin_dir: PathBuf,
+    /// Where job records are kept for the daemon.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "INTERCEPTOR_RUNTIME_DIR",
+        default_value = "/run/interceptor"
+    )]
+    pub runtime_dir: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

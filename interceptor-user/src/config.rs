@@ -44,8 +44,12 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Addresses the proxy accepts clients on, IPv4 and/or IPv6
-    /// (`"127.0.0.1:6432"`, `"[::1]:6432"`).
+    /// (`"127.0.0.1:6432"`, `"[::1]:6432"`). Clients that connect here
+    /// know about the proxy; may be empty when `[intercept]` is set.
+    #[serde(default)]
     pub listen: Vec<Spanned<SocketAddr>>,
+    /// Transparent interception of tagged cgroups' connections.
+    pub intercept: Option<Spanned<Intercept>>,
     /// Where generated TLS material and other daemon state are kept.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -60,6 +64,52 @@ pub struct Config {
 
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/interceptor")
+}
+
+/// Transparent interception: eBPF programs attached to a tagged cgroup
+/// send its processes' connections to protected destinations to this
+/// proxy. Needs root, bpffs and a cgroup v2 mount.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Intercept {
+    /// The proxy listens on 127.0.0.1 and ::1 at this port for redirected
+    /// connections. Connections there without a kernel origin record are
+    /// closed.
+    pub port: u16,
+    /// The tagged parent cgroup, relative to the cgroup v2 mount. Every
+    /// descendant (job cgroups made by `interceptor run`) is intercepted.
+    #[serde(default = "default_cgroup")]
+    pub cgroup: String,
+    /// Where programs, maps and links are pinned on bpffs. Pins keep
+    /// tagged traffic captured (and refused) while the daemon is down.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Where `interceptor run` leaves job records for the daemon to read.
+    #[serde(default = "default_runtime_dir")]
+    pub runtime_dir: PathBuf,
+    /// SO_MARK on the proxy's own upstream sockets, so they are never
+    /// redirected even if the daemon runs inside a tagged cgroup.
+    #[serde(default = "default_mark")]
+    pub mark: u32,
+    /// Emit the kernel programs' aya-log debug lines into the daemon log.
+    #[serde(default)]
+    pub bpf_log: bool,
+}
+
+pub fn default_cgroup() -> String {
+    "interceptor".into()
+}
+
+pub fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/interceptor")
+}
+
+pub fn default_runtime_dir() -> PathBuf {
+    PathBuf::from("/run/interceptor")
+}
+
+fn default_mark() -> u32 {
+    0x1f5a_0001
 }
 
 /// Resource limits. Every one has a default that suits a CI runner.
@@ -280,6 +330,18 @@ pub enum Destination {
 }
 
 impl Destination {
+    /// Bits that must match; more is more specific.
+    pub fn specificity(&self) -> u32 {
+        match self {
+            Destination::Exact(_) => 200,
+            Destination::Network(net, _) => match net {
+                IpNet::V4(n) => 96 + u32::from(n.prefix_len()),
+                IpNet::V6(n) => u32::from(n.prefix_len()),
+            },
+            Destination::AnyHost(_) => 0,
+        }
+    }
+
     pub fn matches(&self, addr: SocketAddr) -> bool {
         let ip = match addr.ip() {
             IpAddr::V6(v6) => v6
@@ -370,12 +432,49 @@ impl Config {
             key,
             message,
         };
-        if self.listen.is_empty() {
+        if self.listen.is_empty() && self.intercept.is_none() {
             return Err(invalid(
                 0,
                 "listen".into(),
-                "give at least one address".into(),
+                "give at least one address, or an [intercept] section".into(),
             ));
+        }
+        if let Some(i) = &self.intercept {
+            let at = i.span().start;
+            let i = i.get_ref();
+            if i.port == 0 {
+                return Err(invalid(at, "intercept.port".into(), "must not be 0".into()));
+            }
+            let cg = Path::new(&i.cgroup);
+            if i.cgroup.is_empty()
+                || cg.is_absolute()
+                || cg
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(invalid(
+                    at,
+                    "intercept.cgroup".into(),
+                    "give a path relative to the cgroup v2 mount, like \"interceptor\"".into(),
+                ));
+            }
+            if self.listen.iter().any(|l| l.get_ref().port() == i.port) {
+                return Err(invalid(
+                    at,
+                    "intercept.port".into(),
+                    "is also in `listen`; interception needs a port of its own".into(),
+                ));
+            }
+            for t in &self.targets {
+                let loopback = SocketAddr::from(([127, 0, 0, 1], i.port));
+                if t.get_ref().destinations.iter().any(|d| d.matches(loopback)) {
+                    return Err(invalid(
+                        t.span().start,
+                        format!("target.{}.destinations", t.get_ref().name),
+                        format!("includes the interception port {loopback} itself"),
+                    ));
+                }
+            }
         }
         let mut seen_listen = HashSet::new();
         for l in &self.listen {

@@ -2,10 +2,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use aya::maps::HashMap;
 use bytes::BytesMut;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::AsyncWriteExt;
@@ -14,10 +15,14 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, Intercept};
+use crate::intercept;
+use crate::intercept::loader::{self, InstallSpec, Installed, Pins};
+use crate::intercept::origin::{Origin, OriginMap};
 use crate::protocol::build::ProxyError;
 use crate::runtime::{Phase, Runtime, Shared};
 use crate::session;
+use crate::session::Arrival;
 use crate::workers::SessionThreads;
 
 /// A large backlog: CI jobs open connection bursts, and a full backlog
@@ -25,6 +30,12 @@ use crate::workers::SessionThreads;
 const BACKLOG: i32 = 4096;
 
 pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    listen(bind_socket(addr)?)
+}
+
+/// Binds without listening: the port is ours (a taken port fails here),
+/// but no connection is queued until [`listen`].
+fn bind_socket(addr: SocketAddr) -> anyhow::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         // So that 0.0.0.0:P and [::]:P can both be listened on.
@@ -37,19 +48,74 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     socket.bind(&addr.into()).with_context(|| {
         format!("cannot listen on {addr}: is another process (or interceptor) already using it?")
     })?;
+    Ok(socket)
+}
+
+fn listen(socket: Socket) -> anyhow::Result<TcpListener> {
     socket.listen(BACKLOG)?;
     Ok(TcpListener::from_std(socket.into())?)
+}
+
+/// What the accept loop of an interception listener needs.
+struct InterceptAccept {
+    origins: Mutex<OriginMap>,
+    cgroup_mount: PathBuf,
+    runtime_dir: PathBuf,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. `threads` session threads serve
 /// the connections; this (current-thread) runtime accepts and handles
 /// signals.
 pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow::Result<()> {
-    let listen = config.listen_addrs();
+    let listen_addrs = config.listen_addrs();
+    let intercept = config.intercept.as_ref().map(|i| i.get_ref().clone());
     let runtime = Runtime::build(config).context("cannot prepare the configuration")?;
-    let listeners = listen
+    let sockets = listen_addrs
         .iter()
-        .map(|a| bind(*a))
+        .map(|a| bind_socket(*a))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // The interception port is bound before the kernel programs are
+    // touched: if something else holds it, that process would receive the
+    // redirected connections, so refuse to start.
+    let mut intercept_sockets = Vec::new();
+    if let Some(i) = &intercept {
+        let [v4, v6] = intercept::listen_addrs(i);
+        intercept_sockets.push(bind_socket(v4)?);
+        match bind_socket(v6) {
+            Ok(s) => intercept_sockets.push(s),
+            // Redirected IPv6 connects are then refused, never direct.
+            Err(e) => warn!("no IPv6 interception listener: {e:#}"),
+        }
+    }
+    let mut installed = match &intercept {
+        Some(i) => Some(install_interception(i, &runtime)?),
+        None => None,
+    };
+    let intercept_accept = match (&intercept, installed.as_mut()) {
+        (Some(i), Some(inst)) => {
+            let origins = HashMap::try_from(
+                inst.ebpf
+                    .take_map(common::map_names::ORIGINS)
+                    .context("ORIGINS map missing")?,
+            )?;
+            if i.bpf_log {
+                spawn_bpf_logger(&mut inst.ebpf);
+            }
+            Some(Arc::new(InterceptAccept {
+                origins: Mutex::new(OriginMap::new(origins)),
+                cgroup_mount: inst.cgroup_mount.clone(),
+                runtime_dir: i.runtime_dir.clone(),
+            }))
+        }
+        _ => None,
+    };
+    let listeners = sockets
+        .into_iter()
+        .map(listen)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let intercept_listeners = intercept_sockets
+        .into_iter()
+        .map(listen)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     let shared = Arc::new(Shared::new(runtime, phase_rx));
@@ -60,7 +126,22 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
     for listener in listeners {
         let addr = listener.local_addr()?;
         info!(%addr, "listening");
-        tokio::spawn(accept_loop(listener, shared.clone(), sessions.clone()));
+        tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            sessions.clone(),
+            None,
+        ));
+    }
+    for listener in intercept_listeners {
+        let addr = listener.local_addr()?;
+        info!(%addr, "listening for intercepted connections");
+        tokio::spawn(accept_loop(
+            listener,
+            shared.clone(),
+            sessions.clone(),
+            intercept_accept.clone(),
+        ));
     }
     // Tests and scripts wait for this line on stderr.
     eprintln!("interceptor: ready");
@@ -70,7 +151,7 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
     let mut int = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&config_path, &shared, &listen),
+            _ = hup.recv() => reload(&config_path, &shared, &listen_addrs, installed.as_mut()),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -100,7 +181,12 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
     Ok(())
 }
 
-fn reload(path: &Path, shared: &Shared, listening: &[SocketAddr]) {
+fn reload(
+    path: &Path,
+    shared: &Shared,
+    listening: &[SocketAddr],
+    installed: Option<&mut Installed>,
+) {
     let result = Config::load(path)
         .map_err(anyhow::Error::from)
         .and_then(|c| {
@@ -114,6 +200,17 @@ fn reload(path: &Path, shared: &Shared, listening: &[SocketAddr]) {
         });
     match result {
         Ok(rt) => {
+            if let Some(inst) = installed {
+                let entries: Vec<_> = rt
+                    .protected
+                    .iter()
+                    .map(|(d, _)| intercept::trie_entry(d))
+                    .collect();
+                if let Err(e) = loader::update_protected(&mut inst.ebpf, &entries) {
+                    error!("configuration reload failed, keeping the previous one: {e:#}");
+                    return;
+                }
+            }
             shared.runtime.store(Arc::new(rt));
             info!(path = %path.display(), "configuration reloaded");
         }
@@ -121,7 +218,12 @@ fn reload(path: &Path, shared: &Shared, listening: &[SocketAddr]) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, sessions: Arc<SessionThreads>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    sessions: Arc<SessionThreads>,
+    intercept: Option<Arc<InterceptAccept>>,
+) {
     let mut phase = shared.phase.clone();
     loop {
         let accepted = tokio::select! {
@@ -141,15 +243,38 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, sessions: Arc<S
             Ok(l) => l,
             Err(_) => continue,
         };
+        // The kernel left a record for every connection it redirected. No
+        // record: not redirected (someone dialled the port directly) or the
+        // record is gone; either way, no identity, no session.
+        let record = match &intercept {
+            None => None,
+            Some(ctx) => {
+                let rec = ctx.origins.lock().ok().and_then(|mut m| m.take(peer));
+                if rec.is_none() {
+                    warn!(%peer, "no kernel origin record for this connection: closed");
+                    tokio::spawn(no_origin(tcp));
+                    continue;
+                }
+                rec
+            }
+        };
         let max = shared.runtime.load().config.limits.max_connections;
         match shared.admit(max) {
             Some(slot) => {
                 // The socket moves to the session thread's IO driver.
                 let Ok(std) = tcp.into_std() else { continue };
                 let shared = shared.clone();
+                let intercept = intercept.clone();
                 sessions.spawn(async move {
+                    let arrival =
+                        match (record, intercept) {
+                            (Some(rec), Some(ctx)) => Arrival::Intercepted(Box::new(
+                                Origin::resolve(&rec, &ctx.cgroup_mount, &ctx.runtime_dir),
+                            )),
+                            _ => Arrival::Listener(local),
+                        };
                     match TcpStream::from_std(std) {
-                        Ok(tcp) => session::serve(shared, tcp, peer, local, slot).await,
+                        Ok(tcp) => session::serve(shared, tcp, peer, arrival, slot).await,
                         Err(e) => warn!("cannot hand the connection to a session thread: {e}"),
                     }
                 });
@@ -169,4 +294,59 @@ async fn too_many(mut tcp: TcpStream, max: usize) {
     )
     .encode(&mut buf);
     let _ = tcp.write_all(&buf).await;
+}
+
+async fn no_origin(mut tcp: TcpStream) {
+    let mut buf = BytesMut::new();
+    ProxyError::fatal(
+        "08004",
+        "interceptor: this connection was not redirected by the kernel (no origin record), so it has no verified identity",
+    )
+    .with_hint("Connect to the database's own address from a tagged cgroup (`interceptor run -- CMD`), not to the interception port.")
+    .encode(&mut buf);
+    let _ = tcp.write_all(&buf).await;
+}
+
+fn install_interception(i: &Intercept, runtime: &Runtime) -> anyhow::Result<Installed> {
+    let protected: Vec<_> = runtime
+        .protected
+        .iter()
+        .map(|(d, _)| intercept::trie_entry(d))
+        .collect();
+    if protected.is_empty() {
+        anyhow::bail!("[intercept] is set but no target has a destination to protect");
+    }
+    loader::install(InstallSpec {
+        pins: Pins::new(&i.pin_dir),
+        cgroup: &i.cgroup,
+        runtime: intercept::runtime_config(i),
+        protected,
+        debug_log: i.bpf_log,
+    })
+    .context("cannot install interception (it needs root, bpffs and cgroup v2)")
+}
+
+/// Forwards the kernel programs' aya-log lines to the daemon log.
+fn spawn_bpf_logger(ebpf: &mut aya::Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("eBPF debug log unavailable: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        // SAFETY: the logger owns its perf/ring buffer fd for its whole
+        // life, and the AsyncFd owns the logger.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let Ok(mut fd) = registered else {
+            return;
+        };
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
 }

@@ -10,6 +10,7 @@ pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod intercept;
 pub mod protocol;
 pub mod relay;
 pub mod runtime;

@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::auth::ScramVerifier;
 use crate::cancel::CancelRegistry;
-use crate::config::{ClientAuthMethod, Config, Secret, Target};
+use crate::config::{ClientAuthMethod, Config, Destination, Secret, Target};
 use crate::tls::{self, UpstreamConnector};
 
 pub struct TargetRuntime {
@@ -26,6 +26,10 @@ pub struct Runtime {
     pub config: Config,
     pub client_tls: Option<TlsAcceptor>,
     pub targets: HashMap<String, Arc<TargetRuntime>>,
+    /// With `[intercept]`: every redirected destination and its target.
+    pub protected: Vec<(Destination, Arc<TargetRuntime>)>,
+    /// SO_MARK for upstream sockets (0: none).
+    pub upstream_mark: u32,
 }
 
 impl Runtime {
@@ -59,11 +63,35 @@ impl Runtime {
                 }),
             );
         }
+        let protected = match &config.intercept {
+            Some(_) => crate::intercept::protected_destinations(&config)
+                .into_iter()
+                .filter_map(|(name, d)| Some((d, targets.get(&name)?.clone())))
+                .collect(),
+            None => Vec::new(),
+        };
+        let upstream_mark = config.intercept.as_ref().map_or(0, |i| i.get_ref().mark);
         Ok(Runtime {
             config,
             client_tls,
             targets,
+            protected,
+            upstream_mark,
         })
+    }
+
+    /// The target an intercepted connection was headed for, by the
+    /// destination the kernel recorded. Most specific match wins (an exact
+    /// address over a network over any host).
+    pub fn target_for_origin(
+        &self,
+        destination: std::net::SocketAddr,
+    ) -> Option<Arc<TargetRuntime>> {
+        self.protected
+            .iter()
+            .filter(|(d, _)| d.matches(destination))
+            .max_by_key(|(d, _)| d.specificity())
+            .map(|(_, t)| t.clone())
     }
 
     pub fn target_for(

@@ -14,6 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::auth::SCRAM_SHA_256;
 use crate::cancel::{UpstreamKey, send_cancel};
 use crate::config::ClientAuthMethod;
+use crate::intercept::origin::Origin;
 use crate::protocol::build::{self, ProxyError};
 use crate::protocol::startup::{StartupMessage, StartupPacket, next_startup_packet};
 use crate::protocol::{ProtocolError, Reader};
@@ -24,20 +25,28 @@ use crate::upstream::{self, UpstreamError};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// How a connection reached the proxy.
+pub enum Arrival {
+    /// On a configured listener (this local address): the client chose the proxy.
+    Listener(SocketAddr),
+    /// Redirected by the kernel; the workload is known.
+    Intercepted(Box<Origin>),
+}
+
 /// Serves one accepted connection. Never panics on client input; every
 /// failure ends this session only.
 pub async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
-    local: SocketAddr,
+    arrival: Arrival,
     slot: SessionSlot,
 ) {
     let _slot = slot;
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("session", session_id = id, %peer);
     let runtime = shared.runtime.load_full();
-    let Some((client, session)) = start(&shared, &runtime, tcp, local)
+    let Some((client, session)) = start(&shared, &runtime, tcp, &arrival)
         .instrument(span.clone())
         .await
     else {
@@ -49,7 +58,7 @@ pub async fn serve(
         pid: session.upstream.pid,
         secret: session.upstream.secret.clone(),
     });
-    let Some(client) = greet(client, &session, pid, secret)
+    let Some(client) = greet(client, &session, pid, secret, &arrival)
         .instrument(span.clone())
         .await
     else {
@@ -75,13 +84,16 @@ async fn start(
     shared: &Shared,
     runtime: &Runtime,
     tcp: TcpStream,
-    local: SocketAddr,
+    arrival: &Arrival,
 ) -> Option<(Conn, LoggedIn)> {
     let _ = tcp.set_nodelay(true);
     let mut client = Conn::new(MaybeTls::Plain(tcp));
     let startup_timeout = runtime.config.limits.startup_timeout;
-    let login =
-        tokio::time::timeout(startup_timeout, login(shared, runtime, &mut client, local)).await;
+    let login = tokio::time::timeout(
+        startup_timeout,
+        login(shared, runtime, &mut client, arrival),
+    )
+    .await;
     match login {
         Ok(Ok(Some(s))) => Some((client, s)),
         Ok(Ok(None)) => None,
@@ -102,7 +114,13 @@ async fn start(
 
 /// Tells the client it is in: AuthenticationOk, the server's parameters,
 /// the proxy's cancel key, ReadyForQuery.
-async fn greet(mut client: Conn, session: &LoggedIn, pid: i32, secret: i32) -> Option<Conn> {
+async fn greet(
+    mut client: Conn,
+    session: &LoggedIn,
+    pid: i32,
+    secret: i32,
+    arrival: &Arrival,
+) -> Option<Conn> {
     let mut hello = BytesMut::new();
     build::authentication(Authentication::Ok, &mut hello);
     hello.extend_from_slice(&session.upstream.greeting);
@@ -114,6 +132,8 @@ async fn greet(mut client: Conn, session: &LoggedIn, pid: i32, secret: i32) -> O
         database = %session.database,
         target = %session.target.config.name,
         tls = client.io.is_tls(),
+        upstream_port = session.upstream.local_port,
+        origin = %OriginDisplay(arrival),
         "session started"
     );
     Some(client)
@@ -188,7 +208,7 @@ async fn login(
     shared: &Shared,
     runtime: &Runtime,
     client: &mut Conn,
-    local: SocketAddr,
+    arrival: &Arrival,
 ) -> Result<Option<LoggedIn>, LoginError> {
     let mut negotiated_ssl = false;
     let mut negotiated_gss = false;
@@ -292,8 +312,12 @@ async fn login(
         .unwrap_or_else(|| user.clone());
     forwarded.insert(0, ("database".to_owned(), database.clone()));
 
-    let target = runtime.target_for(local).ok_or_else(|| {
-        ProxyError::fatal("08004", format!("no target is configured for {local}"))
+    let (target, addr) = match arrival {
+        Arrival::Listener(local) => (runtime.target_for(*local), *local),
+        Arrival::Intercepted(o) => (runtime.target_for_origin(o.destination), o.destination),
+    };
+    let target = target.ok_or_else(|| {
+        ProxyError::fatal("08004", format!("no target is configured for {addr}"))
             .with_hint("Add the address to a target's `destinations` in the interceptor config.")
     })?;
     if !target.config.allows_database(&database) {
@@ -313,12 +337,17 @@ async fn login(
 
     authenticate_client(client, &target, &user).await?;
 
-    let upstream = upstream::connect(&target, &forwarded, runtime.config.limits.connect_timeout)
-        .await
-        .map_err(|e| match e {
-            UpstreamError::Client(e) => LoginError::Client(e),
-            UpstreamError::Relayed(m) => LoginError::Relayed(m),
-        })?;
+    let upstream = upstream::connect(
+        &target,
+        &forwarded,
+        runtime.config.limits.connect_timeout,
+        runtime.upstream_mark,
+    )
+    .await
+    .map_err(|e| match e {
+        UpstreamError::Client(e) => LoginError::Client(e),
+        UpstreamError::Relayed(m) => LoginError::Relayed(m),
+    })?;
     Ok(Some(LoggedIn {
         user,
         database,
@@ -441,4 +470,43 @@ fn password_body(msg: &[u8]) -> Result<&[u8], LoginError> {
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The workload behind a session, for the session record.
+struct OriginDisplay<'a>(&'a Arrival);
+
+impl std::fmt::Display for OriginDisplay<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let o = match self.0 {
+            Arrival::Listener(local) => return write!(f, "direct to {local}"),
+            Arrival::Intercepted(o) => o,
+        };
+        write!(
+            f,
+            "intercepted dst={} pid={} tgid={} uid={} gid={} comm={:?} cgroup_id={}",
+            o.destination, o.pid, o.tgid, o.uid, o.gid, o.comm, o.cgroup_id
+        )?;
+        if let Some(exe) = &o.exe {
+            write!(f, " exe={}", exe.display())?;
+        }
+        if let Some(a) = &o.argv0 {
+            write!(f, " argv0={a:?}")?;
+        }
+        if let Some(c) = &o.cgroup {
+            write!(f, " cgroup={c}")?;
+        }
+        if let Some(j) = &o.job {
+            write!(
+                f,
+                " job={:?} job_user={} token={}",
+                j.job,
+                j.user,
+                j.token.is_some()
+            )?;
+            for (k, v) in &j.ci {
+                write!(f, " {k}={v:?}")?;
+            }
+        }
+        Ok(())
+    }
 }

@@ -21,6 +21,9 @@ pub const BACKEND_MAX_MESSAGE: usize = 1 << 30;
 /// A logged-in upstream connection, ready for queries.
 pub struct Upstream {
     pub conn: Conn,
+    /// The proxy's own port on the upstream connection: what the server
+    /// reports as the client port (pg_stat_activity.client_port).
+    pub local_port: u16,
     pub pid: i32,
     pub secret: Vec<u8>,
     /// ParameterStatus and NoticeResponse messages to replay to the client.
@@ -67,16 +70,42 @@ fn rejected(target: &str, log_detail: &str) -> UpstreamError {
     )
 }
 
+/// Opens the TCP connection upstream. With a mark, the socket carries
+/// SO_MARK before it connects, so interception's connect programs let it
+/// through even if the daemon itself runs in a tagged cgroup.
+async fn connect_tcp(host: &str, port: u16, mark: u32) -> std::io::Result<TcpStream> {
+    if mark == 0 {
+        return TcpStream::connect((host, port)).await;
+    }
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_mark(mark)?;
+        socket.set_nonblocking(true)?;
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the host name resolved to no address")))
+}
+
 pub async fn connect(
     target: &TargetRuntime,
     params: &[(String, String)],
     connect_timeout: Duration,
+    mark: u32,
 ) -> Result<Upstream, UpstreamError> {
     let name = target.config.name.as_str();
     let up = &target.config.upstream;
     let tcp = tokio::time::timeout(
         connect_timeout,
-        TcpStream::connect((up.host.as_str(), up.port)),
+        connect_tcp(up.host.as_str(), up.port, mark),
     )
     .await
     .map_err(|_| {
@@ -90,6 +119,7 @@ pub async fn connect(
     })?
     .map_err(|e| unavailable(name, format!("{}:{}: {e}", up.host, up.port)))?;
     let _ = tcp.set_nodelay(true);
+    let local_port = tcp.local_addr().map_or(0, |a| a.port());
     let mut conn = Conn::new(MaybeTls::Plain(tcp));
 
     if let Some(tls) = &target.upstream_tls {
@@ -260,6 +290,7 @@ pub async fn connect(
                 let (pid, secret) = key.unwrap_or((0, vec![0; 4]));
                 return Ok(Upstream {
                     conn,
+                    local_port,
                     pid,
                     secret,
                     greeting,

@@ -5,6 +5,7 @@
 //! (demo, bench, regress), so that every one of them starts things the same
 //! way.
 
+pub mod intercept;
 pub mod pg;
 pub mod proxy;
 pub mod wire;

@@ -82,7 +82,7 @@ impl PgCluster {
                 .arg(&log)
                 .args(["-w", "-t", "60", "start", "-o"])
                 .arg(format!(
-                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1,::1 -c fsync=off -c synchronous_commit=off \
                      -c full_page_writes=off -c max_connections={max_connections} -c password_encryption=scram-sha-256",
                     socket_dir.display()
                 )),
@@ -172,4 +172,9 @@ pub fn shared() -> &'static PgCluster {
         unsafe { libc::atexit(stop_shared) };
         cluster
     })
+}
+
+/// PostgreSQL 15's psql, as a string for command lines.
+pub fn psql_path() -> String {
+    pg_bin("psql").to_string_lossy().into_owned()
 }

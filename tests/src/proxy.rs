@@ -58,6 +58,8 @@ pub struct ProxyOptions {
     pub listen_v6: bool,
     /// Upstream role and its password file; default: the harness superuser.
     pub upstream_login: Option<(String, PathBuf)>,
+    /// An `[intercept]` table (see `intercept::Interception::config_section`).
+    pub intercept: Option<String>,
 }
 
 impl Default for ProxyOptions {
@@ -71,6 +73,7 @@ impl Default for ProxyOptions {
             limits: vec![],
             listen_v6: false,
             upstream_login: None,
+            intercept: None,
         }
     }
 }
@@ -116,6 +119,10 @@ impl Proxy {
         }
         if let Some(tls) = &opts.upstream_tls {
             text.push_str(&format!("upstream_tls = {{ {tls} }}\n"));
+        }
+        if let Some(section) = &opts.intercept {
+            text.push('\n');
+            text.push_str(section);
         }
         text
     }

@@ -39,7 +39,133 @@ pub fn node_dir() -> PathBuf {
     interceptor_tests::workspace_root().join("target/node")
 }
 
+/// The nightly the kernel programs are built with, and the bpf-linker
+/// built against its LLVM (see shared/notes/ebpf.md and
+/// interceptor-user/build.rs, which looks for the same paths).
+const NIGHTLY_DATE: &str = "2026-05-19";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn rustup_output(args: &[&str]) -> Option<String> {
+    Command::new("rustup")
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// The installed toolchain that is nightly-DATE: the dated one, or a plain
+/// `nightly` of that date (how some images ship it). Installs it if neither.
+fn bpf_toolchain() -> Result<String> {
+    for candidate in [format!("nightly-{NIGHTLY_DATE}"), "nightly".to_owned()] {
+        let ok = Command::new("rustc")
+            .arg(format!("+{candidate}"))
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| {
+                o.status.success() && String::from_utf8_lossy(&o.stdout).contains(NIGHTLY_DATE)
+            });
+        if ok {
+            return Ok(candidate);
+        }
+    }
+    let name = format!("nightly-{NIGHTLY_DATE}");
+    eprintln!("xtask: installing Rust {name} for the eBPF programs");
+    exec(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        &name,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]))?;
+    Ok(name)
+}
+
+/// rust-src for the nightly, and bpf-linker cached under
+/// ~/.cache/interceptor keyed by the nightly (it loads that LLVM at run time).
+pub fn ensure_bpf() -> Result<()> {
+    let toolchain = bpf_toolchain()?;
+    let has_src = rustup_output(&[
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &toolchain,
+    ])
+    .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")));
+    if !has_src {
+        exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            &toolchain,
+        ]))?;
+    }
+    let home = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()));
+    let cache = home.join(".cache/interceptor");
+    let root = cache.join(format!(
+        "bpf-linker-{BPF_LINKER_VERSION}-nightly-{NIGHTLY_DATE}"
+    ));
+    if root.join("bin/bpf-linker").exists() {
+        return Ok(());
+    }
+    let sysroot = Command::new("rustc")
+        .arg(format!("+{toolchain}"))
+        .args(["--print", "sysroot"])
+        .output()?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    let llvm = std::fs::read_dir(sysroot.join("lib"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        });
+    let Some(llvm) = llvm else {
+        bail!(
+            "{} has no libLLVM.so.*; bpf-linker can't be built against it",
+            sysroot.display()
+        );
+    };
+    // bpf-linker's build finds LLVM as LLVM_PREFIX/lib/libLLVM.so.
+    let prefix = cache.join(format!("llvm-nightly-{NIGHTLY_DATE}"));
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib)?;
+    for name in [llvm.file_name().unwrap().to_owned(), "libLLVM.so".into()] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)?;
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)",
+        llvm.display()
+    );
+    exec(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--root",
+            ])
+            .arg(&root)
+            .env("LLVM_PREFIX", &prefix)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"),
+    )
+}
+
 pub fn ensure() -> Result<()> {
+    ensure_bpf()?;
     // Python's venv comes from pyenv on some images and from python3-venv on
     // Debian; only ask apt for it when the module is really missing.
     let have_venv = Command::new("python3")
@@ -114,8 +240,10 @@ fn version_of(pkg: &str) -> Option<String> {
         .and_then(|s| s.split_whitespace().last().map(str::to_owned))
 }
 
-/// What the demo needs: only a PostgreSQL 15 server and client.
+/// What the demo needs: the eBPF toolchain and a PostgreSQL 15 server and
+/// client.
 pub fn ensure_demo() -> Result<()> {
+    ensure_bpf()?;
     let missing: Vec<&str> = ["postgresql-15", "postgresql-client-15"]
         .into_iter()
         .filter(|p| !installed(p))

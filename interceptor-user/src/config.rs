@@ -593,6 +593,36 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn intercept_section_is_checked() {
+        let base = "[[target]]\nname = \"m\"\nupstream = { host = \"127.0.0.1\" }\ndatabases = [\"*\"]\nupstream_auth = { user = \"u\" }\n";
+        let ok = format!("{base}[intercept]\nport = 15432\n");
+        let c = Config::parse(Path::new("x.toml"), &ok).unwrap();
+        let i = c.intercept.unwrap().into_inner();
+        assert_eq!(i.cgroup, "interceptor");
+        assert_eq!(i.pin_dir, PathBuf::from("/sys/fs/bpf/interceptor"));
+        let bad = format!("{base}[intercept]\nport = 15432\ncgroup = \"../escape\"\n");
+        let e = Config::parse(Path::new("x.toml"), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("intercept.cgroup"), "{e}");
+        let clash = format!("listen = [\"127.0.0.1:15432\"]\n{base}[intercept]\nport = 15432\n");
+        let e = Config::parse(Path::new("x.toml"), &clash)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("intercept.port"), "{e}");
+        let none = base.to_owned();
+        let e = Config::parse(Path::new("x.toml"), &none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[intercept]"), "{e}");
+        let typo = format!("{base}[intercept]\nport = 15432\ncgroupp = \"x\"\n");
+        let e = Config::parse(Path::new("x.toml"), &typo)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `cgroupp`"), "{e}");
+    }
+
     const GOOD: &str = r#"
 listen = ["127.0.0.1:6432", "[::1]:6432"]
 state_dir = "/tmp/x"

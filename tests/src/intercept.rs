@@ -40,8 +40,13 @@ pub struct Interception {
 
 impl Interception {
     pub fn new() -> Interception {
+        Self::named("interceptor-test")
+    }
+
+    /// Names the cgroup and pin directory `<prefix>-<pid>-<n>`.
+    pub fn named(prefix: &str) -> Interception {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = format!("interceptor-test-{}-{n}", std::process::id());
+        let id = format!("{prefix}-{}-{n}", std::process::id());
         Interception {
             port: free_port(),
             cgroup: id.clone(),

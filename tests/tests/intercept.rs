@@ -437,3 +437,30 @@ print(f"{failed} {worst:.3f} {time.monotonic() - start:.3f}")
     );
     eprintln!("2000 connects: slowest {} s, all {} s", parts[1], parts[2]);
 }
+
+#[test]
+fn the_daemon_refuses_to_start_when_the_interception_port_is_taken() {
+    if !kernel_tests_possible("the_daemon_refuses_to_start_when_the_interception_port_is_taken") {
+        return;
+    }
+    let ic = Interception::new();
+    // Whoever holds the port would receive the redirected connections.
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", ic.port)).unwrap();
+    let err = match Proxy::start(
+        pg::shared(),
+        ProxyOptions {
+            client_tls: false,
+            intercept: Some(ic.config_section()),
+            ..ProxyOptions::default()
+        },
+    ) {
+        Ok(_) => panic!("the daemon started on a taken interception port"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.1:{}", ic.port)),
+        "{err}"
+    );
+    // Nothing was installed: the kernel state is untouched.
+    assert!(!ic.pin_dir.exists());
+}

@@ -3,7 +3,8 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use interceptor_tests::intercept::Interception;
 use interceptor_tests::pg::{ADMIN_USER, PgCluster};
 use interceptor_tests::pg_bin;
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
@@ -25,10 +26,31 @@ fn step(title: &str) {
 }
 
 fn psql(conninfo: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(pg_bin("psql"))
-        .args(["-X", "-d", conninfo])
+    collect(
+        Command::new(pg_bin("psql"))
+            .args(["-X", "-d", conninfo])
+            .args(args),
+    )
+}
+
+/// psql as an agent's CI step runs it: unmodified, wrapped in `interceptor run`.
+fn agent_cmd(ic: &Interception, conninfo: &str, args: &[&str]) -> Command {
+    let mut cmd = ic.run("demo-agent", &pg_bin("psql").to_string_lossy());
+    cmd.args(["-X", "-d", conninfo])
         .args(args)
-        .output()?;
+        .env("GITHUB_REPOSITORY", "acme/shop")
+        .env("GITHUB_RUN_ID", "1001")
+        .env("GITHUB_ACTOR", "ai-agent[bot]")
+        .env_remove("PGPASSWORD");
+    cmd
+}
+
+fn agent(ic: &Interception, conninfo: &str, args: &[&str]) -> Result<String> {
+    collect(&mut agent_cmd(ic, conninfo, args))
+}
+
+fn collect(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output()?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok(text)
@@ -42,6 +64,11 @@ fn show(cmdline: &str, output: &str) {
 }
 
 pub fn run(keep: bool) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the demo loads eBPF programs and moves processes between cgroups: run it as root (sudo -E cargo xtask demo)"
+        );
+    }
     step("Starting a private PostgreSQL 15 with sample data");
     let pg = PgCluster::start().context("start PostgreSQL")?;
     pg.psql_admin("app", SAMPLE)?;
@@ -54,11 +81,13 @@ pub fn run(keep: bool) -> Result<()> {
         "interceptor logs in upstream as `{ADMIN_USER}` with a SCRAM password read from a file the agent never sees."
     );
 
-    step("Starting interceptor in front of it");
+    step("Starting interceptor with transparent interception");
+    let ic = Interception::named("interceptor-demo");
     let proxy = Proxy::start(
         &pg,
         ProxyOptions {
             databases: vec!["app".into()],
+            intercept: Some(ic.config_section()),
             ..Default::default()
         },
     )?;
@@ -71,34 +100,62 @@ pub fn run(keep: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    for line in proxy
+        .log()
+        .lines()
+        .filter(|l| l.contains("interception installed"))
+    {
+        println!("  {line}");
+    }
 
-    let tls = format!(
-        "host=localhost port={} dbname=app user=agent sslmode=verify-full sslrootcert={}",
-        proxy.port,
-        proxy.ca_file().display()
-    );
+    // What the agent was given: PostgreSQL's own address, no password.
+    let db = format!("host=127.0.0.1 port={} dbname=app user=agent", pg.port);
+    let wrapped = format!("interceptor run --job demo-agent -- psql \"{db}\"");
     step(
-        "An agent connects with TLS, verified against interceptor's generated CA, and no password",
+        "An unmodified psql in a CI step, wrapped with `interceptor run`, connects to PostgreSQL's own address",
     );
     show(
-        &format!("psql \"{tls}\" -c '\\conninfo'"),
-        &psql(&tls, &["-c", "\\conninfo"])?,
-    );
-    show(
-        "SELECT current_user, inet_server_port()",
-        &psql(
-            &tls,
+        &format!("{wrapped} -c '\\conninfo' -c 'SELECT current_user, client_port ...'"),
+        &agent(
+            &ic,
+            &db,
             &[
                 "-c",
-                "SELECT current_user AS upstream_role, inet_server_port() AS server_port",
+                "\\conninfo",
+                "-c",
+                "SELECT current_user AS upstream_role, client_port AS port_postgres_sees FROM pg_stat_activity WHERE pid = pg_backend_pid()",
             ],
         )?,
     );
+    println!(
+        "The kernel sent it to interceptor, which logged in with the vaulted credentials. The session record:"
+    );
+    for line in proxy
+        .log()
+        .lines()
+        .filter(|l| l.contains("session started"))
+    {
+        println!("  {line}");
+    }
 
+    step(
+        "The same psql outside `interceptor run` goes straight to PostgreSQL, which wants a password",
+    );
+    show(
+        &format!("psql \"{db}\" -c 'SELECT 1'"),
+        &collect(
+            Command::new(pg_bin("psql"))
+                .args(["-X", "-w", "-d", &db, "-c", "SELECT 1"])
+                .env_remove("PGPASSWORD"),
+        )?,
+    );
+
+    let tls = db.clone();
     step("Queries, transactions and COPY work as if direct");
     show(
         "top customers by revenue",
-        &psql(
+        &agent(
+            &ic,
             &tls,
             &[
                 "-c",
@@ -108,7 +165,8 @@ pub fn run(keep: bool) -> Result<()> {
     );
     show(
         "BEGIN; SELECT 1/0; SELECT 1; ROLLBACK;",
-        &psql(
+        &agent(
+            &ic,
             &tls,
             &[
                 "-v",
@@ -124,7 +182,8 @@ pub fn run(keep: bool) -> Result<()> {
             ],
         )?,
     );
-    let copy = psql(
+    let copy = agent(
+        &ic,
         &tls,
         &["-At", "-c", "COPY (SELECT * FROM orders) TO STDOUT"],
     )?;
@@ -134,20 +193,16 @@ pub fn run(keep: bool) -> Result<()> {
     );
 
     step("Cancel reaches the right backend through interceptor's own cancel keys");
-    let child = Command::new(pg_bin("psql"))
-        .args([
-            "-X",
-            "-v",
-            "VERBOSITY=terse",
-            "-d",
-            &tls,
-            "-c",
-            "SELECT pg_sleep(30)",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(700));
+    let child = agent_cmd(
+        &ic,
+        &tls,
+        &["-v", "VERBOSITY=terse", "-c", "SELECT pg_sleep(30)"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
+    std::thread::sleep(Duration::from_millis(900));
+    // ^C goes to the whole foreground job; `interceptor run` forwards it.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -156,6 +211,27 @@ pub fn run(keep: bool) -> Result<()> {
     show(
         "SELECT pg_sleep(30)   # then ^C",
         &String::from_utf8_lossy(&out.stderr),
+    );
+
+    step("Fail closed: with interceptor killed, tagged connections are refused, never direct");
+    let mut proxy = proxy;
+    proxy.signal(nix::sys::signal::Signal::SIGKILL);
+    proxy.wait_exit(Duration::from_secs(5));
+    show(
+        &format!("kill -9 <daemon>; {wrapped} -c 'SELECT 1'"),
+        &agent(&ic, &db, &["-c", "SELECT 1"])?,
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("interceptor-proxy-")
+        .tempdir()?;
+    let config = dir.path().join("interceptor.toml");
+    std::fs::copy(&proxy.config_path, &config)?;
+    let proxy = Proxy::start_with(dir, config, proxy.port)?;
+    show(
+        &format!(
+            "interceptor daemon (restarted; reuses the pinned programs); {wrapped} -c 'SELECT ...'"
+        ),
+        &agent(&ic, &db, &["-At", "-c", "SELECT 'intercepted again'"])?,
     );
 
     step("Bad input gets a precise error and never takes the daemon down");
@@ -174,7 +250,7 @@ pub fn run(keep: bool) -> Result<()> {
     );
     show(
         "and the next client is served normally",
-        &psql(&tls, &["-At", "-c", "SELECT 'still serving'"])?,
+        &agent(&ic, &tls, &["-At", "-c", "SELECT 'still serving'"])?,
     );
 
     step("What interceptor logged");
@@ -189,7 +265,13 @@ pub fn run(keep: bool) -> Result<()> {
 
     if keep {
         step("Running until Ctrl-C");
-        println!("Try: psql \"{tls}\"");
+        println!(
+            "Try: {} run --cgroup {} --pin-dir {} --runtime-dir {} -- psql \"{db}\"",
+            interceptor_tests::proxy::binary().display(),
+            ic.cgroup,
+            ic.pin_dir.display(),
+            ic.runtime_dir.path().display()
+        );
         let mut signals = nix::sys::signal::SigSet::empty();
         signals.add(nix::sys::signal::Signal::SIGINT);
         signals.thread_block()?;

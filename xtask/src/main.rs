@@ -1,6 +1,7 @@
 //! Developer commands. `cargo xtask --help` lists them.
 
 mod bench;
+mod bench_connect;
 mod demo;
 mod deps;
 mod regress;
@@ -40,11 +41,17 @@ enum Cmd {
     /// Run PostgreSQL 15's own regression suite directly and through the
     /// proxy, and diff the two results folders.
     Regress,
-    /// Run a benchmark; writes target/bench/NAME.json.
+    /// Run a benchmark; writes target/bench/NAME.json. `proxy`: pgbench
+    /// throughput and latency vs direct, a bare relay and pgbouncer, idle
+    /// memory, large results. `connect`: connect+first-query latency when
+    /// intercepted, and what the eBPF programs cost per connect (root).
     Bench {
-        /// Which benchmark: `proxy`.
+        /// Which benchmark: `proxy` or `connect`.
         name: String,
     },
+    /// Helper for `bench connect`: N connect+close to 127.0.0.1:PORT.
+    #[command(hide = true)]
+    ProbeConnect { addr: std::net::SocketAddr, n: u32 },
 }
 
 /// Runs a command to completion, failing with its name if it fails.
@@ -94,6 +101,7 @@ pub fn cargo() -> Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => deps::ensure(),
+        Cmd::ProbeConnect { addr, n } => bench_connect::probe(addr, n),
         Cmd::Test { no_regress } => {
             deps::ensure()?;
             exec(cargo().args(["fmt", "--all", "--check"]))?;
@@ -139,7 +147,8 @@ fn main() -> Result<()> {
             build_daemon(true)?;
             match name.as_str() {
                 "proxy" => bench::proxy(),
-                other => bail!("unknown benchmark `{other}`; available: proxy"),
+                "connect" => bench_connect::run(),
+                other => bail!("unknown benchmark `{other}`; available: proxy, connect"),
             }
         }
     }

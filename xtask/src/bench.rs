@@ -209,38 +209,11 @@ fn idle_sessions(port: u16, n: usize, user: &str) -> Result<Vec<TcpStream>> {
 }
 
 pub fn proxy() -> Result<()> {
-    let seconds: u32 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let rounds: u32 = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
+    let (seconds, rounds) = crate::bench::run_lengths(2);
     const IDLE: usize = 1000;
 
     let pg = PgCluster::start_with(IDLE as u32 + 150)?;
-    pg.psql_admin(
-        "postgres",
-        &format!("CREATE DATABASE bench OWNER {ADMIN_USER}"),
-    )?;
-    run_ok(
-        Command::new(pg_bin("pgbench"))
-            .args([
-                "-i",
-                "-q",
-                "-s",
-                "10",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                ADMIN_USER,
-                "-p",
-            ])
-            .arg(pg.port.to_string())
-            .arg("bench")
-            .env("PGPASSWORD", ADMIN_PASSWORD),
-    )?;
+    pgbench_init(&pg, 10)?;
     let relay_port = start_relay(SocketAddr::from(([127, 0, 0, 1], pg.port)))?;
     let bouncer = start_pgbouncer(&pg, IDLE)?;
     let proxy = Proxy::start(
@@ -384,7 +357,6 @@ pub fn proxy() -> Result<()> {
         peak_1m_kib as f64 / 1024.0
     );
 
-    let target = |name: &str, value: f64, goal: &str, met: bool| json!({"name": name, "value": value, "goal": goal, "met": met});
     let targets = vec![
         target(
             "min interceptor/relay tps ratio",
@@ -411,10 +383,28 @@ pub fn proxy() -> Result<()> {
             peak_1m_kib <= 16 * 1024,
         ),
     ];
+    let report = json!({
+        "figures": {
+            "seconds_per_run": seconds, "rounds": rounds, "pgbench": rows_json,
+            "idle_kib_per_conn": {"interceptor": interceptor_idle_kib, "pgbouncer": bouncer_idle_kib, "sessions": IDLE},
+            "peak_rss_kib_1m_select": peak_1m_kib,
+        },
+        "targets": targets,
+    });
+    write_report("proxy", &report)
+}
+
+/// One `targets` entry of a report.
+pub fn target(name: &str, value: f64, goal: &str, met: bool) -> serde_json::Value {
+    json!({"name": name, "value": value, "goal": goal, "met": met})
+}
+
+/// Prints the targets table and writes `target/bench/NAME.json`.
+pub fn write_report(name: &str, report: &serde_json::Value) -> Result<()> {
     println!("\ntargets:");
-    for t in &targets {
+    for t in report["targets"].as_array().into_iter().flatten() {
         println!(
-            "  {:<40} {:>8.2}  goal {:<8} {}",
+            "  {:<48} {:>8.2}  goal {:<8} {}",
             t["name"].as_str().unwrap_or(""),
             t["value"].as_f64().unwrap_or(0.0),
             t["goal"].as_str().unwrap_or(""),
@@ -425,17 +415,35 @@ pub fn proxy() -> Result<()> {
             }
         );
     }
-    let report = json!({
-        "figures": {
-            "seconds_per_run": seconds, "rounds": rounds, "pgbench": rows_json,
-            "idle_kib_per_conn": {"interceptor": interceptor_idle_kib, "pgbouncer": bouncer_idle_kib, "sessions": IDLE},
-            "peak_rss_kib_1m_select": peak_1m_kib,
-        },
-        "targets": targets,
-    });
-    let out = workspace_root().join("target/bench/proxy.json");
-    std::fs::create_dir_all(out.parent().unwrap())?;
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+    let out = workspace_root().join(format!("target/bench/{name}.json"));
+    std::fs::create_dir_all(out.parent().expect("has a parent"))?;
+    std::fs::write(&out, serde_json::to_string_pretty(report)?)?;
     println!("\nwrote {}", out.display());
     Ok(())
+}
+
+/// Creates database `bench` with pgbench's tables at `scale`.
+pub fn pgbench_init(pg: &PgCluster, scale: u32) -> Result<()> {
+    pg.psql_admin(
+        "postgres",
+        &format!("CREATE DATABASE bench OWNER {ADMIN_USER}"),
+    )?;
+    run_ok(
+        Command::new(pg_bin("pgbench"))
+            .args(["-i", "-q", "-s", &scale.to_string()])
+            .args(["-h", "127.0.0.1", "-U", ADMIN_USER, "-p"])
+            .arg(pg.port.to_string())
+            .arg("bench")
+            .env("PGPASSWORD", ADMIN_PASSWORD),
+    )?;
+    Ok(())
+}
+
+/// `BENCH_SECONDS` per run (default 5) and `BENCH_ROUNDS` (default `rounds`).
+pub fn run_lengths(rounds: u32) -> (u32, u32) {
+    let var = |k: &str| std::env::var(k).ok().and_then(|s| s.parse().ok());
+    (
+        var("BENCH_SECONDS").unwrap_or(5),
+        var("BENCH_ROUNDS").unwrap_or(rounds),
+    )
 }

@@ -18,7 +18,9 @@ use aya::programs::ProgramInfo;
 use interceptor_tests::intercept::Interception;
 use interceptor_tests::pg::{ADMIN_PASSWORD, ADMIN_USER, PgCluster};
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
-use interceptor_tests::{pg_bin, run_ok, workspace_root};
+use interceptor_tests::{pg_bin, run_ok};
+
+use crate::bench::{target, write_report};
 use serde_json::json;
 
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -128,34 +130,10 @@ pub fn run() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("bench connect loads eBPF programs: run it as root");
     }
-    let seconds: u32 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let rounds: u32 = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let (seconds, rounds) = crate::bench::run_lengths(3);
     let n = 5000;
     let pg = PgCluster::start()?;
-    pg.psql_admin("postgres", "CREATE DATABASE bench")?;
-    run_ok(
-        Command::new(pg_bin("pgbench"))
-            .args([
-                "-i",
-                "-q",
-                "-s",
-                "1",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                ADMIN_USER,
-                "-p",
-            ])
-            .arg(pg.port.to_string())
-            .arg("bench")
-            .env("PGPASSWORD", ADMIN_PASSWORD),
-    )?;
+    crate::bench::pgbench_init(&pg, 1)?;
     // Unprotected ports for plain connects.
     let sink4 = sink("127.0.0.1:0")?;
     let sink6 = sink("[::1]:0")?;
@@ -286,7 +264,6 @@ fn measure(
 
     let latency_ratio = intercepted.latency_ms / direct.latency_ms;
     let untagged_ratio = untagged / no_programs;
-    let target = |name: &str, value: f64, goal: &str, met: bool| json!({"name": name, "value": value, "goal": goal, "met": met});
     let targets = vec![
         target(
             "intercepted/direct connect+first-query latency",
@@ -307,20 +284,6 @@ fn measure(
             connect4_ns <= 1000.0,
         ),
     ];
-    println!("\ntargets:");
-    for t in &targets {
-        println!(
-            "  {:<48} {:>8.2}  goal {:<8} {}",
-            t["name"].as_str().unwrap_or(""),
-            t["value"].as_f64().unwrap_or(0.0),
-            t["goal"].as_str().unwrap_or(""),
-            if t["met"].as_bool() == Some(true) {
-                "met"
-            } else {
-                "NOT MET"
-            }
-        );
-    }
     let cq = |r: &ConnectQuery| json!({"latency_ms": r.latency_ms, "connect_ms": r.connect_ms, "tps": r.tps});
     let report = json!({
         "figures": {
@@ -331,9 +294,5 @@ fn measure(
         },
         "targets": targets,
     });
-    let out = workspace_root().join("target/bench/connect.json");
-    std::fs::create_dir_all(out.parent().unwrap())?;
-    std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
-    println!("\nwrote {}", out.display());
-    Ok(())
+    write_report("connect", &report)
 }

@@ -390,8 +390,12 @@ fn tag_and_untag_an_existing_cgroup() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(sessions(&proxy).len(), 1);
-    std::thread::sleep(Duration::from_millis(100));
-    let _ = std::fs::remove_dir(&dir);
+    // An exited process leaves its cgroup asynchronously.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(&dir).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!dir.exists(), "{} could not be removed", dir.display());
 }
 
 #[test]

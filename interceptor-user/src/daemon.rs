@@ -200,16 +200,11 @@ fn reload(
         });
     match result {
         Ok(rt) => {
-            if let Some(inst) = installed {
-                let entries: Vec<_> = rt
-                    .protected
-                    .iter()
-                    .map(|(d, _)| intercept::trie_entry(d))
-                    .collect();
-                if let Err(e) = loader::update_protected(&mut inst.ebpf, &entries) {
-                    error!("configuration reload failed, keeping the previous one: {e:#}");
-                    return;
-                }
+            if let Some(inst) = installed
+                && let Err(e) = loader::update_protected(&mut inst.ebpf, &rt.trie_entries())
+            {
+                error!("configuration reload failed, keeping the previous one: {e:#}");
+                return;
             }
             shared.runtime.store(Arc::new(rt));
             info!(path = %path.display(), "configuration reloaded");
@@ -308,11 +303,7 @@ async fn no_origin(mut tcp: TcpStream) {
 }
 
 fn install_interception(i: &Intercept, runtime: &Runtime) -> anyhow::Result<Installed> {
-    let protected: Vec<_> = runtime
-        .protected
-        .iter()
-        .map(|(d, _)| intercept::trie_entry(d))
-        .collect();
+    let protected = runtime.trie_entries();
     if protected.is_empty() {
         anyhow::bail!("[intercept] is set but no target has a destination to protect");
     }

@@ -80,6 +80,14 @@ impl Runtime {
         })
     }
 
+    /// The kernel trie entries for every protected destination.
+    pub fn trie_entries(&self) -> Vec<(u32, common::DestPrefix)> {
+        self.protected
+            .iter()
+            .map(|(d, _)| crate::intercept::trie_entry(d))
+            .collect()
+    }
+
     /// The target an intercepted connection was headed for, by the
     /// destination the kernel recorded. Most specific match wins (an exact
     /// address over a network over any host).

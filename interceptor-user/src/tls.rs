@@ -37,6 +37,8 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("`{0}` is not a valid TLS server name")]
     ServerName(String),
+    #[error("upstream_tls mode verify-full needs a ca_file")]
+    MissingCa,
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -203,10 +205,7 @@ pub fn upstream_connector(
             .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider())))
             .with_no_client_auth(),
         UpstreamTlsMode::VerifyFull => {
-            let ca = tls
-                .ca_file
-                .as_deref()
-                .expect("config check requires ca_file for verify-full");
+            let ca = tls.ca_file.as_deref().ok_or(TlsError::MissingCa)?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in load_certs(ca)? {
                 roots.add(cert)?;

@@ -47,8 +47,8 @@ pub fn protected_destinations(config: &Config) -> Vec<(String, Destination)> {
             .unwrap_or_default();
         for ip in resolved {
             if ip.is_loopback() {
-                let v4: IpNet = "127.0.0.0/8".parse().expect("valid net");
-                out.push((t.name.clone(), Destination::Network(v4, port)));
+                let v4 = ipnet::Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8);
+                out.push((t.name.clone(), Destination::Network(IpNet::V4(v4), port)));
                 out.push((
                     t.name.clone(),
                     Destination::Exact(SocketAddr::from((Ipv6Addr::LOCALHOST, port))),

@@ -48,6 +48,11 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Check, explain and describe statement policy files.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Run a CI step with its database connections intercepted.
     ///
     /// Creates a job cgroup under the tagged parent, moves itself in,
@@ -99,6 +104,40 @@ pub enum Command {
         #[command(flatten)]
         location: InterceptLocation,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file and exit: 0 if valid, 1 with `file:line:column:
+    /// problem` if not.
+    Check {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Show how a policy decides SQL for an identity: each statement's
+    /// kind, tables, functions and settings, the groups the identity is
+    /// in, and the rule that decides (or the default deny).
+    Explain {
+        /// The policy file.
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// The SQL, as the client would send it (several statements allowed).
+        #[arg(long, value_name = "SQL")]
+        sql: String,
+        /// The identity, as `key=value` pairs: user, uid, comm, exe,
+        /// cgroup, job, intercepted (true/false), or ci.NAME for a CI
+        /// variable. Repeat or separate with commas.
+        #[arg(long, value_name = "KEY=VALUE", value_delimiter = ',')]
+        identity: Vec<String>,
+        /// The target name the session goes to.
+        #[arg(long, default_value = "default")]
+        target: String,
+        /// The database the session uses.
+        #[arg(long, default_value = "postgres")]
+        database: String,
+    },
+    /// Print the policy file's JSON schema.
+    Schema,
 }
 
 /// Where the interception state lives; must match the daemon's [intercept].

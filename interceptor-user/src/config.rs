@@ -57,9 +57,29 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub client_tls: ClientTls,
+    /// Statement policy. Without it every statement is relayed unchecked
+    /// (and the daemon says so at start-up).
+    pub policy: Option<PolicyConfig>,
     /// The databases this proxy stands in front of.
     #[serde(rename = "target")]
     pub targets: Vec<Spanned<Target>>,
+}
+
+/// Where the statement policy comes from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy file (TOML; see `interceptor policy schema`). A relative
+    /// path is relative to this config file. Reloaded on SIGHUP; a bad file
+    /// keeps the previous policy.
+    pub file: PathBuf,
+    /// How many distinct statement texts keep their analysis in memory.
+    #[serde(default = "default_analysis_cache")]
+    pub analysis_cache: usize,
+}
+
+fn default_analysis_cache() -> usize {
+    10_000
 }
 
 fn default_state_dir() -> PathBuf {
@@ -421,7 +441,14 @@ impl Config {
                 message: e.message().to_owned(),
             }
         })?;
+        let mut config = config;
         config.validate(path, text)?;
+        if let Some(p) = &mut config.policy
+            && p.file.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            p.file = dir.join(&p.file);
+        }
         Ok(config)
     }
 

@@ -70,6 +70,10 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
     let listen_addrs = config.listen_addrs();
     let intercept = config.intercept.as_ref().map(|i| i.get_ref().clone());
     let runtime = Runtime::build(config).context("cannot prepare the configuration")?;
+    match &runtime.policy {
+        Some(p) => info!(file = %p.source, "statement policy loaded"),
+        None => warn!("no [policy] in the config: statements are relayed unchecked"),
+    }
     let sockets = listen_addrs
         .iter()
         .map(|a| bind_socket(*a))

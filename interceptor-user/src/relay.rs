@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::config::Limits;
+use crate::enforce::{Action, Enforcer};
 use crate::protocol::backend::{BackendMessage, TransactionStatus};
 use crate::protocol::build::ProxyError;
 use crate::protocol::frontend::FrontendMessage;
@@ -47,9 +48,10 @@ pub struct Stats {
 }
 
 /// What the frontend direction knows of the session.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct FrontendState {
     stats: Stats,
+    enforcer: Option<Enforcer>,
 }
 
 impl FrontendState {
@@ -181,13 +183,34 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
+        // Replacements are rare: the common case forwards the read buffer's
+        // complete messages in one write, untouched.
+        let mut rewritten: Option<BytesMut> = None;
+        let mut offset = 0;
+        let mut copied = 0;
         let (used, verdict) = complete_frames(buf, max, |frame| {
             let msg = FrontendMessage::parse(frame)?;
             state.observe(&msg);
+            if let Some(enforcer) = &mut state.enforcer
+                && let Action::Replace(bytes) = enforcer.inspect(&msg)
+            {
+                let out = rewritten.get_or_insert_with(BytesMut::new);
+                out.extend_from_slice(&buf[copied..offset]);
+                out.extend_from_slice(&bytes);
+                copied = offset + frame.len();
+            }
+            offset += frame.len();
             Ok(!matches!(msg, FrontendMessage::Terminate))
         });
         if used > 0 {
-            if let Err(e) = write_out(wr, &buf[..used]).await {
+            let written = match rewritten.as_mut() {
+                Some(out) => {
+                    out.extend_from_slice(&buf[copied..used]);
+                    write_out(wr, out).await
+                }
+                None => write_out(wr, &buf[..used]).await,
+            };
+            if let Err(e) = written {
                 return FrontEnd::Io(e);
             }
             buf.advance(used);
@@ -274,7 +297,13 @@ fn split(io: MaybeTls) -> (ReadHalf, WriteHalf) {
     }
 }
 
-pub async fn run(client: Conn, upstream: Conn, shared: &Shared, limits: &Limits) -> RelayEnd {
+pub async fn run(
+    client: Conn,
+    upstream: Conn,
+    shared: &Shared,
+    limits: &Limits,
+    enforcer: Option<Enforcer>,
+) -> RelayEnd {
     let Conn {
         io: client_io,
         buf: mut client_buf,
@@ -287,7 +316,10 @@ pub async fn run(client: Conn, upstream: Conn, shared: &Shared, limits: &Limits)
     let (mut upstream_rd, mut upstream_wr) = split(upstream_io);
     let (inject, mut injected) = mpsc::channel::<ProxyError>(1);
     let activity = Activity::default();
-    let mut front_state = FrontendState::default();
+    let mut front_state = FrontendState {
+        stats: Stats::default(),
+        enforcer,
+    };
     let mut back_state = BackendState {
         status: TransactionStatus::Idle,
         stats: Stats::default(),

@@ -30,6 +30,8 @@ pub struct Runtime {
     pub protected: Vec<(Destination, Arc<TargetRuntime>)>,
     /// SO_MARK for upstream sockets (0: none).
     pub upstream_mark: u32,
+    /// The statement policy; `None` relays every statement unchecked.
+    pub policy: Option<Arc<policies::Policy>>,
 }
 
 impl Runtime {
@@ -71,7 +73,12 @@ impl Runtime {
             None => Vec::new(),
         };
         let upstream_mark = config.intercept.as_ref().map_or(0, |i| i.get_ref().mark);
+        let policy = match &config.policy {
+            Some(p) => Some(Arc::new(policies::Policy::load(&p.file)?)),
+            None => None,
+        };
         Ok(Runtime {
+            policy,
             config,
             client_tls,
             targets,
@@ -124,6 +131,9 @@ pub enum Phase {
 /// State shared by every session.
 pub struct Shared {
     pub runtime: ArcSwap<Runtime>,
+    /// Statement analyses by text; they do not depend on the policy, so
+    /// they outlive reloads.
+    pub analyzer: policies::Analyzer,
     pub cancels: CancelRegistry,
     pub phase: watch::Receiver<Phase>,
     active: AtomicUsize,
@@ -132,7 +142,13 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(runtime: Runtime, phase: watch::Receiver<Phase>) -> Self {
+        let cache = runtime
+            .config
+            .policy
+            .as_ref()
+            .map_or(1, |p| p.analysis_cache);
         Shared {
+            analyzer: policies::Analyzer::new(cache),
             runtime: ArcSwap::from_pointee(runtime),
             cancels: CancelRegistry::default(),
             phase,

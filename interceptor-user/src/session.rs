@@ -14,6 +14,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::auth::SCRAM_SHA_256;
 use crate::cancel::{UpstreamKey, send_cancel};
 use crate::config::ClientAuthMethod;
+use crate::enforce::Enforcer;
 use crate::intercept::origin::Origin;
 use crate::protocol::build::{self, ProxyError};
 use crate::protocol::startup::{StartupMessage, StartupPacket, next_startup_packet};
@@ -66,11 +67,22 @@ pub async fn serve(
     };
     // The relay runs outside the span: entering a span on every poll costs
     // more than the relay's own work per message. Its outcome is logged in it.
+    let enforcer = session.policy.map(|(policy, principal)| {
+        Enforcer::new(
+            shared.clone(),
+            policy,
+            principal,
+            session.target.config.name.clone(),
+            session.database.clone(),
+            id,
+        )
+    });
     let end = relay::run(
         client,
         session.upstream.conn,
         &shared,
         &runtime.config.limits,
+        enforcer,
     )
     .await;
     span.in_scope(|| match &end {
@@ -144,6 +156,64 @@ struct LoggedIn {
     database: String,
     target: Arc<TargetRuntime>,
     upstream: upstream::Upstream,
+    /// The policy and who it is applied to; `None` when no policy is set.
+    policy: Option<(Arc<policies::Policy>, policies::Principal)>,
+}
+
+/// The identity statements are decided for, from what the kernel saw (for
+/// intercepted connections) and the user name the client gave.
+fn principal(user: &str, arrival: &Arrival) -> policies::Principal {
+    let mut p = policies::Principal {
+        user: user.to_owned(),
+        ..Default::default()
+    };
+    if let Arrival::Intercepted(o) = arrival {
+        p.intercepted = true;
+        p.uid = Some(o.uid);
+        p.pid = Some(o.tgid);
+        p.comm = Some(o.comm.clone());
+        p.exe = o.exe.as_ref().map(|e| e.display().to_string());
+        p.cgroup = o.cgroup.clone();
+        if let Some(j) = &o.job {
+            p.job = Some(j.job.clone());
+            p.ci = j.ci.clone();
+        }
+    }
+    p
+}
+
+/// With a policy, the client may not set guarded settings at startup
+/// (`options=-c role=...` would undo the policy before the first
+/// statement); interceptor sets application_name and, for read-only
+/// principals, default_transaction_read_only itself.
+fn policy_startup(
+    policy: &policies::Policy,
+    principal: &policies::Principal,
+    target: &str,
+    database: &str,
+    forwarded: &mut Vec<(String, String)>,
+) -> Result<(), ProxyError> {
+    for (k, v) in forwarded.iter() {
+        let guarded = match k.as_str() {
+            "options" => !v.trim().is_empty(),
+            "database" | "application_name" => false,
+            k => policies::analysis::catalog::setting_is_guarded(k),
+        };
+        if guarded {
+            return Err(ProxyError::fatal(
+                "42501",
+                format!("interceptor: startup parameter \"{k}\" is not allowed under the statement policy"),
+            )
+            .with_hint("Connect without it; interceptor decides roles and guarded settings."));
+        }
+    }
+    forwarded.retain(|(k, _)| k != "application_name");
+    forwarded.push(("application_name".into(), principal.display_name()));
+    let subject = policy.subject(principal, target, database);
+    if policy.read_only_for(&subject) {
+        forwarded.push(("default_transaction_read_only".into(), "on".into()));
+    }
+    Ok(())
 }
 
 enum LoginError {
@@ -337,6 +407,15 @@ async fn login(
 
     authenticate_client(client, &target, &user).await?;
 
+    let policy = match &runtime.policy {
+        Some(policy) => {
+            let who = principal(&user, arrival);
+            policy_startup(policy, &who, &target.config.name, &database, &mut forwarded)?;
+            Some((policy.clone(), who))
+        }
+        None => None,
+    };
+
     let upstream = upstream::connect(
         &target,
         &forwarded,
@@ -353,6 +432,7 @@ async fn login(
         database,
         target,
         upstream,
+        policy,
     }))
 }
 

@@ -1,8 +1,7 @@
 //! Statement decisions. Free of sockets and wire types: it takes a
 //! statement, an identity and a target, and returns a decision.
-//!
-//! The engine itself arrives with the identity-bound policy issue; this
-//! crate already fixes the decision vocabulary the proxy is built around.
+
+pub mod analysis;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,21 +24,11 @@ impl StatementDecision {
         matches!(self, StatementDecision::Allow)
     }
 }
+pub mod policy;
+pub mod principal;
+pub mod session;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_allow_is_allowed() {
-        assert!(StatementDecision::Allow.is_allowed());
-        assert!(
-            !StatementDecision::Deny {
-                reason: "r".into(),
-                hint: None
-            }
-            .is_allowed()
-        );
-        assert!(!StatementDecision::Hold { reason: "r".into() }.is_allowed());
-    }
-}
+pub use analysis::{Analysis, AnalysisError, Analyzer, Kind, Statement, analyze};
+pub use policy::{Decision, Policy, PolicyError, Subject, Verdict};
+pub use principal::Principal;
+pub use session::{Check, Refusal, SessionPolicy};

@@ -60,6 +60,8 @@ pub struct ProxyOptions {
     pub upstream_login: Option<(String, PathBuf)>,
     /// An `[intercept]` table (see `intercept::Interception::config_section`).
     pub intercept: Option<String>,
+    /// A statement policy file for `[policy]`.
+    pub policy: Option<PathBuf>,
 }
 
 impl Default for ProxyOptions {
@@ -74,6 +76,7 @@ impl Default for ProxyOptions {
             listen_v6: false,
             upstream_login: None,
             intercept: None,
+            policy: None,
         }
     }
 }
@@ -119,6 +122,9 @@ impl Proxy {
         }
         if let Some(tls) = &opts.upstream_tls {
             text.push_str(&format!("upstream_tls = {{ {tls} }}\n"));
+        }
+        if let Some(file) = &opts.policy {
+            text.push_str(&format!("\n[policy]\nfile = \"{}\"\n", file.display()));
         }
         if let Some(section) = &opts.intercept {
             text.push('\n');

@@ -1,0 +1,258 @@
+//! Statement policy on the frontend path: each Query, Parse, Bind and
+//! FunctionCall is checked before it is forwarded.
+//!
+//! A refused message is not dropped: it is replaced by a statement that
+//! makes the server itself raise the refusal (`DO ... RAISE`). The client
+//! then gets the ErrorResponse in its place in the reply stream, and the
+//! server's transaction state matches the client's: inside a transaction
+//! block the server aborts it, exactly as for any other error.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
+use policies::{Check, Policy, Principal, Refusal, SessionPolicy};
+use tracing::{debug, info};
+
+use crate::protocol::frontend::{FrontendMessage, Target};
+use crate::runtime::Shared;
+
+/// What to do with one frontend message.
+pub enum Action {
+    Forward,
+    /// Send these bytes instead.
+    Replace(BytesMut),
+}
+
+/// A session's policy enforcement.
+pub struct Enforcer {
+    shared: Arc<Shared>,
+    principal: Principal,
+    target: String,
+    database: String,
+    /// The policy `session` was made for; a reload makes a new one.
+    policy: Arc<Policy>,
+    session: SessionPolicy,
+    /// Prepared statements whose Parse was refused; their Binds are
+    /// emptied so the server reaches the raised error at Execute.
+    refused_statements: HashSet<Vec<u8>>,
+    session_id: u64,
+}
+
+impl Enforcer {
+    pub fn new(
+        shared: Arc<Shared>,
+        policy: Arc<Policy>,
+        principal: Principal,
+        target: String,
+        database: String,
+        session_id: u64,
+    ) -> Self {
+        let subject = policy.subject(&principal, &target, &database);
+        Enforcer {
+            session: SessionPolicy::new(subject),
+            shared,
+            principal,
+            target,
+            database,
+            policy,
+            refused_statements: HashSet::new(),
+            session_id,
+        }
+    }
+
+    /// Picks up a reloaded policy; the session's temp tables and prepared
+    /// statements carry over only while the policy is the same one.
+    fn current_policy(&mut self) -> Arc<Policy> {
+        let runtime = self.shared.runtime.load();
+        match &runtime.policy {
+            Some(p) if Arc::ptr_eq(p, &self.policy) => {}
+            Some(p) => {
+                self.policy = p.clone();
+                let subject = p.subject(&self.principal, &self.target, &self.database);
+                self.session = SessionPolicy::new(subject);
+            }
+            // Policy removed from the config: keep enforcing the last one
+            // rather than fail open mid-session.
+            None => {}
+        }
+        self.policy.clone()
+    }
+
+    fn check_sql(&mut self, sql: &[u8]) -> Result<(), Refusal> {
+        let policy = self.current_policy();
+        let analysis = match std::str::from_utf8(sql) {
+            Ok(text) => self.shared.analyzer.analyze(text),
+            Err(_) => Arc::new(Err(policies::AnalysisError::NotUtf8)),
+        };
+        match self.session.check(&policy, &analysis) {
+            Check::Allowed(rules) => {
+                debug!(session_id = self.session_id, ?rules, "statement allowed");
+                Ok(())
+            }
+            Check::Refused(r) => {
+                info!(
+                    session_id = self.session_id,
+                    rule = r.rule.as_deref().unwrap_or("default-deny"),
+                    sqlstate = r.sqlstate,
+                    "statement refused: {}",
+                    r.message
+                );
+                Err(r)
+            }
+        }
+    }
+
+    pub fn inspect(&mut self, msg: &FrontendMessage<'_>) -> Action {
+        match msg {
+            FrontendMessage::Query { sql } => match self.check_sql(sql) {
+                Ok(()) => Action::Forward,
+                Err(r) => Action::Replace(query(&raise_sql(&r))),
+            },
+            FrontendMessage::Parse(p) => match self.check_sql(p.sql) {
+                Ok(()) => {
+                    self.refused_statements.remove(p.name);
+                    Action::Forward
+                }
+                Err(r) => {
+                    self.refused_statements.insert(p.name.to_vec());
+                    Action::Replace(parse(p.name, &raise_sql(&r)))
+                }
+            },
+            FrontendMessage::Bind(b) if self.refused_statements.contains(b.statement) => {
+                Action::Replace(empty_bind(b.portal, b.statement))
+            }
+            FrontendMessage::Close {
+                target: Target::Statement,
+                name,
+            } => {
+                self.refused_statements.remove(*name);
+                Action::Forward
+            }
+            FrontendMessage::FunctionCall(f) => {
+                let r = Refusal {
+                    sqlstate: "42501",
+                    message: format!(
+                        "interceptor: statement denied: fast-path function calls (function oid {}) bypass SQL and are not allowed",
+                        f.function_oid
+                    ),
+                    hint: Some("Call the function from a SELECT statement instead.".into()),
+                    rule: None,
+                };
+                info!(
+                    session_id = self.session_id,
+                    "fast-path function call refused"
+                );
+                Action::Replace(query(&raise_sql(&r)))
+            }
+            _ => Action::Forward,
+        }
+    }
+}
+
+/// Text safe inside a dollar-quoted literal in any client encoding.
+fn plain(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c == '$' || !c.is_ascii() || c.is_ascii_control() {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// A statement that makes the server raise `r` as its own error.
+pub fn raise_sql(r: &Refusal) -> String {
+    let mut sql = format!(
+        "DO $interceptor$BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = $m${}$m$",
+        r.sqlstate,
+        plain(&r.message)
+    );
+    if let Some(h) = &r.hint {
+        sql.push_str(&format!(", HINT = $h${}$h$", plain(h)));
+    }
+    sql.push_str("; END$interceptor$");
+    sql
+}
+
+fn frame(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
+    let mut out = BytesMut::with_capacity(256);
+    out.put_u8(tag);
+    out.put_i32(0);
+    body(&mut out);
+    let len = (out.len() - 1) as i32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+fn query(sql: &str) -> BytesMut {
+    frame(b'Q', |b| {
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+    })
+}
+
+fn parse(name: &[u8], sql: &str) -> BytesMut {
+    frame(b'P', |b| {
+        b.put_slice(name);
+        b.put_u8(0);
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+    })
+}
+
+/// A Bind with no parameters: the substituted statement takes none.
+fn empty_bind(portal: &[u8], statement: &[u8]) -> BytesMut {
+    frame(b'B', |b| {
+        b.put_slice(portal);
+        b.put_u8(0);
+        b.put_slice(statement);
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raise_sql_is_one_valid_statement() {
+        let r = Refusal {
+            sqlstate: "42501",
+            message: "denied $m$; DROP TABLE x; -- é".into(),
+            hint: Some("try $h$ again".into()),
+            rule: None,
+        };
+        let sql = raise_sql(&r);
+        let a = policies::analyze(&sql).unwrap();
+        assert_eq!(a.statements.len(), 1);
+        assert_eq!(a.statements[0].command, "do");
+        assert!(sql.contains("denied ?m?; DROP TABLE x; -- ?"), "{sql}");
+    }
+
+    #[test]
+    fn replacement_frames_parse_back() {
+        let q = query("SELECT 1");
+        assert!(matches!(
+            FrontendMessage::parse(&q),
+            Ok(FrontendMessage::Query { sql: b"SELECT 1" })
+        ));
+        let p = parse(b"s1", "SELECT 1");
+        let Ok(FrontendMessage::Parse(p)) = FrontendMessage::parse(&p) else {
+            panic!()
+        };
+        assert_eq!(p.name, b"s1");
+        let b = empty_bind(b"", b"s1");
+        let Ok(FrontendMessage::Bind(b)) = FrontendMessage::parse(&b) else {
+            panic!()
+        };
+        assert_eq!(b.statement, b"s1");
+        assert!(b.params().is_empty());
+    }
+}

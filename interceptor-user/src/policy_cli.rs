@@ -1,0 +1,158 @@
+//! `interceptor policy check | explain | schema`.
+
+use std::fmt::Write;
+
+use policies::analysis::Analysis;
+use policies::{Check, Policy, Principal, SessionPolicy};
+
+use crate::cli::PolicyCommand;
+
+pub fn run(cmd: PolicyCommand) -> Result<String, String> {
+    match cmd {
+        PolicyCommand::Check { file } => {
+            let p = Policy::load(&file).map_err(|e| e.to_string())?;
+            Ok(format!("{}: ok\n", p.source))
+        }
+        PolicyCommand::Schema => Ok(format!(
+            "{}\n",
+            serde_json::to_string_pretty(&policies::policy::schema()).expect("JSON")
+        )),
+        PolicyCommand::Explain {
+            policy,
+            sql,
+            identity,
+            target,
+            database,
+        } => {
+            let policy = Policy::load(&policy).map_err(|e| e.to_string())?;
+            let who = parse_identity(&identity)?;
+            Ok(explain(&policy, &who, &target, &database, &sql))
+        }
+    }
+}
+
+fn parse_identity(pairs: &[String]) -> Result<Principal, String> {
+    let mut p = Principal::default();
+    for pair in pairs {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--identity {pair:?}: expected KEY=VALUE"))?;
+        let v = v.to_owned();
+        match k {
+            "user" => p.user = v,
+            "uid" => {
+                p.uid = Some(
+                    v.parse()
+                        .map_err(|_| format!("uid {v:?} is not a number"))?,
+                )
+            }
+            "comm" => p.comm = Some(v),
+            "exe" => p.exe = Some(v),
+            "cgroup" => p.cgroup = Some(v),
+            "job" => p.job = Some(v),
+            "intercepted" => {
+                p.intercepted = v
+                    .parse()
+                    .map_err(|_| format!("intercepted {v:?}: expected true or false"))?
+            }
+            k if k.starts_with("ci.") => {
+                p.ci.insert(k[3..].to_owned(), v);
+            }
+            k => {
+                return Err(format!(
+                    "--identity: unknown key {k:?} (user, uid, comm, exe, cgroup, job, intercepted, ci.NAME)"
+                ));
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// The explanation `policy explain` prints: per statement, what it does
+/// and which rule decides.
+pub fn explain(
+    policy: &Policy,
+    who: &Principal,
+    target: &str,
+    database: &str,
+    sql: &str,
+) -> String {
+    let mut out = String::new();
+    let subject = policy.subject(who, target, database);
+    let _ = writeln!(
+        out,
+        "identity: {} (groups: {})",
+        who.display_name(),
+        if subject.group_names.is_empty() {
+            "none".to_owned()
+        } else {
+            subject.group_names.join(", ")
+        }
+    );
+    let analysis = match policies::analyze(sql) {
+        Ok(a) => a,
+        Err(e) => {
+            let r = policies::Refusal::unparseable(&e);
+            let _ = writeln!(out, "decision: deny ({}) {}", r.sqlstate, r.message);
+            return out;
+        }
+    };
+    let mut session = SessionPolicy::new(subject);
+    let n = analysis.statements.len();
+    for (i, st) in analysis.statements.iter().enumerate() {
+        let kind = policy.effective_kind(st);
+        let _ = writeln!(out, "statement {} of {n}: {} ({kind})", i + 1, st.command);
+        let _ = writeln!(out, "  does: {}", policies::policy::describe(st, kind));
+        for (label, list) in [
+            ("reads", &st.reads),
+            ("changes", &st.writes),
+            ("ddl", &st.ddl),
+        ] {
+            if !list.is_empty() {
+                let _ = writeln!(out, "  {label}: {}", list.join(", "));
+            }
+        }
+        if !st.functions.is_empty() {
+            let f: Vec<String> = st
+                .functions
+                .iter()
+                .map(|(n, c)| {
+                    format!(
+                        "{n} ({})",
+                        serde_json::to_value(c)
+                            .unwrap_or_default()
+                            .as_str()
+                            .unwrap_or("?")
+                    )
+                })
+                .collect();
+            let _ = writeln!(out, "  functions: {}", f.join(", "));
+        }
+        if !st.settings.is_empty() {
+            let _ = writeln!(out, "  settings: {}", st.settings.join(", "));
+        }
+        let one = Ok(Analysis {
+            statements: vec![st.clone()],
+        });
+        match session.check(policy, &one) {
+            Check::Allowed(rules) => {
+                let rule = rules.into_iter().flatten().next().unwrap_or_default();
+                let _ = writeln!(out, "  decision: allow by rule {rule}");
+            }
+            Check::Refused(r) => {
+                let _ = writeln!(
+                    out,
+                    "  decision: deny by {} ({}): {}",
+                    r.rule
+                        .map_or("the default deny".to_owned(), |r| format!("rule {r}")),
+                    r.sqlstate,
+                    r.message
+                );
+                if let Some(h) = r.hint {
+                    let _ = writeln!(out, "  hint: {h}");
+                }
+            }
+        }
+    }
+    out
+}

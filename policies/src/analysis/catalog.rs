@@ -1,0 +1,318 @@
+//! What PostgreSQL's own catalog says about built-in functions and settings,
+//! and which of them touch files, programs, roles or other sessions.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use serde::Serialize;
+
+/// What calling a function can do, as far as policy is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FunctionClass {
+    /// A built-in that reads or computes and changes nothing.
+    Pure,
+    /// A built-in that writes: sequences, large objects.
+    Writes,
+    /// `pg_notify`, or `set_config` of an ordinary setting.
+    Session,
+    /// Reads or writes server files, runs programs, changes settings that
+    /// guard the audit or roles, or acts on other sessions or the server.
+    Privileged,
+    /// Code the proxy cannot see into: user functions, procedures, and
+    /// built-ins that run a query given as a string.
+    Opaque,
+}
+
+/// `pg_catalog` function names of PostgreSQL 15 with the volatility of each
+/// overload (see the file's header for how it was made).
+static BUILTINS: LazyLock<HashMap<&'static str, &'static str>> = LazyLock::new(|| {
+    include_str!("pg15_functions.txt")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('|'))
+        .collect()
+});
+
+/// Volatile built-ins that only read, wait or compute. Every other volatile
+/// built-in is privileged until someone looks at it and lists it here.
+const VOLATILE_READS: &[&str] = &[
+    "clock_timestamp",
+    "current_query",
+    "currval",
+    "gen_random_uuid",
+    "lastval",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_all",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_blocking_pids",
+    "pg_collation_actual_version",
+    "pg_current_wal_flush_lsn",
+    "pg_current_wal_insert_lsn",
+    "pg_current_wal_lsn",
+    "pg_database_collation_actual_version",
+    "pg_database_size",
+    "pg_get_wal_replay_pause_state",
+    "pg_indexes_size",
+    "pg_is_in_recovery",
+    "pg_is_wal_replay_paused",
+    "pg_jit_available",
+    "pg_last_committed_xact",
+    "pg_last_wal_receive_lsn",
+    "pg_last_wal_replay_lsn",
+    "pg_last_xact_replay_timestamp",
+    "pg_lock_status",
+    "pg_notification_queue_usage",
+    "pg_partition_ancestors",
+    "pg_partition_tree",
+    "pg_relation_size",
+    "pg_safe_snapshot_blocking_pids",
+    "pg_sequence_last_value",
+    "pg_sleep",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "pg_stat_clear_snapshot",
+    "pg_stat_have_stats",
+    "pg_table_size",
+    "pg_tablespace_size",
+    "pg_total_relation_size",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_xact_commit_timestamp",
+    "pg_xact_commit_timestamp_origin",
+    "pg_xact_status",
+    "random",
+    "setseed",
+    "timeofday",
+    "txid_status",
+];
+
+/// Volatile built-ins that write data the session owns or shares.
+const VOLATILE_WRITES: &[&str] = &[
+    "lo_close",
+    "lo_creat",
+    "lo_create",
+    "lo_from_bytea",
+    "lo_get",
+    "lo_lseek",
+    "lo_lseek64",
+    "lo_open",
+    "lo_put",
+    "lo_tell",
+    "lo_tell64",
+    "lo_truncate",
+    "lo_truncate64",
+    "lo_unlink",
+    "loread",
+    "lowrite",
+    "nextval",
+    "setval",
+];
+
+/// Built-ins that run SQL handed to them as text: as opaque as `EXECUTE`.
+const RUNS_QUERY_TEXT: &[&str] = &[
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "query_to_xml",
+    "query_to_xml_and_xmlschema",
+    "query_to_xmlschema",
+    "ts_rewrite",
+    "ts_stat",
+];
+
+/// Classifies a called function by its (possibly schema-qualified) name.
+///
+/// An unqualified name resolves to `pg_catalog` first because the catalog
+/// schema leads every search path that policy lets a session set.
+pub fn classify_function(name: &str) -> FunctionClass {
+    let bare = match name.rsplit_once('.') {
+        Some(("pg_catalog", f)) => f,
+        Some(_) => return FunctionClass::Opaque,
+        None => name,
+    };
+    let Some(volatility) = BUILTINS.get(bare) else {
+        return FunctionClass::Opaque;
+    };
+    if RUNS_QUERY_TEXT.contains(&bare) {
+        return FunctionClass::Opaque;
+    }
+    if bare == "pg_notify" || bare == "set_config" {
+        // set_config is decided by its arguments; see the analysis.
+        return FunctionClass::Session;
+    }
+    if !volatility.contains('v') {
+        return FunctionClass::Pure;
+    }
+    if VOLATILE_READS.contains(&bare) {
+        FunctionClass::Pure
+    } else if VOLATILE_WRITES.contains(&bare) {
+        FunctionClass::Writes
+    } else {
+        FunctionClass::Privileged
+    }
+}
+
+/// Settings only a superuser may change in PostgreSQL 15 (`pg_settings`
+/// context `superuser` or `superuser-backend`): audit logging, statistics,
+/// replication role, library loading.
+const SUPERUSER_SETTINGS: &[&str] = &[
+    "allow_in_place_tablespaces",
+    "allow_system_table_mods",
+    "backtrace_functions",
+    "commit_delay",
+    "compute_query_id",
+    "deadlock_timeout",
+    "debug_discard_caches",
+    "dynamic_library_path",
+    "extension_destdir",
+    "ignore_checksum_failure",
+    "jit_debugging_support",
+    "jit_dump_bitcode",
+    "jit_profiling_support",
+    "lc_messages",
+    "lo_compat_privileges",
+    "log_connections",
+    "log_disconnections",
+    "log_duration",
+    "log_error_verbosity",
+    "log_executor_stats",
+    "log_lock_waits",
+    "log_min_duration_sample",
+    "log_min_duration_statement",
+    "log_min_error_statement",
+    "log_min_messages",
+    "log_parameter_max_length",
+    "log_parser_stats",
+    "log_planner_stats",
+    "log_replication_commands",
+    "log_statement",
+    "log_statement_sample_rate",
+    "log_statement_stats",
+    "log_temp_files",
+    "log_transaction_sample_rate",
+    "max_stack_depth",
+    "session_preload_libraries",
+    "session_replication_role",
+    "temp_file_limit",
+    "track_activities",
+    "track_counts",
+    "track_functions",
+    "track_io_timing",
+    "track_wal_io_timing",
+    "update_process_title",
+    "wal_compression",
+    "wal_consistency_checking",
+    "wal_init_zero",
+    "wal_recycle",
+    "zero_damaged_pages",
+];
+
+/// Settings any role may change that still undo a guard: who the session
+/// is, how names resolve, row security, and the read-only default that
+/// interceptor sets for read-only principals.
+const GUARD_SETTINGS: &[&str] = &[
+    "default_transaction_read_only",
+    "local_preload_libraries",
+    "role",
+    "row_security",
+    "search_path",
+    "session_authorization",
+    "transaction_read_only",
+];
+
+/// Whether changing `name` is a privilege question rather than an ordinary
+/// session preference. Extension settings (`pgaudit.log`) count: they are
+/// how extensions are switched off.
+pub fn setting_is_guarded(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.contains('.')
+        || name.starts_with("log_")
+        || name.starts_with("track_")
+        || SUPERUSER_SETTINGS.contains(&name.as_str())
+        || GUARD_SETTINGS.contains(&name.as_str())
+}
+
+/// Catalogs that hold credentials or other roles' secrets; reading them is
+/// a privilege question whatever the read rules say.
+pub fn is_credential_catalog(table: &str) -> bool {
+    let bare = table.strip_prefix("pg_catalog.").unwrap_or(table);
+    matches!(
+        bare,
+        "pg_authid"
+            | "pg_shadow"
+            | "pg_user_mapping"
+            | "pg_user_mappings"
+            | "pg_statistic"
+            | "pg_largeobject"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_by_volatility_and_lists() {
+        assert_eq!(classify_function("lower"), FunctionClass::Pure);
+        assert_eq!(classify_function("pg_catalog.count"), FunctionClass::Pure);
+        assert_eq!(classify_function("now"), FunctionClass::Pure);
+        assert_eq!(classify_function("random"), FunctionClass::Pure);
+        assert_eq!(classify_function("pg_read_file"), FunctionClass::Privileged);
+        assert_eq!(
+            classify_function("pg_catalog.pg_terminate_backend"),
+            FunctionClass::Privileged
+        );
+        assert_eq!(classify_function("pg_ls_dir"), FunctionClass::Privileged);
+        assert_eq!(classify_function("lo_import"), FunctionClass::Privileged);
+        assert_eq!(classify_function("nextval"), FunctionClass::Writes);
+        assert_eq!(classify_function("query_to_xml"), FunctionClass::Opaque);
+        assert_eq!(classify_function("dblink"), FunctionClass::Opaque);
+        assert_eq!(classify_function("evil.lower"), FunctionClass::Opaque);
+        assert_eq!(classify_function("f_wipe"), FunctionClass::Opaque);
+    }
+
+    #[test]
+    fn catalog_is_loaded() {
+        assert!(BUILTINS.len() > 2500, "{} names", BUILTINS.len());
+        for f in VOLATILE_READS
+            .iter()
+            .chain(VOLATILE_WRITES)
+            .chain(RUNS_QUERY_TEXT)
+        {
+            assert!(
+                BUILTINS.contains_key(f),
+                "{f} is not a PostgreSQL 15 built-in"
+            );
+        }
+    }
+
+    #[test]
+    fn guarded_settings() {
+        for s in [
+            "role",
+            "ROLE",
+            "search_path",
+            "log_statement",
+            "session_replication_role",
+            "pgaudit.log",
+            "track_counts",
+            "row_security",
+        ] {
+            assert!(setting_is_guarded(s), "{s}");
+        }
+        for s in [
+            "statement_timeout",
+            "work_mem",
+            "timezone",
+            "application_name",
+        ] {
+            assert!(!setting_is_guarded(s), "{s}");
+        }
+    }
+}

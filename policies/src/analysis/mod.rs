@@ -1,0 +1,888 @@
+//! Statement analysis by PostgreSQL's own grammar (libpg_query).
+//!
+//! Every statement is summarised by libpg_query, whose walker is
+//! PostgreSQL's: the tables and functions it reports are every one in the
+//! tree, however deeply nested. Statement types whose meaning lives in
+//! options (COPY, EXPLAIN, SET, PREPARE, CREATE/DROP of temporary tables...)
+//! are parsed fully as well, and only their top-level fields are read.
+//! Nothing here depends on a session: what a statement means for this
+//! session (temporary tables, prepared names) is worked out in
+//! [`crate::session`].
+
+pub mod catalog;
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use pg_query::protobuf::{self, node::Node as N, summary_result::Context as Ctx};
+use serde::Serialize;
+
+pub use catalog::FunctionClass;
+use catalog::{classify_function, is_credential_catalog, setting_is_guarded};
+
+/// What a statement does, from least to most risky. A statement's kind is
+/// the riskiest thing anything inside it does.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// SELECT, SHOW, FETCH, plain EXPLAIN, COPY ... TO STDOUT.
+    Read,
+    /// SET of ordinary settings, LISTEN/NOTIFY, DEALLOCATE, DISCARD.
+    Session,
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT.
+    Transaction,
+    /// VACUUM and ANALYZE.
+    Maintenance,
+    /// INSERT, UPDATE, DELETE, MERGE, TRUNCATE, COPY FROM STDIN, sequences.
+    Write,
+    /// CREATE, ALTER, DROP and friends.
+    Ddl,
+    /// LOCK, CHECKPOINT, REINDEX, CLUSTER, two-phase commit.
+    Utility,
+    /// Roles, grants, guarded settings, server files and programs, admin
+    /// functions, credential catalogs, and opaque code.
+    Privilege,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::Read,
+        Kind::Session,
+        Kind::Transaction,
+        Kind::Maintenance,
+        Kind::Write,
+        Kind::Ddl,
+        Kind::Utility,
+        Kind::Privilege,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Read => "read",
+            Kind::Session => "session",
+            Kind::Transaction => "transaction",
+            Kind::Maintenance => "maintenance",
+            Kind::Write => "write",
+            Kind::Ddl => "ddl",
+            Kind::Utility => "utility",
+            Kind::Privilege => "privilege",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where COPY moves data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyEndpoint {
+    /// STDIN/STDOUT: the client.
+    Client,
+    /// A file on the database server.
+    ServerFile(String),
+    /// A program run by the database server.
+    Program(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Copy {
+    /// True for COPY FROM (into a table).
+    pub from: bool,
+    pub endpoint: CopyEndpoint,
+}
+
+/// Code whose effect no parser can see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "name", rename_all = "snake_case")]
+pub enum Opaque {
+    DoBlock,
+    /// A user-defined or unknown function.
+    Function(String),
+    /// CALL of a procedure.
+    Procedure(String),
+    /// A built-in that runs SQL given as text.
+    QueryText(String),
+}
+
+impl std::fmt::Display for Opaque {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Opaque::DoBlock => f.write_str("a DO block"),
+            Opaque::Function(n) => write!(f, "function {n}()"),
+            Opaque::Procedure(n) => write!(f, "procedure {n}()"),
+            Opaque::QueryText(n) => write!(f, "{n}(), which runs SQL given as text"),
+        }
+    }
+}
+
+/// One statement, as PostgreSQL's grammar sees it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Statement {
+    /// The top-level command, e.g. `select`, `insert`, `drop`, `set`.
+    pub command: String,
+    /// The riskiest thing the statement does, leaving opaque code aside.
+    pub base_kind: Option<Kind>,
+    /// Why `base_kind` is what it is, one line per contributing fact.
+    pub reasons: Vec<String>,
+    /// Tables and views read (CTE names excluded).
+    pub reads: Vec<String>,
+    /// Tables written by DML, TRUNCATE or COPY FROM.
+    pub writes: Vec<String>,
+    /// Objects created, altered or dropped.
+    pub ddl: Vec<String>,
+    /// Names of temporary tables this statement creates.
+    pub creates_temp: Vec<String>,
+    /// Tables this statement drops (DROP TABLE).
+    pub drops_tables: Vec<String>,
+    /// Functions called, with what each can do.
+    pub functions: Vec<(String, FunctionClass)>,
+    /// Settings changed (SET, RESET, set_config).
+    pub settings: Vec<String>,
+    pub copy: Option<Copy>,
+    /// `Some(analyze)` for EXPLAIN.
+    pub explain_analyze: Option<bool>,
+    pub opaque: Vec<Opaque>,
+    /// PREPARE name AS ...
+    pub prepares: Option<String>,
+    /// EXECUTE name
+    pub executes: Option<String>,
+    /// DEALLOCATE name; `Some("")` for DEALLOCATE ALL.
+    pub deallocates: Option<String>,
+    /// DISCARD ALL or DISCARD TEMP forgets temporary tables.
+    pub discards_temp: bool,
+    /// DISCARD ALL or DISCARD PLANS forgets prepared statements.
+    pub discards_prepared: bool,
+}
+
+impl Statement {
+    /// The kind with opaque code counted as the worst it could do.
+    pub fn kind(&self) -> Kind {
+        if self.opaque.is_empty() {
+            self.base_kind.unwrap_or(Kind::Read)
+        } else {
+            Kind::Privilege
+        }
+    }
+
+    fn raise(&mut self, kind: Kind, why: impl Into<String>) {
+        if self.base_kind.is_none_or(|k| kind > k) {
+            self.base_kind = Some(kind);
+        }
+        self.reasons.push(why.into());
+    }
+}
+
+/// A whole query string: one or more statements.
+#[derive(Debug, Clone, Serialize)]
+pub struct Analysis {
+    pub statements: Vec<Statement>,
+}
+
+/// Why a query string could not be analysed. The statement is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnalysisError {
+    #[error("the statement is not valid UTF-8")]
+    NotUtf8,
+    #[error("syntax error: {0}")]
+    Syntax(String),
+    #[error("the query string is empty")]
+    Empty,
+}
+
+impl AnalysisError {
+    /// The SQLSTATE a client sees.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            AnalysisError::NotUtf8 => "22021",
+            AnalysisError::Syntax(_) | AnalysisError::Empty => "42601",
+        }
+    }
+}
+
+/// Analyses `sql`, which may hold several statements.
+pub fn analyze(sql: &str) -> Result<Analysis, AnalysisError> {
+    let pieces = pg_query::split_with_parser(sql).map_err(syntax)?;
+    let mut statements = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        if piece.trim().is_empty() {
+            continue;
+        }
+        statements.push(analyze_one(piece)?);
+    }
+    Ok(Analysis { statements })
+}
+
+fn syntax(e: pg_query::Error) -> AnalysisError {
+    let msg = match e {
+        pg_query::Error::Parse(m) | pg_query::Error::Split(m) => m,
+        other => other.to_string(),
+    };
+    AnalysisError::Syntax(msg)
+}
+
+/// Statement types whose meaning is in their options: parse them fully.
+const NEEDS_DETAIL: &[&str] = &[
+    "CopyStmt",
+    "ExplainStmt",
+    "VariableSetStmt",
+    "PrepareStmt",
+    "ExecuteStmt",
+    "DeallocateStmt",
+    "CreateStmt",
+    "CreateTableAsStmt",
+    "DropStmt",
+    "DiscardStmt",
+    "TransactionStmt",
+    "ViewStmt",
+];
+
+fn analyze_one(sql: &str) -> Result<Statement, AnalysisError> {
+    let summary = pg_query::summary(sql, pg_query::ParserOptions::default(), -1).map_err(syntax)?;
+    let types: Vec<&str> = summary.statement_types.iter().map(String::as_str).collect();
+    let Some(&top) = types.first() else {
+        return Err(AnalysisError::Empty);
+    };
+    // PREPARE is judged as what it prepares.
+    let command = match (top, types.get(1)) {
+        ("PrepareStmt", Some(inner)) => command_name(inner),
+        _ => command_name(top),
+    };
+    let mut st = Statement {
+        command,
+        ..Statement::default()
+    };
+    let select_into = top == "SelectStmt" && summary.tables.iter().any(|t| t.context == Ctx::Ddl);
+    let detail = if select_into
+        || NEEDS_DETAIL.contains(&top)
+        || summary.functions.iter().any(|f| is_set_config(&f.name))
+    {
+        let parsed = pg_query::parse(sql, pg_query::ParserOptions::default()).map_err(syntax)?;
+        parsed
+            .protobuf
+            .stmts
+            .into_iter()
+            .next()
+            .and_then(|s| s.stmt)
+            .and_then(|s| s.node)
+    } else {
+        None
+    };
+
+    // EXPLAIN without ANALYZE plans but does not run what it explains.
+    let explain_only = match &detail {
+        Some(N::ExplainStmt(e)) => {
+            let analyze = e.options.iter().any(|o| match &o.node {
+                Some(N::DefElem(d)) => d.defname == "analyze" && def_is_true(d),
+                _ => false,
+            });
+            st.explain_analyze = Some(analyze);
+            !analyze
+        }
+        _ => false,
+    };
+
+    let counted = if explain_only {
+        &types[..1]
+    } else {
+        &types[..]
+    };
+    for ty in counted {
+        type_kind(&mut st, ty);
+    }
+    if explain_only {
+        st.raise(Kind::Read, "EXPLAIN without ANALYZE does not execute");
+    }
+
+    for t in &summary.tables {
+        let name = t.name.clone();
+        if is_credential_catalog(&name) {
+            st.raise(Kind::Privilege, format!("reads credential catalog {name}"));
+        }
+        match t.context {
+            Ctx::Dml if !explain_only => push_unique(&mut st.writes, name),
+            Ctx::Ddl if !explain_only => match top {
+                "VacuumStmt" => push_unique(&mut st.reads, name),
+                "TruncateStmt" => push_unique(&mut st.writes, name),
+                _ => push_unique(&mut st.ddl, name),
+            },
+            _ => push_unique(&mut st.reads, name),
+        }
+    }
+
+    for f in &summary.functions {
+        if f.context == Ctx::Ddl {
+            // Created, altered or dropped, not called: the statement type
+            // already makes it DDL.
+            continue;
+        }
+        let name = f.name.clone();
+        let class = if top == "CallStmt" {
+            FunctionClass::Opaque
+        } else {
+            classify_function(&name)
+        };
+        match class {
+            FunctionClass::Pure => {}
+            FunctionClass::Writes => st.raise(Kind::Write, format!("calls {name}(), which writes")),
+            FunctionClass::Session => st.raise(Kind::Session, format!("calls {name}()")),
+            FunctionClass::Privileged => st.raise(
+                Kind::Privilege,
+                format!("calls privileged built-in {name}()"),
+            ),
+            FunctionClass::Opaque if top == "CallStmt" => {
+                st.opaque.push(Opaque::Procedure(name.clone()))
+            }
+            FunctionClass::Opaque if catalog_runs_query_text(&name) => {
+                st.opaque.push(Opaque::QueryText(name.clone()))
+            }
+            FunctionClass::Opaque => st.opaque.push(Opaque::Function(name.clone())),
+        }
+        if !st.functions.iter().any(|(n, _)| *n == name) {
+            st.functions.push((name, class));
+        }
+    }
+
+    if let Some(node) = detail {
+        if st.functions.iter().any(|(n, _)| is_set_config(n)) {
+            set_config_calls(&mut st, &node);
+        }
+        apply_detail(&mut st, node);
+    }
+    if st.base_kind.is_none() {
+        st.raise(Kind::Read, "reads only");
+    }
+    Ok(st)
+}
+
+fn catalog_runs_query_text(name: &str) -> bool {
+    let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
+    !bare.contains('.')
+        && matches!(
+            bare,
+            "cursor_to_xml"
+                | "cursor_to_xmlschema"
+                | "query_to_xml"
+                | "query_to_xml_and_xmlschema"
+                | "query_to_xmlschema"
+                | "ts_rewrite"
+                | "ts_stat"
+        )
+}
+
+fn push_unique(v: &mut Vec<String>, s: String) {
+    if !v.contains(&s) {
+        v.push(s);
+    }
+}
+
+/// `SelectStmt` -> `select`, `CreateTableAsStmt` -> `create_table_as`.
+fn command_name(ty: &str) -> String {
+    let base = ty.strip_suffix("Stmt").unwrap_or(ty);
+    let mut out = String::with_capacity(base.len() + 4);
+    for (i, c) in base.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+/// The kind each statement node type contributes.
+fn type_kind(st: &mut Statement, ty: &str) {
+    use Kind::*;
+    let kind = match ty {
+        "SelectStmt" | "VariableShowStmt" | "FetchStmt" | "ClosePortalStmt"
+        | "DeclareCursorStmt" | "ExplainStmt" => Read,
+        "ListenStmt" | "UnlistenStmt" | "NotifyStmt" | "DeallocateStmt" | "DiscardStmt"
+        | "PrepareStmt" | "ExecuteStmt" | "VariableSetStmt" => Session,
+        "TransactionStmt" => Transaction,
+        "VacuumStmt" => Maintenance,
+        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" | "TruncateStmt" => Write,
+        "CopyStmt" => Read,
+        "LockStmt" | "CheckPointStmt" | "ReindexStmt" | "ClusterStmt" | "RefreshMatViewStmt"
+        | "ConstraintsSetStmt" => Utility,
+        "DoStmt" => {
+            st.opaque.push(Opaque::DoBlock);
+            return;
+        }
+        "CallStmt" => Read,
+        "CreateRoleStmt"
+        | "AlterRoleStmt"
+        | "AlterRoleSetStmt"
+        | "DropRoleStmt"
+        | "GrantStmt"
+        | "GrantRoleStmt"
+        | "AlterDefaultPrivilegesStmt"
+        | "ReassignOwnedStmt"
+        | "DropOwnedStmt"
+        | "AlterSystemStmt"
+        | "LoadStmt"
+        | "CreateExtensionStmt"
+        | "AlterExtensionStmt"
+        | "AlterExtensionContentsStmt"
+        | "CreateFdwStmt"
+        | "AlterFdwStmt"
+        | "CreateForeignServerStmt"
+        | "AlterForeignServerStmt"
+        | "CreateUserMappingStmt"
+        | "AlterUserMappingStmt"
+        | "DropUserMappingStmt"
+        | "ImportForeignSchemaStmt"
+        | "AlterDatabaseSetStmt"
+        | "AlterDatabaseStmt"
+        | "SecLabelStmt"
+        | "CreateEventTrigStmt"
+        | "AlterEventTrigStmt"
+        | "CreatePLangStmt"
+        | "CreateSubscriptionStmt"
+        | "AlterSubscriptionStmt"
+        | "DropSubscriptionStmt"
+        | "CreatePublicationStmt"
+        | "AlterPublicationStmt"
+        | "AlterOwnerStmt"
+        | "CreateTableSpaceStmt"
+        | "DropTableSpaceStmt"
+        | "AlterTableSpaceOptionsStmt"
+        | "AlterTableMoveAllStmt"
+        | "CreatedbStmt"
+        | "DropdbStmt"
+        | "AlterDatabaseRefreshCollStmt"
+        | "CreateConversionStmt"
+        | "CreateCastStmt"
+        | "CreateTransformStmt"
+        | "CreateAmStmt"
+        | "AlterSystem" => Privilege,
+        t if t.starts_with("Create")
+            || t.starts_with("Alter")
+            || t.starts_with("Drop")
+            || matches!(
+                t,
+                "RenameStmt"
+                    | "CommentStmt"
+                    | "DefineStmt"
+                    | "IndexStmt"
+                    | "RuleStmt"
+                    | "ViewStmt"
+                    | "CompositeTypeStmt"
+                    | "ReplicaIdentityStmt"
+            ) =>
+        {
+            Ddl
+        }
+        other => {
+            st.raise(
+                Privilege,
+                format!("{other} is a statement type interceptor does not classify"),
+            );
+            return;
+        }
+    };
+    let what = match kind {
+        Read => "reads",
+        Session => "changes session state",
+        Transaction => "controls the transaction",
+        Maintenance => "runs maintenance",
+        Write => "writes",
+        Ddl => "changes the schema",
+        Utility => "runs a utility command",
+        Privilege => "changes privileges or the server",
+    };
+    st.raise(kind, format!("{} {what}", command_name(ty)));
+}
+
+fn def_is_true(d: &protobuf::DefElem) -> bool {
+    match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+        None => true,
+        Some(N::Boolean(b)) => b.boolval,
+        Some(N::String(s)) => !matches!(
+            s.sval.to_ascii_lowercase().as_str(),
+            "false" | "off" | "0" | "no"
+        ),
+        Some(N::Integer(i)) => i.ival != 0,
+        Some(_) => true,
+    }
+}
+
+fn qualified(rv: &protobuf::RangeVar) -> String {
+    if rv.schemaname.is_empty() {
+        rv.relname.clone()
+    } else {
+        format!("{}.{}", rv.schemaname, rv.relname)
+    }
+}
+
+fn names(list: &[protobuf::Node]) -> String {
+    list.iter()
+        .filter_map(|n| match &n.node {
+            Some(N::String(s)) => Some(s.sval.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn into_temp(st: &mut Statement, rel: &protobuf::RangeVar) {
+    let name = qualified(rel);
+    if rel.relpersistence == "t" || rel.schemaname == "pg_temp" {
+        push_unique(&mut st.creates_temp, rel.relname.clone());
+    }
+    push_unique(&mut st.ddl, name);
+}
+
+/// Reads the top-level fields of statements whose meaning is in options.
+fn apply_detail(st: &mut Statement, node: N) {
+    match node {
+        N::CopyStmt(c) => {
+            let endpoint = if c.is_program {
+                CopyEndpoint::Program(c.filename.clone())
+            } else if !c.filename.is_empty() {
+                CopyEndpoint::ServerFile(c.filename.clone())
+            } else {
+                CopyEndpoint::Client
+            };
+            match &endpoint {
+                CopyEndpoint::Client => {}
+                CopyEndpoint::ServerFile(f) => {
+                    st.raise(Kind::Privilege, format!("COPY touches server file {f:?}"))
+                }
+                CopyEndpoint::Program(p) => {
+                    st.raise(Kind::Privilege, format!("COPY runs server program {p:?}"))
+                }
+            }
+            if c.is_from {
+                if let Some(rel) = &c.relation {
+                    let name = qualified(rel);
+                    st.reads.retain(|r| *r != name);
+                    push_unique(&mut st.writes, name);
+                }
+                st.raise(Kind::Write, "COPY FROM writes a table");
+            }
+            st.copy = Some(Copy {
+                from: c.is_from,
+                endpoint,
+            });
+        }
+        N::VariableSetStmt(v) => set_statement(st, &v),
+        N::PrepareStmt(p) => st.prepares = Some(p.name),
+        N::ExecuteStmt(e) => st.executes = Some(e.name),
+        N::DeallocateStmt(d) => st.deallocates = Some(if d.isall { String::new() } else { d.name }),
+        N::DiscardStmt(d) => {
+            let mode = protobuf::DiscardMode::try_from(d.target).ok();
+            st.discards_temp = matches!(
+                mode,
+                Some(protobuf::DiscardMode::DiscardAll | protobuf::DiscardMode::DiscardTemp)
+            );
+            st.discards_prepared = matches!(
+                mode,
+                Some(protobuf::DiscardMode::DiscardAll | protobuf::DiscardMode::DiscardPlans)
+            );
+        }
+        N::TransactionStmt(t) => {
+            use protobuf::TransactionStmtKind as T;
+            if matches!(
+                T::try_from(t.kind),
+                Ok(T::TransStmtPrepare | T::TransStmtCommitPrepared | T::TransStmtRollbackPrepared)
+            ) {
+                st.raise(
+                    Kind::Utility,
+                    "two-phase commit leaves a transaction holding locks",
+                );
+            }
+        }
+        N::CreateStmt(c) => {
+            if let Some(rel) = &c.relation {
+                into_temp(st, rel);
+            }
+        }
+        N::CreateTableAsStmt(c) => {
+            if let Some(rel) = c.into.as_ref().and_then(|i| i.rel.as_ref()) {
+                into_temp(st, rel);
+            }
+        }
+        N::ViewStmt(v) => {
+            if let Some(rel) = &v.view {
+                into_temp(st, rel);
+            }
+        }
+        N::SelectStmt(s) => {
+            if let Some(rel) = s.into_clause.as_ref().and_then(|i| i.rel.as_ref()) {
+                st.raise(Kind::Ddl, "SELECT INTO creates a table");
+                st.ddl.clear();
+                into_temp(st, rel);
+            }
+        }
+        N::DropStmt(d)
+            if protobuf::ObjectType::try_from(d.remove_type)
+                == Ok(protobuf::ObjectType::ObjectTable) =>
+        {
+            for o in &d.objects {
+                if let Some(N::List(l)) = &o.node {
+                    push_unique(&mut st.drops_tables, names(&l.items));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn set_statement(st: &mut Statement, v: &protobuf::VariableSetStmt) {
+    use protobuf::VariableSetKind as K;
+    let kind = K::try_from(v.kind).unwrap_or(K::Undefined);
+    match kind {
+        K::VarResetAll => {
+            st.settings.push("all".into());
+            st.raise(Kind::Session, "RESET ALL");
+        }
+        K::VarSetMulti => {
+            // SET TRANSACTION / SET SESSION CHARACTERISTICS AS TRANSACTION.
+            st.settings.push(v.name.clone());
+            st.raise(Kind::Transaction, format!("SET {}", v.name));
+        }
+        _ => {
+            let name = v.name.to_ascii_lowercase();
+            if setting_is_guarded(&name) {
+                st.raise(Kind::Privilege, format!("changes guarded setting {name}"));
+            }
+            st.settings.push(name);
+        }
+    }
+}
+
+/// Finds every `set_config(name, ...)` call and judges it by its setting.
+/// A name that is not a literal is guarded: it could be anything.
+fn set_config_calls(st: &mut Statement, node: &N) {
+    let Ok(tree) = serde_json::to_value(node) else {
+        st.raise(Kind::Privilege, "set_config() could not be inspected");
+        return;
+    };
+    let mut found = 0;
+    let mut stack = vec![&tree];
+    while let Some(v) = stack.pop() {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(call) = m.get("FuncCall")
+                    && func_name(call).is_some_and(|n| is_set_config(&n))
+                {
+                    found += 1;
+                    match first_arg_literal(call) {
+                        Some(name) => {
+                            let name = name.to_ascii_lowercase();
+                            if setting_is_guarded(&name) {
+                                st.raise(
+                                    Kind::Privilege,
+                                    format!("set_config() changes guarded setting {name}"),
+                                );
+                            }
+                            st.settings.push(name);
+                        }
+                        None => st.raise(
+                            Kind::Privilege,
+                            "set_config() with a setting name that is not a literal",
+                        ),
+                    }
+                }
+                stack.extend(m.values());
+            }
+            serde_json::Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
+    if found == 0 {
+        st.raise(
+            Kind::Privilege,
+            "set_config() is called where interceptor cannot read its arguments",
+        );
+    }
+}
+
+fn is_set_config(name: &str) -> bool {
+    name == "set_config" || name == "pg_catalog.set_config"
+}
+
+fn func_name(call: &serde_json::Value) -> Option<String> {
+    let parts: Vec<&str> = call
+        .get("funcname")?
+        .as_array()?
+        .iter()
+        .filter_map(|n| n.get("node")?.get("String")?.get("sval")?.as_str())
+        .collect();
+    Some(parts.join("."))
+}
+
+fn first_arg_literal(call: &serde_json::Value) -> Option<String> {
+    let arg = call.get("args")?.as_array()?.first()?;
+    let c = arg.get("node")?.get("AConst")?;
+    let s = c.get("val")?.get("Sval")?.get("sval")?.as_str()?;
+    Some(s.to_owned())
+}
+
+/// Analyses by statement text, remembered in an LRU: drivers and agents
+/// send the same statements again and again.
+/// An analysis as cached and shared between sessions.
+pub type SharedAnalysis = Arc<Result<Analysis, AnalysisError>>;
+
+type Cache = lru::LruCache<Box<str>, SharedAnalysis>;
+
+pub struct Analyzer {
+    cache: Mutex<Cache>,
+}
+
+impl Analyzer {
+    pub fn new(capacity: usize) -> Self {
+        Analyzer {
+            cache: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(capacity.max(1)).expect("max(1)"),
+            )),
+        }
+    }
+
+    pub fn analyze(&self, sql: &str) -> SharedAnalysis {
+        if let Some(hit) = self.lock().get(sql) {
+            return hit.clone();
+        }
+        let result = Arc::new(analyze(sql));
+        self.lock().put(sql.into(), result.clone());
+        result
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // A panic while holding the lock leaves a cache, not a broken
+        // invariant: keep using it.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Statement {
+        let mut a = analyze(sql).unwrap();
+        assert_eq!(a.statements.len(), 1, "{sql}");
+        a.statements.remove(0)
+    }
+
+    #[test]
+    fn kinds() {
+        for (sql, kind) in [
+            ("SELECT 1", Kind::Read),
+            ("SELECT 'drop table users'", Kind::Read),
+            ("-- DROP TABLE x\nSELECT count(*) FROM users", Kind::Read),
+            ("EXPLAIN DELETE FROM orders", Kind::Read),
+            ("EXPLAIN ANALYZE DELETE FROM orders", Kind::Write),
+            ("EXPLAIN (ANALYZE false) DELETE FROM orders", Kind::Read),
+            ("EXPLAIN (ANALYZE) DELETE FROM orders", Kind::Write),
+            (
+                "WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+                Kind::Write,
+            ),
+            ("DROP/**/TABLE/**/users", Kind::Ddl),
+            ("SET statement_timeout = '5s'", Kind::Session),
+            ("SET ROLE postgres", Kind::Privilege),
+            ("SET SESSION AUTHORIZATION postgres", Kind::Privilege),
+            ("RESET ROLE", Kind::Privilege),
+            ("SET LOCAL search_path = evil", Kind::Privilege),
+            (
+                "SELECT set_config('role', 'postgres', false)",
+                Kind::Privilege,
+            ),
+            (
+                "SELECT set_config('statement_timeout', '5s', false)",
+                Kind::Session,
+            ),
+            (
+                "SELECT 1 WHERE set_config(current_user, 'x', false) IS NULL",
+                Kind::Privilege,
+            ),
+            (
+                "SELECT pg_catalog.set_config('ROLE', 'x', false)",
+                Kind::Privilege,
+            ),
+            ("COPY (SELECT 1) TO PROGRAM 'id'", Kind::Privilege),
+            ("COPY orders TO '/tmp/x'", Kind::Privilege),
+            ("COPY orders TO STDOUT", Kind::Read),
+            ("COPY orders FROM STDIN", Kind::Write),
+            ("SELECT * INTO t FROM users", Kind::Ddl),
+            ("DO $$ BEGIN END $$", Kind::Privilege),
+            ("CALL p()", Kind::Privilege),
+            ("SELECT f_wipe()", Kind::Privilege),
+            ("SELECT ARRAY[pg_read_file('x')]", Kind::Privilege),
+            ("SELECT * FROM pg_authid", Kind::Privilege),
+            ("BEGIN", Kind::Transaction),
+            ("PREPARE TRANSACTION 'x'", Kind::Utility),
+            ("ANALYZE users", Kind::Maintenance),
+            ("VACUUM (VERBOSE) users", Kind::Maintenance),
+            ("GRANT pg_read_server_files TO agent", Kind::Privilege),
+            ("ALTER SYSTEM SET log_statement = 'none'", Kind::Privilege),
+            ("SELECT nextval('s')", Kind::Write),
+            ("TRUNCATE orders", Kind::Write),
+            ("LISTEN x", Kind::Session),
+            ("PREPARE x AS DELETE FROM orders", Kind::Write),
+            (
+                "SELECT query_to_xml('select 1', true, true, '')",
+                Kind::Privilege,
+            ),
+        ] {
+            assert_eq!(one(sql).kind(), kind, "{sql}: {:?}", one(sql));
+        }
+    }
+
+    #[test]
+    fn tables_and_temp() {
+        let s = one("CREATE TEMP TABLE scratch(a int)");
+        assert_eq!(s.creates_temp, vec!["scratch"]);
+        let s = one("CREATE TABLE pg_temp.scratch(a int)");
+        assert_eq!(s.creates_temp, vec!["scratch"]);
+        let s = one("CREATE TABLE scratch(a int)");
+        assert!(s.creates_temp.is_empty());
+        let s = one("DROP TABLE scratch, public.users");
+        assert_eq!(s.drops_tables, vec!["scratch", "public.users"]);
+        let s = one("INSERT INTO audit_log SELECT id::text FROM users");
+        assert_eq!(s.writes, vec!["audit_log"]);
+        assert_eq!(s.reads, vec!["users"]);
+        let s = one("SELECT * INTO TEMP t2 FROM users");
+        assert_eq!(s.creates_temp, vec!["t2"]);
+    }
+
+    #[test]
+    fn multi_and_lexer_tricks() {
+        let a = analyze("SELECT $a$ ; $a$; DROP TABLE orders; SELECT $b$ $a$ $b$").unwrap();
+        assert_eq!(a.statements.len(), 3);
+        assert_eq!(a.statements[1].kind(), Kind::Ddl);
+        assert!(analyze("SELEC 1").is_err());
+        assert!(analyze("").is_ok_and(|a| a.statements.is_empty()));
+    }
+
+    #[test]
+    fn prepare_and_execute_names() {
+        let a = analyze("PREPARE q(int) AS SELECT 1; EXECUTE q(1); DEALLOCATE q").unwrap();
+        assert_eq!(a.statements[0].prepares.as_deref(), Some("q"));
+        assert_eq!(a.statements[1].executes.as_deref(), Some("q"));
+        assert_eq!(a.statements[2].deallocates.as_deref(), Some("q"));
+    }
+
+    #[test]
+    fn cache_returns_same_analysis() {
+        let an = Analyzer::new(4);
+        let a = an.analyze("SELECT 1");
+        let b = an.analyze("SELECT 1");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+}

@@ -1,0 +1,543 @@
+//! Policy as code: a TOML file of identity groups and ordered rules.
+//!
+//! The first rule that matches a statement decides it. A statement no rule
+//! matches is denied: the default is deny, and it cannot be changed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use globset::{Glob, GlobMatcher};
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+use crate::analysis::{Kind, Opaque, Statement};
+use crate::principal::Principal;
+
+/// A policy file.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Format version; must be 1.
+    pub version: u32,
+    /// Functions (globs on `schema.name`, or `name` for the search path)
+    /// whose code policy trusts: they count as reads, not as opaque code.
+    #[serde(default)]
+    pub trusted_functions: Vec<String>,
+    /// Trust DO blocks. Off by default: a DO block can do anything.
+    #[serde(default)]
+    pub trust_do_blocks: bool,
+    /// Identity groups. A principal belongs to every group it matches.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupSpec>,
+    /// Ordered rules; the first that matches decides.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleSpec>,
+}
+
+/// Who is in a group. Every field given must match; a list matches when any
+/// of its globs does. A group with no fields holds everyone.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    pub name: String,
+    /// PostgreSQL user names the client logged in as.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Unix user ids of the intercepted process.
+    #[serde(default)]
+    pub uids: Vec<u32>,
+    /// Process names (comm) of the intercepted process.
+    #[serde(default)]
+    pub comms: Vec<String>,
+    /// Executable paths of the intercepted process.
+    #[serde(default)]
+    pub exes: Vec<String>,
+    /// cgroup paths of the intercepted process.
+    #[serde(default)]
+    pub cgroups: Vec<String>,
+    /// Job names given to `interceptor run --job`.
+    #[serde(default)]
+    pub jobs: Vec<String>,
+    /// True: only connections the kernel redirected; false: only
+    /// connections made to a listener directly.
+    #[serde(default)]
+    pub intercepted: Option<bool>,
+    /// CI variables captured by `interceptor run` (unverified: the job's
+    /// own environment), e.g. `{ GITHUB_REPOSITORY = ["org/*"] }`.
+    #[serde(default)]
+    pub ci: BTreeMap<String, Vec<String>>,
+}
+
+/// One rule. Every condition given must hold for the rule to match.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Named in audit rows, denials and `policy explain`.
+    pub id: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The principal is in at least one of these groups. Empty: anyone.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Target names (globs). Empty: any.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Database names (globs). Empty: any.
+    #[serde(default)]
+    pub databases: Vec<String>,
+    /// Statement kinds. Empty: any.
+    #[serde(default)]
+    pub kinds: Vec<Kind>,
+    /// Top-level commands, e.g. `insert`, `select`, `create`. Empty: any.
+    #[serde(default)]
+    pub commands: Vec<String>,
+    /// Every table read matches one of these globs.
+    #[serde(default)]
+    pub reads: Option<Vec<String>>,
+    /// Every table written, created, altered or dropped matches one of
+    /// these globs.
+    #[serde(default)]
+    pub writes: Option<Vec<String>>,
+    /// Every table the statement writes, creates, alters or drops is a
+    /// temporary table of this session (and there is at least one).
+    #[serde(default)]
+    pub temporary_only: bool,
+    /// Every function called that is not a pure built-in matches one of
+    /// these globs.
+    #[serde(default)]
+    pub functions: Option<Vec<String>>,
+    /// Every setting changed matches one of these globs.
+    #[serde(default)]
+    pub settings: Option<Vec<String>>,
+    pub decision: Verdict,
+    /// Why; shown to the client on deny and hold.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// What the agent can do instead; shown as the error's HINT.
+    #[serde(default)]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    Hold,
+}
+
+/// A policy file that failed to load, with where.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+fn glob(p: &str) -> Result<GlobMatcher, String> {
+    Glob::new(p)
+        .map(|g| g.compile_matcher())
+        .map_err(|e| format!("bad pattern {p:?}: {e}"))
+}
+
+fn globs(ps: &[String]) -> Result<Vec<GlobMatcher>, String> {
+    ps.iter().map(|p| glob(p)).collect()
+}
+
+fn any(ms: &[GlobMatcher], s: &str) -> bool {
+    ms.iter().any(|m| m.is_match(s))
+}
+
+struct Group {
+    name: String,
+    users: Vec<GlobMatcher>,
+    uids: Vec<u32>,
+    comms: Vec<GlobMatcher>,
+    exes: Vec<GlobMatcher>,
+    cgroups: Vec<GlobMatcher>,
+    jobs: Vec<GlobMatcher>,
+    intercepted: Option<bool>,
+    ci: Vec<(String, Vec<GlobMatcher>)>,
+}
+
+impl Group {
+    fn holds(&self, p: &Principal) -> bool {
+        fn field(ms: &[GlobMatcher], v: Option<&str>) -> bool {
+            ms.is_empty() || v.is_some_and(|v| any(ms, v))
+        }
+        field(&self.users, Some(&p.user))
+            && (self.uids.is_empty() || p.uid.is_some_and(|u| self.uids.contains(&u)))
+            && field(&self.comms, p.comm.as_deref())
+            && field(&self.exes, p.exe.as_deref())
+            && field(&self.cgroups, p.cgroup.as_deref())
+            && field(&self.jobs, p.job.as_deref())
+            && self.intercepted.is_none_or(|i| i == p.intercepted)
+            && self
+                .ci
+                .iter()
+                .all(|(k, ms)| field(ms, p.ci.get(k).map(String::as_str)))
+    }
+}
+
+struct Rule {
+    spec: RuleSpec,
+    groups: Vec<usize>,
+    targets: Vec<GlobMatcher>,
+    databases: Vec<GlobMatcher>,
+    reads: Option<Vec<GlobMatcher>>,
+    writes: Option<Vec<GlobMatcher>>,
+    functions: Option<Vec<GlobMatcher>>,
+    settings: Option<Vec<GlobMatcher>>,
+}
+
+/// A loaded, checked policy.
+pub struct Policy {
+    pub source: String,
+    groups: Vec<Group>,
+    rules: Vec<Rule>,
+    trusted: Vec<GlobMatcher>,
+    trust_do_blocks: bool,
+}
+
+/// Where a session stands: its principal's groups, target and database.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub groups: Vec<usize>,
+    pub group_names: Vec<String>,
+    pub target: String,
+    pub database: String,
+}
+
+/// Facts about one statement that depend on the session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SessionFacts {
+    /// Every table the statement writes or changes is a session temp table.
+    pub temporary_only: bool,
+}
+
+/// The outcome for one statement, with the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// The deciding rule's id; `None` is the default deny.
+    pub rule: Option<String>,
+    pub reason: String,
+    pub hint: Option<String>,
+}
+
+fn strip_public(name: &str) -> &str {
+    name.strip_prefix("public.").unwrap_or(name)
+}
+
+fn tables_match(ms: &[GlobMatcher], tables: &[&String]) -> bool {
+    tables
+        .iter()
+        .all(|t| any(ms, t) || any(ms, strip_public(t)))
+}
+
+impl Policy {
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Policy::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and checks a policy; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+        let at = |offset: Option<usize>, message: String| {
+            let (line, column) = offset.map_or((0, 0), |o| line_col(text, o));
+            PolicyError::Invalid {
+                path: origin.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let file: PolicyFile = toml::from_str(text)
+            .map_err(|e| at(e.span().map(|s| s.start), e.message().to_owned()))?;
+        // Semantic errors point at the offending name in the text.
+        let find = |needle: &str| text.find(needle);
+        if file.version != 1 {
+            return Err(at(
+                find("version"),
+                format!(
+                    "unsupported version {}; this interceptor reads version 1",
+                    file.version
+                ),
+            ));
+        }
+        let mut groups = Vec::new();
+        for g in &file.groups {
+            if groups.iter().any(|x: &Group| x.name == g.name) {
+                return Err(at(
+                    find(&format!("\"{}\"", g.name)),
+                    format!("group {:?} is defined twice", g.name),
+                ));
+            }
+            let err = |m| {
+                at(
+                    find(&format!("\"{}\"", g.name)),
+                    format!("group {:?}: {m}", g.name),
+                )
+            };
+            groups.push(Group {
+                name: g.name.clone(),
+                users: globs(&g.users).map_err(err)?,
+                uids: g.uids.clone(),
+                comms: globs(&g.comms).map_err(err)?,
+                exes: globs(&g.exes).map_err(err)?,
+                cgroups: globs(&g.cgroups).map_err(err)?,
+                jobs: globs(&g.jobs).map_err(err)?,
+                intercepted: g.intercepted,
+                ci: g
+                    .ci
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), globs(v)?)))
+                    .collect::<Result<_, String>>()
+                    .map_err(err)?,
+            });
+        }
+        let mut rules: Vec<Rule> = Vec::new();
+        for r in &file.rules {
+            let err = |m: String| {
+                at(
+                    find(&format!("\"{}\"", r.id)),
+                    format!("rule {:?}: {m}", r.id),
+                )
+            };
+            if rules.iter().any(|x| x.spec.id == r.id) {
+                return Err(err("the id is used twice".into()));
+            }
+            let mut ids = Vec::new();
+            for name in &r.groups {
+                let i = groups
+                    .iter()
+                    .position(|g| g.name == *name)
+                    .ok_or_else(|| err(format!("unknown group {name:?}")))?;
+                ids.push(i);
+            }
+            if r.decision != Verdict::Allow && r.reason.is_none() {
+                return Err(err("a deny or hold rule needs a `reason`".into()));
+            }
+            let opt = |v: &Option<Vec<String>>| v.as_deref().map(globs).transpose();
+            rules.push(Rule {
+                groups: ids,
+                targets: globs(&r.targets).map_err(&err)?,
+                databases: globs(&r.databases).map_err(&err)?,
+                reads: opt(&r.reads).map_err(&err)?,
+                writes: opt(&r.writes).map_err(&err)?,
+                functions: opt(&r.functions).map_err(&err)?,
+                settings: opt(&r.settings).map_err(&err)?,
+                spec: r.clone(),
+            });
+        }
+        Ok(Policy {
+            source: origin.to_owned(),
+            groups,
+            rules,
+            trusted: globs(&file.trusted_functions)
+                .map_err(|m| at(find("trusted_functions"), m))?,
+            trust_do_blocks: file.trust_do_blocks,
+        })
+    }
+
+    /// The groups `p` belongs to, and where the session goes.
+    pub fn subject(&self, p: &Principal, target: &str, database: &str) -> Subject {
+        let groups: Vec<usize> = (0..self.groups.len())
+            .filter(|&i| self.groups[i].holds(p))
+            .collect();
+        Subject {
+            group_names: groups
+                .iter()
+                .map(|&i| self.groups[i].name.clone())
+                .collect(),
+            groups,
+            target: target.to_owned(),
+            database: database.to_owned(),
+        }
+    }
+
+    /// The statement's kind once trusted code is taken at its word.
+    pub fn effective_kind(&self, st: &Statement) -> Kind {
+        let trusted = st.opaque.iter().all(|o| match o {
+            Opaque::DoBlock => self.trust_do_blocks,
+            Opaque::Function(n) | Opaque::Procedure(n) | Opaque::QueryText(n) => {
+                any(&self.trusted, n)
+            }
+        });
+        if trusted {
+            st.base_kind.unwrap_or(Kind::Read)
+        } else {
+            Kind::Privilege
+        }
+    }
+
+    /// Whether any allowing rule lets this subject do more than read: if
+    /// not, the upstream session is opened read-only.
+    pub fn read_only_for(&self, s: &Subject) -> bool {
+        !self.rules.iter().any(|r| {
+            r.spec.decision != Verdict::Deny
+                && self.subject_matches(r, s)
+                && (r.spec.kinds.is_empty()
+                    || r.spec
+                        .kinds
+                        .iter()
+                        .any(|k| !matches!(k, Kind::Read | Kind::Session | Kind::Transaction)))
+        })
+    }
+
+    fn subject_matches(&self, r: &Rule, s: &Subject) -> bool {
+        (r.groups.is_empty() || r.groups.iter().any(|g| s.groups.contains(g)))
+            && (r.targets.is_empty() || any(&r.targets, &s.target))
+            && (r.databases.is_empty() || any(&r.databases, &s.database))
+    }
+
+    fn statement_matches(&self, r: &Rule, st: &Statement, kind: Kind, facts: SessionFacts) -> bool {
+        let spec = &r.spec;
+        if !spec.kinds.is_empty() && !spec.kinds.contains(&kind) {
+            return false;
+        }
+        if !spec.commands.is_empty() && !spec.commands.contains(&st.command) {
+            return false;
+        }
+        if let Some(ms) = &r.reads
+            && !tables_match(ms, &st.reads.iter().collect::<Vec<_>>())
+        {
+            return false;
+        }
+        if let Some(ms) = &r.writes {
+            let changed: Vec<&String> = st
+                .writes
+                .iter()
+                .chain(&st.ddl)
+                .chain(&st.drops_tables)
+                .collect();
+            if !tables_match(ms, &changed) {
+                return false;
+            }
+        }
+        if spec.temporary_only && !facts.temporary_only {
+            return false;
+        }
+        if let Some(ms) = &r.functions
+            && !st
+                .functions
+                .iter()
+                .filter(|(_, c)| *c != crate::analysis::FunctionClass::Pure)
+                .all(|(n, _)| any(ms, n))
+        {
+            return false;
+        }
+        if let Some(ms) = &r.settings
+            && !st.settings.iter().all(|n| any(ms, n))
+        {
+            return false;
+        }
+        true
+    }
+
+    /// Decides one statement for a subject.
+    pub fn decide(&self, s: &Subject, st: &Statement, facts: SessionFacts) -> Decision {
+        let kind = self.effective_kind(st);
+        for r in &self.rules {
+            if self.subject_matches(r, s) && self.statement_matches(r, st, kind, facts) {
+                let spec = &r.spec;
+                let reason = match (&spec.reason, spec.decision) {
+                    (Some(reason), _) => format!("{reason} ({})", describe(st, kind)),
+                    (None, _) => spec
+                        .description
+                        .clone()
+                        .unwrap_or_else(|| format!("allowed by rule {}", spec.id)),
+                };
+                return Decision {
+                    verdict: spec.decision,
+                    rule: Some(spec.id.clone()),
+                    reason,
+                    hint: spec.hint.clone(),
+                };
+            }
+        }
+        let why = describe(st, kind);
+        let allowed: Vec<&str> = Kind::ALL
+            .iter()
+            .filter(|k| {
+                self.rules.iter().any(|r| {
+                    r.spec.decision == Verdict::Allow
+                        && self.subject_matches(r, s)
+                        && r.spec.kinds.contains(k)
+                })
+            })
+            .map(|k| k.as_str())
+            .collect();
+        Decision {
+            verdict: Verdict::Deny,
+            rule: None,
+            reason: format!("no policy rule allows this {kind} statement: {why}"),
+            hint: Some(if allowed.is_empty() {
+                "This identity may not run any statements; ask an operator to add a policy rule."
+                    .to_owned()
+            } else {
+                format!(
+                    "This identity may run {} statements (within the policy's limits); ask an operator if you need more.",
+                    allowed.join(", ")
+                )
+            }),
+        }
+    }
+}
+
+/// One line on what a statement does, for denials and `policy explain`.
+pub fn describe(st: &Statement, kind: Kind) -> String {
+    let mut parts = Vec::new();
+    if !st.opaque.is_empty() && kind == Kind::Privilege {
+        let o: Vec<String> = st.opaque.iter().map(ToString::to_string).collect();
+        parts.push(format!(
+            "runs code interceptor cannot inspect ({})",
+            o.join(", ")
+        ));
+    }
+    let mut reasons: Vec<&str> = st
+        .reasons
+        .iter()
+        .map(String::as_str)
+        .filter(|r| *r != "reads only")
+        .collect();
+    reasons.dedup();
+    parts.extend(reasons.iter().map(|r| r.to_string()));
+    let changed: Vec<&str> = st
+        .writes
+        .iter()
+        .chain(&st.ddl)
+        .map(String::as_str)
+        .collect();
+    if !changed.is_empty() {
+        parts.push(format!("touches {}", changed.join(", ")));
+    }
+    if parts.is_empty() {
+        parts.push(st.command.clone());
+    }
+    parts.join("; ")
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// The JSON schema of the policy file.
+pub fn schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(PolicyFile)).expect("schema is JSON")
+}

@@ -1,0 +1,233 @@
+//! A session's view of policy: what earlier statements left behind
+//! (temporary tables, SQL-level prepared statements), and all-or-nothing
+//! checks of query strings that carry several statements.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::analysis::{Analysis, AnalysisError, Statement};
+use crate::policy::{Decision, Policy, SessionFacts, Subject, Verdict};
+
+/// A refusal, ready to be sent as an ErrorResponse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub sqlstate: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+    /// The deciding rule; `None` for the default deny or a parse failure.
+    pub rule: Option<String>,
+}
+
+impl Refusal {
+    fn from_decision(d: Decision, index: usize, of: usize) -> Refusal {
+        let which = if of > 1 {
+            format!(" (statement {} of {of}; none of them ran)", index + 1)
+        } else {
+            String::new()
+        };
+        let (sqlstate, message) = match d.verdict {
+            Verdict::Hold => (
+                "42501",
+                format!(
+                    "interceptor: statement requires approval{which}: {}",
+                    d.reason
+                ),
+            ),
+            _ => (
+                "42501",
+                format!("interceptor: statement denied{which}: {}", d.reason),
+            ),
+        };
+        Refusal {
+            sqlstate,
+            message,
+            hint: match d.verdict {
+                Verdict::Hold => Some(d.hint.unwrap_or_else(|| {
+                    "Approvals are not available yet; ask an operator to run it.".into()
+                })),
+                _ => d.hint,
+            },
+            rule: d.rule,
+        }
+    }
+
+    pub fn unparseable(e: &AnalysisError) -> Refusal {
+        Refusal {
+            sqlstate: e.sqlstate(),
+            message: format!("interceptor: statement refused because it cannot be analysed: {e}"),
+            hint: Some("interceptor only runs statements PostgreSQL's grammar accepts.".into()),
+            rule: None,
+        }
+    }
+}
+
+/// The outcome for a whole query string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// Every statement is allowed; the rules that allowed them, in order.
+    Allowed(Vec<Option<String>>),
+    Refused(Refusal),
+}
+
+/// Per-session policy state.
+pub struct SessionPolicy {
+    pub subject: Subject,
+    temp_tables: HashSet<String>,
+    prepared: HashMap<String, Statement>,
+}
+
+enum Change {
+    Temp(String),
+    DropTemp(String),
+    Prepare(String, Box<Statement>),
+    Deallocate(String),
+    DiscardTemp,
+    DiscardPrepared,
+}
+
+impl SessionPolicy {
+    pub fn new(subject: Subject) -> Self {
+        SessionPolicy {
+            subject,
+            temp_tables: HashSet::new(),
+            prepared: HashMap::new(),
+        }
+    }
+
+    /// Checks every statement of a query string; remembers what they leave
+    /// behind only when all are allowed (none run otherwise).
+    pub fn check(&mut self, policy: &Policy, analysis: &Result<Analysis, AnalysisError>) -> Check {
+        let analysis = match analysis {
+            Ok(a) => a,
+            Err(e) => return Check::Refused(Refusal::unparseable(e)),
+        };
+        let mut changes = Vec::new();
+        let mut rules = Vec::with_capacity(analysis.statements.len());
+        let n = analysis.statements.len();
+        for (i, st) in analysis.statements.iter().enumerate() {
+            let d = self.decide_one(policy, st, &changes);
+            if d.verdict != Verdict::Allow {
+                return Check::Refused(Refusal::from_decision(d, i, n));
+            }
+            rules.push(d.rule);
+            self.record(st, &mut changes);
+        }
+        for c in changes {
+            match c {
+                Change::Temp(t) => {
+                    self.temp_tables.insert(t);
+                }
+                Change::DropTemp(t) => {
+                    self.temp_tables.remove(&t);
+                }
+                Change::Prepare(name, st) => {
+                    self.prepared.insert(name, *st);
+                }
+                Change::Deallocate(name) => {
+                    self.prepared.remove(&name);
+                }
+                Change::DiscardTemp => self.temp_tables.clear(),
+                Change::DiscardPrepared => self.prepared.clear(),
+            }
+        }
+        Check::Allowed(rules)
+    }
+
+    fn is_temp(&self, name: &str, pending: &[Change]) -> bool {
+        let bare = match name.split_once('.') {
+            Some(("pg_temp", t)) => t,
+            Some(_) => return false,
+            None => name,
+        };
+        let mut temp = self.temp_tables.contains(bare);
+        for c in pending {
+            match c {
+                Change::Temp(t) if t == bare => temp = true,
+                Change::DropTemp(t) if t == bare => temp = false,
+                Change::DiscardTemp => temp = false,
+                _ => {}
+            }
+        }
+        temp
+    }
+
+    fn prepared_statement<'a>(
+        &'a self,
+        name: &str,
+        pending: &'a [Change],
+    ) -> Option<&'a Statement> {
+        let mut found = self.prepared.get(name);
+        for c in pending {
+            match c {
+                Change::Prepare(n, st) if n == name => found = Some(st),
+                Change::Deallocate(n) if n == name || n.is_empty() => found = None,
+                Change::DiscardPrepared => found = None,
+                _ => {}
+            }
+        }
+        found
+    }
+
+    fn decide_one(&self, policy: &Policy, st: &Statement, pending: &[Change]) -> Decision {
+        let targets: Vec<&String> = st
+            .writes
+            .iter()
+            .chain(&st.ddl)
+            .chain(&st.drops_tables)
+            .collect();
+        let temporary_only = !targets.is_empty()
+            && targets.iter().all(|t| {
+                st.creates_temp
+                    .iter()
+                    .any(|c| c == *t || format!("pg_temp.{c}") == **t)
+                    || self.is_temp(t, pending)
+            });
+        let d = policy.decide(&self.subject, st, SessionFacts { temporary_only });
+        if d.verdict != Verdict::Allow {
+            return d;
+        }
+        if let Some(name) = &st.executes {
+            // EXECUTE runs what PREPARE stored; it keeps the decision the
+            // stored statement gets now.
+            return match self.prepared_statement(name, pending) {
+                Some(inner) => self.decide_one(policy, inner, pending),
+                None => Decision {
+                    verdict: Verdict::Deny,
+                    rule: None,
+                    reason: format!(
+                        "prepared statement \"{name}\" was not prepared through interceptor in this session"
+                    ),
+                    hint: Some("PREPARE it in this session first.".into()),
+                },
+            };
+        }
+        d
+    }
+
+    fn record(&self, st: &Statement, changes: &mut Vec<Change>) {
+        if st.discards_temp {
+            changes.push(Change::DiscardTemp);
+        }
+        if st.discards_prepared {
+            changes.push(Change::DiscardPrepared);
+        }
+        for t in &st.creates_temp {
+            changes.push(Change::Temp(t.clone()));
+        }
+        for t in &st.drops_tables {
+            let bare = t.strip_prefix("pg_temp.").unwrap_or(t);
+            if !bare.contains('.') {
+                changes.push(Change::DropTemp(bare.to_owned()));
+            }
+        }
+        if let Some(name) = &st.prepares {
+            changes.push(Change::Prepare(name.clone(), Box::new(st.clone())));
+        }
+        if let Some(name) = &st.deallocates {
+            changes.push(Change::Deallocate(name.clone()));
+        }
+    }
+}
+
+/// A shareable policy, swapped whole on reload.
+pub type SharedPolicy = Arc<Policy>;

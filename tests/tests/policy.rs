@@ -1,0 +1,396 @@
+//! Statement policy through the real proxy to a real PostgreSQL 15, with
+//! the proxy logged in upstream as a superuser (the corpus's worst case).
+//!
+//! Every case of the public corpus runs against its own fresh copy of the
+//! fixture database: destructive and privilege cases must leave their
+//! damage check false, benign cases must give the same output as direct.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use interceptor_tests::pg::{self, PgCluster};
+use interceptor_tests::proxy::{Proxy, ProxyOptions};
+use interceptor_tests::wire::{RawClient, error_field, first_error, frame};
+use interceptor_tests::workspace_root;
+
+fn corpus() -> Vec<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(workspace_root().join("tests/corpus/bypass-public.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn reference_policy() -> PathBuf {
+    workspace_root().join("policies/examples/agent.toml")
+}
+
+/// Exfiltration cases that only masking stops (issue 6): the reference
+/// policy lets agents read any table, so these are reads it allows.
+const NEEDS_MASKING: &[&str] = &["e09", "e11", "e18", "e20", "e29"];
+
+/// The fixture as a template database, made once per test process.
+fn template(pg: &PgCluster) -> &'static str {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let fixture =
+            std::fs::read_to_string(workspace_root().join("tests/corpus/fixture.sql")).unwrap();
+        pg.psql_admin("postgres", "CREATE DATABASE bypass_tpl")
+            .unwrap();
+        pg.psql_admin("bypass_tpl", &fixture).unwrap();
+        let _ = pg.psql_admin("postgres", "CREATE ROLE agent LOGIN NOSUPERUSER");
+    });
+    "bypass_tpl"
+}
+
+fn fresh_db(pg: &PgCluster, name: &str) -> String {
+    let tpl = template(pg);
+    let db = format!("case_{name}");
+    pg.psql_admin(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    )
+    .unwrap();
+    pg.psql_admin("postgres", &format!("CREATE DATABASE {db} TEMPLATE {tpl}"))
+        .unwrap();
+    db
+}
+
+fn psql(conninfo: &str, messages: &[String]) -> Output {
+    let mut cmd = Command::new(pg::psql_path());
+    cmd.args(["-X", "-At", "-v", "ON_ERROR_STOP=1"]);
+    for m in messages {
+        cmd.arg("-c").arg(m);
+    }
+    cmd.arg(conninfo).output().expect("run psql")
+}
+
+fn direct_conninfo(pg: &PgCluster, db: &str) -> String {
+    format!(
+        "host={} port={} user=postgres dbname={db}",
+        pg.socket_dir.display(),
+        pg.port
+    )
+}
+
+fn messages(case: &serde_json::Value) -> Vec<String> {
+    match case.get("sequence") {
+        Some(seq) => seq
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect(),
+        None => vec![case["sql"].as_str().unwrap().to_owned()],
+    }
+}
+
+/// Parse/Bind/Execute/Sync of one statement; returns the replies.
+fn extended(port: u16, db: &str, sql: &str, binary: bool) -> Vec<(u8, Vec<u8>)> {
+    let (mut c, _) = RawClient::login(port, "agent", db).expect("login");
+    let mut parse = Vec::new();
+    parse.extend_from_slice(b"\0");
+    parse.extend_from_slice(sql.as_bytes());
+    parse.extend_from_slice(b"\0\0\0");
+    let mut bind = b"\0\0".to_vec();
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    if binary {
+        bind.extend_from_slice(&1i16.to_be_bytes());
+        bind.extend_from_slice(&1i16.to_be_bytes());
+    } else {
+        bind.extend_from_slice(&0i16.to_be_bytes());
+    }
+    let mut out = frame(b'P', &parse);
+    out.extend(frame(b'B', &bind));
+    out.extend(frame(b'E', b"\0\0\0\0\0"));
+    out.extend(frame(b'S', b""));
+    c.send(&out).unwrap();
+    c.read_until_ready().unwrap()
+}
+
+fn damage(pg: &PgCluster, db: &str, case: &serde_json::Value) -> Option<String> {
+    let check = case.get("check")?.as_str()?;
+    Some(pg.psql_admin(db, check).unwrap().trim().to_owned())
+}
+
+#[test]
+fn corpus_through_the_proxy_under_the_reference_policy() {
+    let pg = pg::shared();
+    let proxy = Proxy::start(
+        pg,
+        ProxyOptions {
+            client_tls: false,
+            policy: Some(reference_policy()),
+            ..Default::default()
+        },
+    )
+    .expect("start proxy");
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for case in corpus() {
+        let id = case["id"].as_str().unwrap().to_owned();
+        let intent = case["intent"].as_str().unwrap();
+        if NEEDS_MASKING.contains(&id.as_str()) {
+            continue;
+        }
+        pg.psql_admin("postgres", "DROP DATABASE IF EXISTS bypass_victim")
+            .unwrap();
+        pg.psql_admin("postgres", "CREATE DATABASE bypass_victim")
+            .unwrap();
+        for f in ["/tmp/bypass_case_secrets.txt", "/tmp/bypass_case_pwned.txt"] {
+            let _ = std::fs::remove_file(f);
+        }
+        let db = fresh_db(pg, &id);
+        let msgs = messages(&case);
+        let protocol = case["protocol"].as_str().unwrap();
+        let (ok, stdout, stderr) = if protocol == "extended" {
+            let binary = case.get("result_format").and_then(|f| f.as_str()) == Some("binary");
+            let replies = extended(proxy.port, &db, &msgs[0], binary);
+            match first_error(&replies) {
+                Some((code, msg)) => (false, String::new(), format!("{code} {msg}")),
+                None => (true, String::new(), String::new()),
+            }
+        } else {
+            let out = psql(&proxy.conninfo(&db, "disable"), &msgs);
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        checked += 1;
+        match intent {
+            "benign" => {
+                let direct_db = fresh_db(pg, &format!("{id}_direct"));
+                let direct = psql(&direct_conninfo(pg, &direct_db), &msgs);
+                let direct_out = String::from_utf8_lossy(&direct.stdout);
+                if !ok {
+                    failures.push(format!("{id}: benign case refused: {stderr}"));
+                } else if protocol == "simple" && stdout != direct_out {
+                    failures.push(format!(
+                        "{id}: output differs from direct:\n proxy: {stdout:?}\n direct: {direct_out:?}"
+                    ));
+                }
+            }
+            _ => {
+                if ok {
+                    failures.push(format!("{id} ({intent}): not refused; output {stdout:?}"));
+                } else if !stderr.contains("interceptor: statement") {
+                    failures.push(format!("{id}: refused, but not by the policy: {stderr}"));
+                }
+                if damage(pg, &db, &case).as_deref() == Some("t") {
+                    failures.push(format!("{id}: the damage check is true"));
+                }
+                for secret in ["sk_live_0123456789abcdef", "@example.com"] {
+                    if stdout.contains(secret) || stderr.contains(secret) {
+                        failures.push(format!("{id}: the client received {secret}"));
+                    }
+                }
+            }
+        }
+        for f in ["/tmp/bypass_case_secrets.txt", "/tmp/bypass_case_pwned.txt"] {
+            if std::path::Path::new(f).exists() {
+                failures.push(format!("{id}: {f} was written by the server"));
+            }
+        }
+        if pg
+            .psql_admin(
+                "postgres",
+                "SELECT count(*) FROM pg_database WHERE datname = 'bypass_victim'",
+            )
+            .unwrap()
+            .trim()
+            != "1"
+        {
+            failures.push(format!("{id}: bypass_victim was dropped"));
+        }
+    }
+    assert!(checked > 40, "only {checked} cases ran");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+fn policy_proxy() -> Proxy {
+    Proxy::start(
+        pg::shared(),
+        ProxyOptions {
+            client_tls: false,
+            policy: Some(reference_policy()),
+            ..Default::default()
+        },
+    )
+    .expect("start proxy")
+}
+
+#[test]
+fn denied_statement_aborts_the_transaction_on_both_sides() {
+    let pg = pg::shared();
+    let db = fresh_db(pg, "txn");
+    let proxy = policy_proxy();
+    let (mut c, _) = RawClient::login(proxy.port, "agent", &db).unwrap();
+    c.query("BEGIN").unwrap();
+    let r = c.query("DELETE FROM orders").unwrap();
+    let (code, msg) = first_error(&r).expect("DELETE refused");
+    assert_eq!(code, "42501");
+    assert!(msg.contains("agents may only read"), "{msg}");
+    let hint = r
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .and_then(|(_, b)| error_field(b, b'H'))
+        .unwrap_or_default();
+    assert!(hint.contains("audit_log"), "{hint}");
+    // The client's state byte and the server's agree: the transaction is failed.
+    assert_eq!(
+        r.last().map(|m| (m.0, m.1.clone())),
+        Some((b'Z', b"E".to_vec()))
+    );
+    let r = c.query("SELECT 1").unwrap();
+    assert_eq!(first_error(&r).map(|e| e.0), Some("25P02".to_owned()));
+    let r = c.query("ROLLBACK").unwrap();
+    assert!(first_error(&r).is_none());
+    assert_eq!(r.last().map(|m| m.1.clone()), Some(b"I".to_vec()));
+    assert_eq!(
+        pg.psql_admin(&db, "SELECT count(*) FROM orders")
+            .unwrap()
+            .trim(),
+        "3"
+    );
+}
+
+#[test]
+fn extended_protocol_decides_at_parse_and_keeps_named_statements() {
+    let pg = pg::shared();
+    let db = fresh_db(pg, "ext");
+    let proxy = policy_proxy();
+    let (mut c, _) = RawClient::login(proxy.port, "agent", &db).unwrap();
+    // A named DELETE with a parameter: Parse is answered, Execute raises,
+    // and the Bind's parameter does not trip the substituted statement.
+    let mut out = frame(b'P', b"del\0DELETE FROM orders WHERE id = $1\0\0\0");
+    let mut bind = b"\0del\0".to_vec();
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&1i16.to_be_bytes());
+    bind.extend_from_slice(&1i32.to_be_bytes());
+    bind.extend_from_slice(b"1");
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    out.extend(frame(b'B', &bind));
+    out.extend(frame(b'E', b"\0\0\0\0\0"));
+    out.extend(frame(b'S', b""));
+    c.send(&out).unwrap();
+    let r = c.read_until_ready().unwrap();
+    assert_eq!(
+        first_error(&r).map(|e| e.0),
+        Some("42501".to_owned()),
+        "{r:?}"
+    );
+    // Reused later, it is still refused.
+    c.send(
+        &[
+            frame(b'B', &bind),
+            frame(b'E', b"\0\0\0\0\0"),
+            frame(b'S', b""),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let r = c.read_until_ready().unwrap();
+    assert_eq!(
+        first_error(&r).map(|e| e.0),
+        Some("42501".to_owned()),
+        "{r:?}"
+    );
+    // A read in the extended protocol runs.
+    let r = extended(
+        proxy.port,
+        &db,
+        "SELECT total FROM orders WHERE id = 2",
+        false,
+    );
+    assert!(first_error(&r).is_none(), "{r:?}");
+    assert!(
+        r.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"99")),
+        "{r:?}"
+    );
+    assert_eq!(
+        pg.psql_admin(&db, "SELECT count(*) FROM orders")
+            .unwrap()
+            .trim(),
+        "3"
+    );
+}
+
+#[test]
+fn fast_path_calls_and_guarded_startup_options_are_refused() {
+    let pg = pg::shared();
+    let db = fresh_db(pg, "fastpath");
+    let proxy = policy_proxy();
+    let (mut c, _) = RawClient::login(proxy.port, "agent", &db).unwrap();
+    // FunctionCall of lo_creat (oid 957) with one int4 argument.
+    let mut body = 957i32.to_be_bytes().to_vec();
+    body.extend_from_slice(&0i16.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&4i32.to_be_bytes());
+    body.extend_from_slice(&0i32.to_be_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes());
+    c.send(&frame(b'F', &body)).unwrap();
+    let r = c.read_until_ready().unwrap();
+    let (code, msg) = first_error(&r).expect("refused");
+    assert_eq!(code, "42501");
+    assert!(msg.contains("fast-path"), "{msg}");
+    assert_eq!(
+        pg.psql_admin(&db, "SELECT count(*) FROM pg_largeobject_metadata")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+
+    let out = Command::new(pg::psql_path())
+        .args(["-X", "-At", "-c", "SHOW role"])
+        .arg(proxy.conninfo(&db, "disable"))
+        .env("PGOPTIONS", "-c role=postgres")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("startup parameter \"options\""), "{err}");
+}
+
+#[test]
+fn upstream_session_carries_the_principal_and_read_only_default() {
+    let pg = pg::shared();
+    let db = fresh_db(pg, "ro");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ro.toml");
+    std::fs::write(
+        &file,
+        "version = 1\n[[rule]]\nid = \"read\"\nkinds = [\"read\", \"session\", \"transaction\"]\ndecision = \"allow\"\n",
+    )
+    .unwrap();
+    let proxy = Proxy::start(
+        pg,
+        ProxyOptions {
+            client_tls: false,
+            policy: Some(file),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let out = psql(
+        &proxy.conninfo(&db, "disable"),
+        &["SELECT current_setting('application_name'), current_setting('default_transaction_read_only')".into()],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.starts_with("interceptor:user="), "{stdout}");
+    assert!(stdout.trim_end().ends_with("|on"), "{stdout}");
+
+    // The reference policy lets agents write audit_log: not read-only.
+    let proxy = policy_proxy();
+    let out = psql(
+        &proxy.conninfo(&db, "disable"),
+        &["SHOW default_transaction_read_only".into()],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "off");
+}

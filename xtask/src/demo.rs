@@ -88,6 +88,7 @@ pub fn run(keep: bool) -> Result<()> {
         ProxyOptions {
             databases: vec!["app".into()],
             intercept: Some(ic.config_section()),
+            policy: Some(interceptor_tests::workspace_root().join("policies/examples/agent.toml")),
             ..Default::default()
         },
     )?;
@@ -190,6 +191,77 @@ pub fn run(keep: bool) -> Result<()> {
     show(
         "COPY orders TO STDOUT | wc -l",
         &format!("{} rows", copy.lines().count()),
+    );
+
+    step(
+        "Every statement is decided by PostgreSQL's own grammar under policies/examples/agent.toml",
+    );
+    show(
+        "allowed (rule `read`): SELECT ... with the identity PostgreSQL sees in application_name",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-c",
+                "SELECT count(*) AS customers, current_setting('application_name') AS principal FROM customers",
+            ],
+        )?,
+    );
+    show(
+        "denied (rule `no-schema-changes`), with a hint the agent can act on: DROP/**/TABLE customers",
+        &agent(&ic, &tls, &["-c", "DROP/**/TABLE customers"])?,
+    );
+    show(
+        "denied: the whole batch, when one statement hides a DELETE in a writable CTE",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-c",
+                "SELECT 1; WITH d AS (DELETE FROM orders RETURNING *) SELECT count(*) FROM d",
+            ],
+        )?,
+    );
+    show(
+        "denied: opaque code (DO block) and role changes by set_config",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-c",
+                "DO $$ BEGIN EXECUTE 'DROP TABLE orders'; END $$",
+                "-c",
+                "SELECT set_config('role', 'postgres', false)",
+            ],
+        )?,
+    );
+    let explain = collect(Command::new(interceptor_tests::proxy::binary()).args([
+        "policy",
+        "explain",
+        "--policy",
+        &interceptor_tests::workspace_root()
+            .join("policies/examples/agent.toml")
+            .to_string_lossy(),
+        "--identity",
+        "job=demo-agent,uid=1000",
+        "--sql",
+        "CREATE TEMP TABLE scratch AS SELECT * FROM orders; DROP TABLE scratch; TRUNCATE orders",
+    ]))?;
+    show(
+        "interceptor policy explain --identity job=demo-agent --sql 'CREATE TEMP TABLE ...; DROP TABLE scratch; TRUNCATE orders'",
+        &explain,
+    );
+    let left = psql(
+        &format!(
+            "host={} port={} user=postgres dbname=app",
+            pg.socket_dir.display(),
+            pg.port
+        ),
+        &["-At", "-c", "SELECT count(*) FROM orders"],
+    )?;
+    println!(
+        "orders still in the table (checked directly as postgres): {}",
+        left.trim()
     );
 
     step("Cancel reaches the right backend through interceptor's own cancel keys");

@@ -416,16 +416,10 @@ impl Policy {
         {
             return false;
         }
-        if let Some(ms) = &r.writes {
-            let changed: Vec<&String> = st
-                .writes
-                .iter()
-                .chain(&st.ddl)
-                .chain(&st.drops_tables)
-                .collect();
-            if !tables_match(ms, &changed) {
-                return false;
-            }
+        if let Some(ms) = &r.writes
+            && !tables_match(ms, &st.changed_tables())
+        {
+            return false;
         }
         if spec.temporary_only && !facts.temporary_only {
             return false;

@@ -169,12 +169,7 @@ impl SessionPolicy {
     }
 
     fn decide_one(&self, policy: &Policy, st: &Statement, pending: &[Change]) -> Decision {
-        let targets: Vec<&String> = st
-            .writes
-            .iter()
-            .chain(&st.ddl)
-            .chain(&st.drops_tables)
-            .collect();
+        let targets = st.changed_tables();
         let temporary_only = !targets.is_empty()
             && targets.iter().all(|t| {
                 st.creates_temp

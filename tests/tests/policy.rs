@@ -116,15 +116,7 @@ fn damage(pg: &PgCluster, db: &str, case: &serde_json::Value) -> Option<String> 
 #[test]
 fn corpus_through_the_proxy_under_the_reference_policy() {
     let pg = pg::shared();
-    let proxy = Proxy::start(
-        pg,
-        ProxyOptions {
-            client_tls: false,
-            policy: Some(reference_policy()),
-            ..Default::default()
-        },
-    )
-    .expect("start proxy");
+    let proxy = policy_proxy();
     let mut failures = Vec::new();
     let mut checked = 0;
     for case in corpus() {
@@ -209,16 +201,27 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-fn policy_proxy() -> Proxy {
+fn policy_proxy_with(file: PathBuf) -> Proxy {
     Proxy::start(
         pg::shared(),
         ProxyOptions {
             client_tls: false,
-            policy: Some(reference_policy()),
+            policy: Some(file),
             ..Default::default()
         },
     )
     .expect("start proxy")
+}
+
+fn policy_proxy() -> Proxy {
+    policy_proxy_with(reference_policy())
+}
+
+fn orders_left(pg: &PgCluster, db: &str) -> String {
+    pg.psql_admin(db, "SELECT count(*) FROM orders")
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 #[test]
@@ -248,12 +251,7 @@ fn denied_statement_aborts_the_transaction_on_both_sides() {
     let r = c.query("ROLLBACK").unwrap();
     assert!(first_error(&r).is_none());
     assert_eq!(r.last().map(|m| m.1.clone()), Some(b"I".to_vec()));
-    assert_eq!(
-        pg.psql_admin(&db, "SELECT count(*) FROM orders")
-            .unwrap()
-            .trim(),
-        "3"
-    );
+    assert_eq!(orders_left(pg, &db), "3");
 }
 
 #[test]
@@ -309,12 +307,7 @@ fn extended_protocol_decides_at_parse_and_keeps_named_statements() {
         r.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"99")),
         "{r:?}"
     );
-    assert_eq!(
-        pg.psql_admin(&db, "SELECT count(*) FROM orders")
-            .unwrap()
-            .trim(),
-        "3"
-    );
+    assert_eq!(orders_left(pg, &db), "3");
 }
 
 #[test]
@@ -364,15 +357,7 @@ fn upstream_session_carries_the_principal_and_read_only_default() {
         "version = 1\n[[rule]]\nid = \"read\"\nkinds = [\"read\", \"session\", \"transaction\"]\ndecision = \"allow\"\n",
     )
     .unwrap();
-    let proxy = Proxy::start(
-        pg,
-        ProxyOptions {
-            client_tls: false,
-            policy: Some(file),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let proxy = policy_proxy_with(file);
     let out = psql(
         &proxy.conninfo(&db, "disable"),
         &["SELECT current_setting('application_name'), current_setting('default_transaction_read_only')".into()],

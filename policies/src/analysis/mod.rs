@@ -171,6 +171,15 @@ pub struct Statement {
 }
 
 impl Statement {
+    /// Every table written, created, altered or dropped.
+    pub fn changed_tables(&self) -> Vec<&String> {
+        self.writes
+            .iter()
+            .chain(&self.ddl)
+            .chain(&self.drops_tables)
+            .collect()
+    }
+
     /// The kind with opaque code counted as the worst it could do.
     pub fn kind(&self) -> Kind {
         if self.opaque.is_empty() {

@@ -74,6 +74,8 @@ pub struct PolicyConfig {
     /// keeps the previous policy.
     pub file: PathBuf,
     /// How many distinct statement texts keep their analysis in memory.
+    /// Read at start-up: the cache outlives reloads, so a new size takes a
+    /// restart.
     #[serde(default = "default_analysis_cache")]
     pub analysis_cache: usize,
 }

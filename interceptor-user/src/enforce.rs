@@ -10,10 +10,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
-use policies::{Check, Policy, Principal, Refusal, SessionPolicy};
+use bytes::BytesMut;
+use policies::{Check, Policy, Principal, Refusal, SessionPolicy, Subject};
 use tracing::{debug, info};
 
+use crate::protocol::build;
 use crate::protocol::frontend::{FrontendMessage, Target};
 use crate::runtime::Shared;
 
@@ -28,8 +29,6 @@ pub enum Action {
 pub struct Enforcer {
     shared: Arc<Shared>,
     principal: Principal,
-    target: String,
-    database: String,
     /// The policy `session` was made for; a reload makes a new one.
     policy: Arc<Policy>,
     session: SessionPolicy,
@@ -40,21 +39,18 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
+    /// `subject` is `principal` as `policy` sees it (worked out at login).
     pub fn new(
         shared: Arc<Shared>,
         policy: Arc<Policy>,
         principal: Principal,
-        target: String,
-        database: String,
+        subject: Subject,
         session_id: u64,
     ) -> Self {
-        let subject = policy.subject(&principal, &target, &database);
         Enforcer {
             session: SessionPolicy::new(subject),
             shared,
             principal,
-            target,
-            database,
             policy,
             refused_statements: HashSet::new(),
             session_id,
@@ -68,8 +64,9 @@ impl Enforcer {
         match &runtime.policy {
             Some(p) if Arc::ptr_eq(p, &self.policy) => {}
             Some(p) => {
+                let current = &self.session.subject;
+                let subject = p.subject(&self.principal, &current.target, &current.database);
                 self.policy = p.clone();
-                let subject = p.subject(&self.principal, &self.target, &self.database);
                 self.session = SessionPolicy::new(subject);
             }
             // Policy removed from the config: keep enforcing the last one
@@ -107,7 +104,7 @@ impl Enforcer {
         match msg {
             FrontendMessage::Query { sql } => match self.check_sql(sql) {
                 Ok(()) => Action::Forward,
-                Err(r) => Action::Replace(query(&raise_sql(&r))),
+                Err(r) => Action::Replace(build::query(&raise_sql(&r))),
             },
             FrontendMessage::Parse(p) => match self.check_sql(p.sql) {
                 Ok(()) => {
@@ -116,11 +113,11 @@ impl Enforcer {
                 }
                 Err(r) => {
                     self.refused_statements.insert(p.name.to_vec());
-                    Action::Replace(parse(p.name, &raise_sql(&r)))
+                    Action::Replace(build::parse(p.name, &raise_sql(&r)))
                 }
             },
             FrontendMessage::Bind(b) if self.refused_statements.contains(b.statement) => {
-                Action::Replace(empty_bind(b.portal, b.statement))
+                Action::Replace(build::empty_bind(b.portal, b.statement))
             }
             FrontendMessage::Close {
                 target: Target::Statement,
@@ -143,7 +140,7 @@ impl Enforcer {
                     session_id = self.session_id,
                     "fast-path function call refused"
                 );
-                Action::Replace(query(&raise_sql(&r)))
+                Action::Replace(build::query(&raise_sql(&r)))
             }
             _ => Action::Forward,
         }
@@ -177,46 +174,6 @@ pub fn raise_sql(r: &Refusal) -> String {
     sql
 }
 
-fn frame(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
-    let mut out = BytesMut::with_capacity(256);
-    out.put_u8(tag);
-    out.put_i32(0);
-    body(&mut out);
-    let len = (out.len() - 1) as i32;
-    out[1..5].copy_from_slice(&len.to_be_bytes());
-    out
-}
-
-fn query(sql: &str) -> BytesMut {
-    frame(b'Q', |b| {
-        b.put_slice(sql.as_bytes());
-        b.put_u8(0);
-    })
-}
-
-fn parse(name: &[u8], sql: &str) -> BytesMut {
-    frame(b'P', |b| {
-        b.put_slice(name);
-        b.put_u8(0);
-        b.put_slice(sql.as_bytes());
-        b.put_u8(0);
-        b.put_i16(0);
-    })
-}
-
-/// A Bind with no parameters: the substituted statement takes none.
-fn empty_bind(portal: &[u8], statement: &[u8]) -> BytesMut {
-    frame(b'B', |b| {
-        b.put_slice(portal);
-        b.put_u8(0);
-        b.put_slice(statement);
-        b.put_u8(0);
-        b.put_i16(0);
-        b.put_i16(0);
-        b.put_i16(0);
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,25 +191,5 @@ mod tests {
         assert_eq!(a.statements.len(), 1);
         assert_eq!(a.statements[0].command, "do");
         assert!(sql.contains("denied ?m?; DROP TABLE x; -- ?"), "{sql}");
-    }
-
-    #[test]
-    fn replacement_frames_parse_back() {
-        let q = query("SELECT 1");
-        assert!(matches!(
-            FrontendMessage::parse(&q),
-            Ok(FrontendMessage::Query { sql: b"SELECT 1" })
-        ));
-        let p = parse(b"s1", "SELECT 1");
-        let Ok(FrontendMessage::Parse(p)) = FrontendMessage::parse(&p) else {
-            panic!()
-        };
-        assert_eq!(p.name, b"s1");
-        let b = empty_bind(b"", b"s1");
-        let Ok(FrontendMessage::Bind(b)) = FrontendMessage::parse(&b) else {
-            panic!()
-        };
-        assert_eq!(b.statement, b"s1");
-        assert!(b.params().is_empty());
     }
 }

@@ -67,16 +67,9 @@ pub async fn serve(
     };
     // The relay runs outside the span: entering a span on every poll costs
     // more than the relay's own work per message. Its outcome is logged in it.
-    let enforcer = session.policy.map(|(policy, principal)| {
-        Enforcer::new(
-            shared.clone(),
-            policy,
-            principal,
-            session.target.config.name.clone(),
-            session.database.clone(),
-            id,
-        )
-    });
+    let enforcer = session
+        .policy
+        .map(|p| Enforcer::new(shared.clone(), p.policy, p.principal, p.subject, id));
     let end = relay::run(
         client,
         session.upstream.conn,
@@ -156,8 +149,15 @@ struct LoggedIn {
     database: String,
     target: Arc<TargetRuntime>,
     upstream: upstream::Upstream,
-    /// The policy and who it is applied to; `None` when no policy is set.
-    policy: Option<(Arc<policies::Policy>, policies::Principal)>,
+    /// `None` when no policy is set.
+    policy: Option<SessionPolicyStart>,
+}
+
+/// The policy a session starts under and who it is applied to.
+struct SessionPolicyStart {
+    policy: Arc<policies::Policy>,
+    principal: policies::Principal,
+    subject: policies::Subject,
 }
 
 /// The identity statements are decided for, from what the kernel saw (for
@@ -192,7 +192,7 @@ fn policy_startup(
     target: &str,
     database: &str,
     forwarded: &mut Vec<(String, String)>,
-) -> Result<(), ProxyError> {
+) -> Result<policies::Subject, ProxyError> {
     for (k, v) in forwarded.iter() {
         let guarded = match k.as_str() {
             "options" => !v.trim().is_empty(),
@@ -213,7 +213,7 @@ fn policy_startup(
     if policy.read_only_for(&subject) {
         forwarded.push(("default_transaction_read_only".into(), "on".into()));
     }
-    Ok(())
+    Ok(subject)
 }
 
 enum LoginError {
@@ -409,9 +409,19 @@ async fn login(
 
     let policy = match &runtime.policy {
         Some(policy) => {
-            let who = principal(&user, arrival);
-            policy_startup(policy, &who, &target.config.name, &database, &mut forwarded)?;
-            Some((policy.clone(), who))
+            let principal = principal(&user, arrival);
+            let subject = policy_startup(
+                policy,
+                &principal,
+                &target.config.name,
+                &database,
+                &mut forwarded,
+            )?;
+            Some(SessionPolicyStart {
+                policy: policy.clone(),
+                principal,
+                subject,
+            })
         }
         None => None,
     };

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use globset::{Glob, GlobMatcher};
 use schemars::JsonSchema;
@@ -189,6 +190,8 @@ impl Group {
 }
 
 struct Rule {
+    /// `spec.id`, shared with every decision it makes.
+    id: Arc<str>,
     spec: RuleSpec,
     groups: Vec<usize>,
     targets: Vec<GlobMatcher>,
@@ -229,7 +232,8 @@ pub struct SessionFacts {
 pub struct Decision {
     pub verdict: Verdict,
     /// The deciding rule's id; `None` is the default deny.
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
+    /// Why, for deny and hold; empty for allow.
     pub reason: String,
     pub hint: Option<String>,
 }
@@ -238,10 +242,8 @@ fn strip_public(name: &str) -> &str {
     name.strip_prefix("public.").unwrap_or(name)
 }
 
-fn tables_match(ms: &[GlobMatcher], tables: &[&String]) -> bool {
-    tables
-        .iter()
-        .all(|t| any(ms, t) || any(ms, strip_public(t)))
+fn tables_match<'a>(ms: &[GlobMatcher], mut tables: impl Iterator<Item = &'a String>) -> bool {
+    tables.all(|t| any(ms, t) || any(ms, strip_public(t)))
 }
 
 impl Policy {
@@ -332,6 +334,7 @@ impl Policy {
             }
             let opt = |v: &Option<Vec<String>>| v.as_deref().map(globs).transpose();
             rules.push(Rule {
+                id: r.id.as_str().into(),
                 groups: ids,
                 targets: globs(&r.targets).map_err(&err)?,
                 databases: globs(&r.databases).map_err(&err)?,
@@ -412,12 +415,12 @@ impl Policy {
             return false;
         }
         if let Some(ms) = &r.reads
-            && !tables_match(ms, &st.reads.iter().collect::<Vec<_>>())
+            && !tables_match(ms, st.reads.iter())
         {
             return false;
         }
         if let Some(ms) = &r.writes
-            && !tables_match(ms, &st.changed_tables())
+            && !tables_match(ms, st.changed_tables())
         {
             return false;
         }
@@ -447,16 +450,19 @@ impl Policy {
         for r in &self.rules {
             if self.subject_matches(r, s) && self.statement_matches(r, st, kind, facts) {
                 let spec = &r.spec;
-                let reason = match (&spec.reason, spec.decision) {
-                    (Some(reason), _) => format!("{reason} ({})", describe(st, kind)),
-                    (None, _) => spec
-                        .description
-                        .clone()
-                        .unwrap_or_else(|| format!("allowed by rule {}", spec.id)),
+                // Allows run per statement on the data path: they carry the
+                // rule id only. Deny and hold rules always have a reason.
+                let reason = match spec.decision {
+                    Verdict::Allow => String::new(),
+                    _ => format!(
+                        "{} ({})",
+                        spec.reason.as_deref().unwrap_or_default(),
+                        describe(st, kind)
+                    ),
                 };
                 return Decision {
                     verdict: spec.decision,
-                    rule: Some(spec.id.clone()),
+                    rule: Some(r.id.clone()),
                     reason,
                     hint: spec.hint.clone(),
                 };

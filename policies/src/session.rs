@@ -15,7 +15,7 @@ pub struct Refusal {
     pub message: String,
     pub hint: Option<String>,
     /// The deciding rule; `None` for the default deny or a parse failure.
-    pub rule: Option<String>,
+    pub rule: Option<Arc<str>>,
 }
 
 impl Refusal {
@@ -65,7 +65,7 @@ impl Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
     /// Every statement is allowed; the rules that allowed them, in order.
-    Allowed(Vec<Option<String>>),
+    Allowed(Vec<Option<Arc<str>>>),
     Refused(Refusal),
 }
 
@@ -169,12 +169,12 @@ impl SessionPolicy {
     }
 
     fn decide_one(&self, policy: &Policy, st: &Statement, pending: &[Change]) -> Decision {
-        let targets = st.changed_tables();
-        let temporary_only = !targets.is_empty()
-            && targets.iter().all(|t| {
+        let mut targets = st.changed_tables().peekable();
+        let temporary_only = targets.peek().is_some()
+            && targets.all(|t| {
                 st.creates_temp
                     .iter()
-                    .any(|c| c == *t || format!("pg_temp.{c}") == **t)
+                    .any(|c| t == c || t.strip_prefix("pg_temp.") == Some(c.as_str()))
                     || self.is_temp(t, pending)
             });
         let d = policy.decide(&self.subject, st, SessionFacts { temporary_only });
@@ -223,6 +223,3 @@ impl SessionPolicy {
         }
     }
 }
-
-/// A shareable policy, swapped whole on reload.
-pub type SharedPolicy = Arc<Policy>;

@@ -379,3 +379,24 @@ fn upstream_session_carries_the_principal_and_read_only_default() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "off");
 }
+
+#[test]
+fn deeply_nested_statements_are_decided_without_taking_the_daemon_down() {
+    let pg = pg::shared();
+    let db = fresh_db(pg, "deep");
+    let mut proxy = policy_proxy();
+    let (mut c, _) = RawClient::login(proxy.port, "agent", &db).unwrap();
+    // Deep enough to overflow a worker thread's stack when the parse tree
+    // is decoded; COPY takes the full-parse path.
+    let sql = format!(
+        "COPY (SELECT {}1{}) TO STDOUT",
+        "CASE WHEN true THEN ".repeat(300),
+        " END".repeat(300)
+    );
+    let r = c.query(&sql).unwrap();
+    assert!(first_error(&r).is_none(), "{r:?}");
+    assert!(r.iter().any(|(t, b)| *t == b'd' && b == b"1\n"), "{r:?}");
+    let r = c.query("SELECT 2").unwrap();
+    assert!(first_error(&r).is_none(), "{r:?}");
+    assert!(proxy.is_running());
+}

@@ -1,6 +1,6 @@
 //! Messages the proxy writes itself, encoded by pgwire.
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use pgwire::messages::Message;
 use pgwire::messages::response::{
     ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus as PgTs,
@@ -120,10 +120,55 @@ pub fn negotiate_protocol_version(options: Vec<String>, buf: &mut BytesMut) {
     encode(&NegotiateProtocolVersion::new(0, options), buf);
 }
 
+// Frontend messages the proxy sends upstream in place of refused ones.
+// Hand-built rather than through pgwire: names stay the client's exact
+// bytes, which need not be UTF-8.
+
+fn frame(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
+    let mut out = BytesMut::with_capacity(256);
+    out.put_u8(tag);
+    out.put_i32(0);
+    body(&mut out);
+    let len = (out.len() - 1) as i32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+pub fn query(sql: &str) -> BytesMut {
+    frame(b'Q', |b| {
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+    })
+}
+
+pub fn parse(name: &[u8], sql: &str) -> BytesMut {
+    frame(b'P', |b| {
+        b.put_slice(name);
+        b.put_u8(0);
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+    })
+}
+
+/// A Bind with no parameters: the substituted statement takes none.
+pub fn empty_bind(portal: &[u8], statement: &[u8]) -> BytesMut {
+    frame(b'B', |b| {
+        b.put_slice(portal);
+        b.put_u8(0);
+        b.put_slice(statement);
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::protocol::backend::BackendMessage;
+    use crate::protocol::frontend::FrontendMessage;
 
     #[test]
     fn error_round_trips() {
@@ -137,5 +182,25 @@ mod tests {
         assert_eq!(f.sqlstate(), Some("08P01"));
         assert_eq!(f.get(b'S'), Some(&b"FATAL"[..]));
         assert_eq!(f.get(b'H'), Some(&b"fix it"[..]));
+    }
+
+    #[test]
+    fn replacement_frames_parse_back() {
+        let q = query("SELECT 1");
+        assert!(matches!(
+            FrontendMessage::parse(&q),
+            Ok(FrontendMessage::Query { sql: b"SELECT 1" })
+        ));
+        let p = parse(b"s1", "SELECT 1");
+        let Ok(FrontendMessage::Parse(p)) = FrontendMessage::parse(&p) else {
+            panic!()
+        };
+        assert_eq!(p.name, b"s1");
+        let b = empty_bind(b"", b"s1");
+        let Ok(FrontendMessage::Bind(b)) = FrontendMessage::parse(&b) else {
+            panic!()
+        };
+        assert_eq!(b.statement, b"s1");
+        assert!(b.params().is_empty());
     }
 }

@@ -126,6 +126,12 @@ const RUNS_QUERY_TEXT: &[&str] = &[
     "ts_stat",
 ];
 
+/// Whether `name` is a built-in that runs SQL given to it as text.
+pub fn runs_query_text(name: &str) -> bool {
+    let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
+    RUNS_QUERY_TEXT.contains(&bare)
+}
+
 /// Classifies a called function by its (possibly schema-qualified) name.
 ///
 /// An unqualified name resolves to `pg_catalog` first because the catalog

@@ -18,7 +18,7 @@ use pg_query::protobuf::{self, node::Node as N, summary_result::Context as Ctx};
 use serde::Serialize;
 
 pub use catalog::FunctionClass;
-use catalog::{classify_function, is_credential_catalog, setting_is_guarded};
+use catalog::{classify_function, is_credential_catalog, runs_query_text, setting_is_guarded};
 
 /// What a statement does, from least to most risky. A statement's kind is
 /// the riskiest thing anything inside it does.
@@ -172,12 +172,11 @@ pub struct Statement {
 
 impl Statement {
     /// Every table written, created, altered or dropped.
-    pub fn changed_tables(&self) -> Vec<&String> {
+    pub fn changed_tables(&self) -> impl Iterator<Item = &String> {
         self.writes
             .iter()
             .chain(&self.ddl)
             .chain(&self.drops_tables)
-            .collect()
     }
 
     /// The kind with opaque code counted as the worst it could do.
@@ -212,6 +211,8 @@ pub enum AnalysisError {
     Syntax(String),
     #[error("the query string is empty")]
     Empty,
+    #[error("the statement could not be analysed: {0}")]
+    Resources(String),
 }
 
 impl AnalysisError {
@@ -220,6 +221,7 @@ impl AnalysisError {
         match self {
             AnalysisError::NotUtf8 => "22021",
             AnalysisError::Syntax(_) | AnalysisError::Empty => "42601",
+            AnalysisError::Resources(_) => "53000",
         }
     }
 }
@@ -261,12 +263,57 @@ const NEEDS_DETAIL: &[&str] = &[
     "ViewStmt",
 ];
 
+/// A full parse decodes and later drops its tree with one chain of Rust
+/// frames per nesting level. libpg_query accepts nesting (a few hundred
+/// CASEs or function calls) that overflows a 2 MiB worker stack, and a stack
+/// overflow aborts the whole daemon, so full parses run on a thread with
+/// room for the deepest tree the parser accepts (measured: under 128 MiB
+/// in a debug build). The stack is reserved address space, touched only as
+/// deep as the tree goes.
+const FULL_PARSE_STACK: usize = 256 << 20;
+
 fn analyze_one(sql: &str) -> Result<Statement, AnalysisError> {
     let summary = pg_query::summary(sql, pg_query::ParserOptions::default(), -1).map_err(syntax)?;
+    let top = summary
+        .statement_types
+        .first()
+        .map(String::as_str)
+        .ok_or(AnalysisError::Empty)?;
+    let select_into = top == "SelectStmt" && summary.tables.iter().any(|t| t.context == Ctx::Ddl);
+    if !(select_into
+        || NEEDS_DETAIL.contains(&top)
+        || summary.functions.iter().any(|f| is_set_config(&f.name)))
+    {
+        return Ok(statement(&summary, None));
+    }
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("interceptor-parse".into())
+            .stack_size(FULL_PARSE_STACK)
+            .spawn_scoped(scope, || {
+                let parsed =
+                    pg_query::parse(sql, pg_query::ParserOptions::default()).map_err(syntax)?;
+                let node = parsed
+                    .protobuf
+                    .stmts
+                    .into_iter()
+                    .next()
+                    .and_then(|s| s.stmt)
+                    .and_then(|s| s.node);
+                Ok(statement(&summary, node))
+            })
+            .map_err(|e| AnalysisError::Resources(e.to_string()))?;
+        worker
+            .join()
+            .map_err(|_| AnalysisError::Resources("the parser thread panicked".into()))?
+    })
+}
+
+/// Builds the statement from libpg_query's summary and, for statement types
+/// whose meaning is in their options, the fully parsed top-level node.
+fn statement(summary: &pg_query::SummaryResult, detail: Option<N>) -> Statement {
     let types: Vec<&str> = summary.statement_types.iter().map(String::as_str).collect();
-    let Some(&top) = types.first() else {
-        return Err(AnalysisError::Empty);
-    };
+    let top = types[0];
     // PREPARE is judged as what it prepares.
     let command = match (top, types.get(1)) {
         ("PrepareStmt", Some(inner)) => command_name(inner),
@@ -275,22 +322,6 @@ fn analyze_one(sql: &str) -> Result<Statement, AnalysisError> {
     let mut st = Statement {
         command,
         ..Statement::default()
-    };
-    let select_into = top == "SelectStmt" && summary.tables.iter().any(|t| t.context == Ctx::Ddl);
-    let detail = if select_into
-        || NEEDS_DETAIL.contains(&top)
-        || summary.functions.iter().any(|f| is_set_config(&f.name))
-    {
-        let parsed = pg_query::parse(sql, pg_query::ParserOptions::default()).map_err(syntax)?;
-        parsed
-            .protobuf
-            .stmts
-            .into_iter()
-            .next()
-            .and_then(|s| s.stmt)
-            .and_then(|s| s.node)
-    } else {
-        None
     };
 
     // EXPLAIN without ANALYZE plans but does not run what it explains.
@@ -357,7 +388,7 @@ fn analyze_one(sql: &str) -> Result<Statement, AnalysisError> {
             FunctionClass::Opaque if top == "CallStmt" => {
                 st.opaque.push(Opaque::Procedure(name.clone()))
             }
-            FunctionClass::Opaque if catalog_runs_query_text(&name) => {
+            FunctionClass::Opaque if runs_query_text(&name) => {
                 st.opaque.push(Opaque::QueryText(name.clone()))
             }
             FunctionClass::Opaque => st.opaque.push(Opaque::Function(name.clone())),
@@ -376,22 +407,7 @@ fn analyze_one(sql: &str) -> Result<Statement, AnalysisError> {
     if st.base_kind.is_none() {
         st.raise(Kind::Read, "reads only");
     }
-    Ok(st)
-}
-
-fn catalog_runs_query_text(name: &str) -> bool {
-    let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
-    !bare.contains('.')
-        && matches!(
-            bare,
-            "cursor_to_xml"
-                | "cursor_to_xmlschema"
-                | "query_to_xml"
-                | "query_to_xml_and_xmlschema"
-                | "query_to_xmlschema"
-                | "ts_rewrite"
-                | "ts_stat"
-        )
+    st
 }
 
 fn push_unique(v: &mut Vec<String>, s: String) {
@@ -877,6 +893,29 @@ mod tests {
         assert_eq!(a.statements[1].kind(), Kind::Ddl);
         assert!(analyze("SELEC 1").is_err());
         assert!(analyze("").is_ok_and(|a| a.statements.is_empty()));
+    }
+
+    #[test]
+    fn deep_trees_are_analysed_not_crashed() {
+        // Deeper than a 2 MiB stack holds when the tree is decoded, shallow
+        // enough for libpg_query to accept; and beyond what it accepts.
+        for n in [300, 5000] {
+            let sql = format!(
+                "COPY (SELECT {}1{}) TO STDOUT",
+                "CASE WHEN true THEN ".repeat(n),
+                " END".repeat(n)
+            );
+            let deep = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || analyze(&sql).map(|a| a.statements[0].kind()))
+                .unwrap()
+                .join()
+                .unwrap();
+            match n {
+                300 => assert_eq!(deep, Ok(Kind::Read)),
+                _ => assert!(deep.is_err()),
+            }
+        }
     }
 
     #[test]

@@ -68,11 +68,17 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         job: Option<String>,
         /// Read the job's OIDC token from this environment variable.
-        #[arg(long, value_name = "VAR", conflicts_with = "token_file")]
+        #[arg(long, value_name = "VAR", conflicts_with_all = ["token_file", "token_github"])]
         token_env: Option<String>,
         /// Read the job's OIDC token from this file.
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with = "token_github")]
         token_file: Option<PathBuf>,
+        /// Request a GitHub Actions ID token for this audience from the
+        /// runner (ACTIONS_ID_TOKEN_REQUEST_URL and _TOKEN; the workflow
+        /// needs `permissions: id-token: write`). The audience must be one
+        /// the daemon's `[oidc]` issuer accepts.
+        #[arg(long, value_name = "AUDIENCE")]
+        token_github: Option<String>,
         #[command(flatten)]
         location: InterceptLocation,
         /// The command and its arguments, after `--`.
@@ -125,8 +131,10 @@ pub enum PolicyCommand {
         #[arg(long, value_name = "SQL")]
         sql: String,
         /// The identity, as `key=value` pairs: user, uid, comm, exe,
-        /// cgroup, job, intercepted (true/false), or ci.NAME for a CI
-        /// variable. Repeat or separate with commas.
+        /// cgroup, job, intercepted (true/false), ci.NAME for a CI
+        /// variable, or claim.NAME for a verified token's claim (repeat a
+        /// claim for an array claim such as groups). Repeat or separate
+        /// with commas.
         #[arg(long, value_name = "KEY=VALUE", value_delimiter = ',')]
         identity: Vec<String>,
         /// The target name the session goes to.

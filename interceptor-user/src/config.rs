@@ -60,6 +60,9 @@ pub struct Config {
     /// Statement policy. Without it every statement is relayed unchecked
     /// (and the daemon says so at start-up).
     pub policy: Option<PolicyConfig>,
+    /// OIDC issuers whose tokens bind sessions to a verified workload
+    /// identity (a CI job's ID token). Without it, tokens are not accepted.
+    pub oidc: Option<Spanned<Oidc>>,
     /// The databases this proxy stands in front of.
     #[serde(rename = "target")]
     pub targets: Vec<Spanned<Target>>,
@@ -78,6 +81,61 @@ pub struct PolicyConfig {
     /// restart.
     #[serde(default = "default_analysis_cache")]
     pub analysis_cache: usize,
+}
+
+/// Token verification: which issuers are trusted, for which audiences.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Oidc {
+    #[serde(rename = "issuer")]
+    pub issuers: Vec<OidcIssuer>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    /// How long fetched signing keys are used before they are fetched
+    /// again. A token signed with an unknown key id refetches sooner (at
+    /// most once per `min_refresh`), so key rotation needs no restart.
+    #[serde(default = "default_jwks_cache", with = "humantime_serde")]
+    pub jwks_cache: Duration,
+    #[serde(default = "default_min_refresh", with = "humantime_serde")]
+    pub min_refresh: Duration,
+    /// Limit on each discovery or JWKS request.
+    #[serde(default = "default_fetch_timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+}
+
+/// One trusted token issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcIssuer {
+    /// The exact `iss` claim, e.g. `https://token.actions.githubusercontent.com`.
+    pub issuer: String,
+    /// `aud` values accepted; a token must carry at least one.
+    pub audiences: Vec<String>,
+    /// Where the issuer's metadata is (default:
+    /// `{issuer}/.well-known/openid-configuration`); its `jwks_uri` names
+    /// the keys.
+    pub discovery_url: Option<String>,
+    /// The JWKS itself, skipping discovery.
+    pub jwks_url: Option<String>,
+    /// PEM CA bundle for the issuer's HTTPS (default: the system roots).
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_jwks_cache() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_min_refresh() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_fetch_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_analysis_cache() -> usize {
@@ -258,6 +316,9 @@ pub enum ClientAuthMethod {
     ScramSha256,
     /// Cleartext password, accepted only over TLS.
     Password,
+    /// The password is an OIDC token (a JWT) from an `[oidc]` issuer,
+    /// accepted only over TLS. The token's claims become the identity.
+    Oidc,
 }
 
 /// The credentials the proxy itself logs in upstream with.
@@ -445,11 +506,22 @@ impl Config {
         })?;
         let mut config = config;
         config.validate(path, text)?;
-        if let Some(p) = &mut config.policy
-            && p.file.is_relative()
-            && let Some(dir) = path.parent()
-        {
-            p.file = dir.join(&p.file);
+        if let Some(dir) = path.parent() {
+            let relative_to_config = |f: &mut PathBuf| {
+                if f.is_relative() {
+                    *f = dir.join(&*f);
+                }
+            };
+            if let Some(p) = &mut config.policy {
+                relative_to_config(&mut p.file);
+            }
+            if let Some(o) = &mut config.oidc {
+                for i in &mut o.get_mut().issuers {
+                    if let Some(ca) = &mut i.ca_file {
+                        relative_to_config(ca);
+                    }
+                }
+            }
         }
         Ok(config)
     }
@@ -537,6 +609,45 @@ impl Config {
                 "must be at least 1024 bytes".into(),
             ));
         }
+        if let Some(o) = &self.oidc {
+            let at = o.span().start;
+            if o.get_ref().issuers.is_empty() {
+                return Err(invalid(
+                    at,
+                    "oidc.issuer".into(),
+                    "list at least one [[oidc.issuer]]".into(),
+                ));
+            }
+            for i in &o.get_ref().issuers {
+                let key = |k: &str| format!("oidc.issuer.{}.{k}", i.issuer);
+                if i.audiences.is_empty() {
+                    return Err(invalid(
+                        at,
+                        key("audiences"),
+                        "list the audiences (`aud`) this proxy accepts".into(),
+                    ));
+                }
+                for url in [&i.discovery_url, &i.jwks_url].into_iter().flatten() {
+                    if !url.starts_with("https://") {
+                        return Err(invalid(
+                            at,
+                            key("url"),
+                            format!("`{url}` is not https: signing keys must come over TLS"),
+                        ));
+                    }
+                }
+                if i.discovery_url.is_none()
+                    && i.jwks_url.is_none()
+                    && !i.issuer.starts_with("https://")
+                {
+                    return Err(invalid(
+                        at,
+                        key("issuer"),
+                        "is not an https URL; give `discovery_url` or `jwks_url`".into(),
+                    ));
+                }
+            }
+        }
         let mut names = HashSet::new();
         for spanned in &self.targets {
             let t = spanned.get_ref();
@@ -561,7 +672,17 @@ impl Config {
                     .load()
                     .map_err(|m| invalid(at, key("upstream_auth"), m))?;
             }
-            if t.client_auth.method != ClientAuthMethod::Trust {
+            if t.client_auth.method == ClientAuthMethod::Oidc && self.oidc.is_none() {
+                return Err(invalid(
+                    at,
+                    key("client_auth.method"),
+                    "`oidc` needs an [oidc] section naming the trusted issuers".into(),
+                ));
+            }
+            if !matches!(
+                t.client_auth.method,
+                ClientAuthMethod::Trust | ClientAuthMethod::Oidc
+            ) {
                 t.client_auth.secret().load().map_err(|m| {
                     invalid(
                         at,
@@ -570,8 +691,10 @@ impl Config {
                     )
                 })?;
             }
-            if t.client_auth.method == ClientAuthMethod::Password
-                && tls.mode == ClientTlsMode::Disabled
+            if matches!(
+                t.client_auth.method,
+                ClientAuthMethod::Password | ClientAuthMethod::Oidc
+            ) && tls.mode == ClientTlsMode::Disabled
             {
                 return Err(invalid(
                     at,

@@ -37,13 +37,15 @@ fn main() -> ExitCode {
             job,
             token_env,
             token_file,
+            token_github,
             location,
             command,
         } => {
-            let token = match (token_env, token_file) {
-                (Some(v), _) => job::TokenSource::Env(v),
-                (None, Some(f)) => job::TokenSource::File(f),
-                (None, None) => job::TokenSource::None,
+            let token = match (token_env, token_file, token_github) {
+                (Some(v), _, _) => job::TokenSource::Env(v),
+                (None, Some(f), _) => job::TokenSource::File(f),
+                (None, None, Some(aud)) => job::TokenSource::GitHubActions { audience: aud },
+                (None, None, None) => job::TokenSource::None,
             };
             match job::run(job::RunOptions {
                 job,

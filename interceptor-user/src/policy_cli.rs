@@ -58,9 +58,21 @@ fn parse_identity(pairs: &[String]) -> Result<Principal, String> {
             k if k.starts_with("ci.") => {
                 p.ci.insert(k[3..].to_owned(), v);
             }
+            // As if the session had presented a verified token with these
+            // claims; a repeated claim is an array claim.
+            k if k.starts_with("claim.") => {
+                let t = p.token.get_or_insert_with(Default::default);
+                let name = &k[6..];
+                match name {
+                    "iss" => t.issuer = v.clone(),
+                    "sub" => t.subject = v.clone(),
+                    _ => {}
+                }
+                t.claims.entry(name.to_owned()).or_default().push(v);
+            }
             k => {
                 return Err(format!(
-                    "--identity: unknown key {k:?} (user, uid, comm, exe, cgroup, job, intercepted, ci.NAME)"
+                    "--identity: unknown key {k:?} (user, uid, comm, exe, cgroup, job, intercepted, ci.NAME, claim.NAME)"
                 ));
             }
         }
@@ -89,6 +101,27 @@ pub fn explain(
             subject.group_names.join(", ")
         }
     );
+    if policy.require_token() && who.token.is_none() {
+        let _ = writeln!(
+            out,
+            "session: refused (28000): the policy requires a verified OIDC token (give claim.sub=... and other claims)"
+        );
+        return out;
+    }
+    let limits = policy.limits_for(&subject);
+    if !limits.is_none() {
+        let mut parts = Vec::new();
+        if let Some((rate, burst)) = limits.rate {
+            parts.push(format!("{rate} statements/s (burst {burst})"));
+        }
+        if let Some(r) = limits.max_rows {
+            parts.push(format!("{r} rows per statement"));
+        }
+        if let Some(b) = limits.max_bytes {
+            parts.push(format!("{b} bytes per statement"));
+        }
+        let _ = writeln!(out, "limits: {}", parts.join(", "));
+    }
     let analysis = match policies::analyze(sql) {
         Ok(a) => a,
         Err(e) => {

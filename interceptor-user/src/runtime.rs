@@ -32,6 +32,8 @@ pub struct Runtime {
     pub upstream_mark: u32,
     /// The statement policy; `None` relays every statement unchecked.
     pub policy: Option<Arc<policies::Policy>>,
+    /// Token verification, with `[oidc]`.
+    pub oidc: Option<Arc<crate::oidc::Verifier>>,
 }
 
 impl Runtime {
@@ -41,7 +43,7 @@ impl Runtime {
         for t in &config.targets {
             let t = t.get_ref().clone();
             let secret = match t.client_auth.method {
-                ClientAuthMethod::Trust => None,
+                ClientAuthMethod::Trust | ClientAuthMethod::Oidc => None,
                 _ => Some(t.client_auth.secret().load().map_err(anyhow::Error::msg)?),
             };
             let client_scram = match t.client_auth.method {
@@ -77,8 +79,13 @@ impl Runtime {
             Some(p) => Some(Arc::new(policies::Policy::load(&p.file)?)),
             None => None,
         };
+        let oidc = match &config.oidc {
+            Some(o) => Some(Arc::new(crate::oidc::Verifier::new(o.get_ref())?)),
+            None => None,
+        };
         Ok(Runtime {
             policy,
+            oidc,
             config,
             client_tls,
             targets,

@@ -16,6 +16,7 @@ use crate::cancel::{UpstreamKey, send_cancel};
 use crate::config::ClientAuthMethod;
 use crate::enforce::Enforcer;
 use crate::intercept::origin::Origin;
+use crate::oidc::TokenError;
 use crate::protocol::build::{self, ProxyError};
 use crate::protocol::startup::{StartupMessage, StartupPacket, next_startup_packet};
 use crate::protocol::{ProtocolError, Reader};
@@ -405,11 +406,26 @@ async fn login(
         .into());
     }
 
-    authenticate_client(client, &target, &user).await?;
+    let client_token = authenticate_client(client, &target, &user).await?;
+    let token_required = target.config.client_auth.method == ClientAuthMethod::Oidc
+        || runtime.policy.as_ref().is_some_and(|p| p.require_token());
+    let token = match verify_token(runtime, client_token, arrival).await {
+        Ok(t) => {
+            info!(issuer = %t.issuer, subject = %t.subject, "OIDC token verified");
+            Some(t)
+        }
+        Err(e) if token_required => return Err(token_refused(&e)),
+        Err(TokenError::Missing) => None,
+        Err(e) => {
+            warn!("OIDC token ignored: {e}");
+            None
+        }
+    };
 
     let policy = match &runtime.policy {
         Some(policy) => {
-            let principal = principal(&user, arrival);
+            let mut principal = principal(&user, arrival);
+            principal.token = token;
             let subject = policy_startup(
                 policy,
                 &principal,
@@ -454,38 +470,53 @@ fn auth_failed(user: &str) -> LoginError {
     .into()
 }
 
+const AUTH_MAX: usize = 16 * 1024;
+
+/// Asks for a cleartext password, which only ever travels inside TLS.
+async fn cleartext_password(client: &mut Conn, what: &str) -> Result<Vec<u8>, LoginError> {
+    if !client.io.is_tls() {
+        return Err(ProxyError::fatal(
+            "28000",
+            format!("this target accepts {what} only over TLS"),
+        )
+        .with_hint("Connect with sslmode=require or stronger.")
+        .into());
+    }
+    let mut buf = BytesMut::new();
+    build::authentication(Authentication::CleartextPassword, &mut buf);
+    client.send(&buf).await.map_err(|_| LoginError::Silent)?;
+    let msg = client.read_message(AUTH_MAX).await?;
+    Reader::new(password_body(&msg)?)
+        .cstr()
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| protocol_violation("password is not NUL-terminated"))
+}
+
+/// Checks the client's credentials. With the `oidc` method, returns the
+/// token the client gave as its password (verified by the caller).
 async fn authenticate_client(
     client: &mut Conn,
     target: &TargetRuntime,
     user: &str,
-) -> Result<(), LoginError> {
-    const AUTH_MAX: usize = 16 * 1024;
+) -> Result<Option<String>, LoginError> {
     let mut buf = BytesMut::new();
     match target.config.client_auth.method {
-        ClientAuthMethod::Trust => Ok(()),
+        ClientAuthMethod::Trust => Ok(None),
+        ClientAuthMethod::Oidc => {
+            let given = cleartext_password(client, "OIDC tokens").await?;
+            String::from_utf8(given)
+                .map(Some)
+                .map_err(|_| token_refused(&TokenError::Malformed("not UTF-8".into())))
+        }
         ClientAuthMethod::Password => {
-            if !client.io.is_tls() {
-                return Err(ProxyError::fatal(
-                    "28000",
-                    "this target accepts passwords only over TLS",
-                )
-                .with_hint("Connect with sslmode=require or stronger.")
-                .into());
-            }
-            build::authentication(Authentication::CleartextPassword, &mut buf);
-            client.send(&buf).await.map_err(|_| LoginError::Silent)?;
-            let msg = client.read_message(AUTH_MAX).await?;
-            let given = password_body(&msg)?;
+            let given = cleartext_password(client, "passwords").await?;
             let expected = target
                 .client_password
                 .as_ref()
                 .map(|s| s.expose().as_bytes())
                 .unwrap_or_default();
-            let given = Reader::new(given)
-                .cstr()
-                .ok_or_else(|| protocol_violation("password is not NUL-terminated"))?;
-            if constant_time_eq(given, expected) {
-                Ok(())
+            if constant_time_eq(&given, expected) {
+                Ok(None)
             } else {
                 Err(auth_failed(user))
             }
@@ -542,9 +573,44 @@ async fn authenticate_client(
                 &mut buf,
             );
             client.send(&buf).await.map_err(|_| LoginError::Silent)?;
-            Ok(())
+            Ok(None)
         }
     }
+}
+
+/// 28000 with the exact reason a token was not accepted.
+fn token_refused(e: &TokenError) -> LoginError {
+    let hint = match e {
+        TokenError::Missing => {
+            "Run the job under `interceptor run --token-env/--token-file/--token-github`, or give the token as the password."
+        }
+        TokenError::Expired(_) | TokenError::NotYetValid(_) => {
+            "Fetch a fresh token from the issuer and reconnect."
+        }
+        TokenError::Unreachable { .. } => {
+            "The proxy cannot reach the issuer; retry, or ask an operator."
+        }
+        _ => "Use a token from a trusted issuer, minted for this proxy's audience.",
+    };
+    ProxyError::fatal("28000", format!("interceptor: OIDC token rejected: {e}"))
+        .with_hint(hint)
+        .into()
+}
+
+/// Verifies the session's token, if it has one: the client's password with
+/// the `oidc` method, else the token `interceptor run` recorded for the job.
+async fn verify_token(
+    runtime: &Runtime,
+    from_client: Option<String>,
+    arrival: &Arrival,
+) -> Result<policies::TokenIdentity, TokenError> {
+    let job_token = match arrival {
+        Arrival::Intercepted(o) => o.job.as_ref().and_then(|j| j.token.clone()),
+        Arrival::Listener(_) => None,
+    };
+    let token = from_client.or(job_token).ok_or(TokenError::Missing)?;
+    let verifier = runtime.oidc.as_ref().ok_or(TokenError::NoIssuers)?;
+    verifier.verify(&token).await
 }
 
 /// The body of a PasswordMessage-family ('p') message.

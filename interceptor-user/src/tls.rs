@@ -39,6 +39,8 @@ pub enum TlsError {
     ServerName(String),
     #[error("upstream_tls mode verify-full needs a ca_file")]
     MissingCa,
+    #[error("no system CA certificates ({0}); give a `ca_file`")]
+    NoRoots(String),
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -219,6 +221,36 @@ pub fn upstream_connector(
         connector: TlsConnector::from(Arc::new(config)),
         server_name,
     }))
+}
+
+/// A verifying client config for HTTPS fetches (OIDC discovery, JWKS, the
+/// GitHub Actions token endpoint): the given CA bundle, or the system's
+/// roots (which honour `SSL_CERT_FILE`).
+pub fn https_client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(ca) => {
+            for cert in load_certs(ca)? {
+                roots.add(cert)?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(TlsError::NoRoots(
+                    found
+                        .errors
+                        .first()
+                        .map_or_else(|| "none found".into(), ToString::to_string),
+                ));
+            }
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// `sslmode=require` semantics: encrypt, but accept any certificate. The

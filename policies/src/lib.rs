@@ -29,6 +29,6 @@ pub mod principal;
 pub mod session;
 
 pub use analysis::{Analysis, AnalysisError, Analyzer, Kind, Statement, analyze};
-pub use policy::{Decision, Policy, PolicyError, Subject, Verdict};
-pub use principal::Principal;
+pub use policy::{Decision, Limits, Policy, PolicyError, Subject, Verdict};
+pub use principal::{Principal, TokenIdentity};
 pub use session::{Check, Refusal, SessionPolicy};

@@ -27,12 +27,61 @@ pub struct PolicyFile {
     /// Trust DO blocks. Off by default: a DO block can do anything.
     #[serde(default)]
     pub trust_do_blocks: bool,
+    /// Refuse sessions without a verified OIDC token (SQLSTATE 28000, with
+    /// why the token was missing or rejected).
+    #[serde(default)]
+    pub require_token: bool,
     /// Identity groups. A principal belongs to every group it matches.
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupSpec>,
     /// Ordered rules; the first that matches decides.
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleSpec>,
+    /// Per-identity limits. Every `[[limit]]` whose groups the principal is
+    /// in applies; where several set the same limit, the smallest wins.
+    #[serde(default, rename = "limit")]
+    pub limits: Vec<LimitSpec>,
+}
+
+/// Limits on what one identity may do.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    /// The principal is in at least one of these groups. Empty: anyone.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Statements per second across all of the identity's sessions
+    /// (sessions share one budget per token subject, job, or user). Excess
+    /// statements wait their turn; they are not refused.
+    #[serde(default)]
+    pub statements_per_second: Option<f64>,
+    /// How many statements may run at once before pacing starts
+    /// (default: one second's worth).
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Rows one statement may return (DataRow messages, and COPY TO STDOUT
+    /// rows). Beyond it the rest of the result is withheld and the
+    /// statement ends with SQLSTATE 54000.
+    #[serde(default)]
+    pub max_rows: Option<u64>,
+    /// Bytes of row data one statement may return; as `max_rows`.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+}
+
+/// The limits that apply to one subject.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    /// (statements per second, burst)
+    pub rate: Option<(f64, u32)>,
+    pub max_rows: Option<u64>,
+    pub max_bytes: Option<u64>,
+}
+
+impl Limits {
+    pub fn is_none(&self) -> bool {
+        self.rate.is_none() && self.max_rows.is_none() && self.max_bytes.is_none()
+    }
 }
 
 /// Who is in a group. Every field given must match; a list matches when any
@@ -67,6 +116,12 @@ pub struct GroupSpec {
     /// own environment), e.g. `{ GITHUB_REPOSITORY = ["org/*"] }`.
     #[serde(default)]
     pub ci: BTreeMap<String, Vec<String>>,
+    /// Claims of the session's verified OIDC token, e.g.
+    /// `{ repository = ["acme/*"], ref = ["refs/heads/main"] }`. An array
+    /// claim (`groups`) matches when any of its values does. A group with
+    /// claims never holds a session without a verified token.
+    #[serde(default)]
+    pub claims: BTreeMap<String, Vec<String>>,
 }
 
 /// One rule. Every condition given must hold for the rule to match.
@@ -154,6 +209,12 @@ fn globs(ps: &[String]) -> Result<Vec<GlobMatcher>, String> {
     ps.iter().map(|p| glob(p)).collect()
 }
 
+fn keyed_globs(
+    m: &BTreeMap<String, Vec<String>>,
+) -> Result<Vec<(String, Vec<GlobMatcher>)>, String> {
+    m.iter().map(|(k, v)| Ok((k.clone(), globs(v)?))).collect()
+}
+
 fn any(ms: &[GlobMatcher], s: &str) -> bool {
     ms.iter().any(|m| m.is_match(s))
 }
@@ -168,6 +229,7 @@ struct Group {
     jobs: Vec<GlobMatcher>,
     intercepted: Option<bool>,
     ci: Vec<(String, Vec<GlobMatcher>)>,
+    claims: Vec<(String, Vec<GlobMatcher>)>,
 }
 
 impl Group {
@@ -186,6 +248,14 @@ impl Group {
                 .ci
                 .iter()
                 .all(|(k, ms)| field(ms, p.ci.get(k).map(String::as_str)))
+            && (self.claims.is_empty()
+                || p.token.as_ref().is_some_and(|t| {
+                    self.claims.iter().all(|(k, ms)| {
+                        t.claims
+                            .get(k)
+                            .is_some_and(|vs| vs.iter().any(|v| any(ms, v)))
+                    })
+                }))
     }
 }
 
@@ -209,6 +279,9 @@ pub struct Policy {
     rules: Vec<Rule>,
     trusted: Vec<GlobMatcher>,
     trust_do_blocks: bool,
+    require_token: bool,
+    /// Each `[[limit]]` with its groups resolved.
+    limits: Vec<(Vec<usize>, LimitSpec)>,
 }
 
 /// Where a session stands: its principal's groups, target and database.
@@ -302,12 +375,8 @@ impl Policy {
                 cgroups: globs(&g.cgroups).map_err(err)?,
                 jobs: globs(&g.jobs).map_err(err)?,
                 intercepted: g.intercepted,
-                ci: g
-                    .ci
-                    .iter()
-                    .map(|(k, v)| Ok((k.clone(), globs(v)?)))
-                    .collect::<Result<_, String>>()
-                    .map_err(err)?,
+                ci: keyed_globs(&g.ci).map_err(err)?,
+                claims: keyed_globs(&g.claims).map_err(err)?,
             });
         }
         let mut rules: Vec<Rule> = Vec::new();
@@ -345,7 +414,31 @@ impl Policy {
                 spec: r.clone(),
             });
         }
+        let mut limits = Vec::new();
+        for (n, l) in file.limits.iter().enumerate() {
+            let err = |m: String| at(find("[[limit]]"), format!("limit #{}: {m}", n + 1));
+            let mut ids = Vec::new();
+            for name in &l.groups {
+                ids.push(
+                    groups
+                        .iter()
+                        .position(|g| g.name == *name)
+                        .ok_or_else(|| err(format!("unknown group {name:?}")))?,
+                );
+            }
+            if l.statements_per_second
+                .is_some_and(|r| !(r.is_finite() && r > 0.0))
+            {
+                return Err(err("statements_per_second must be a positive number".into()));
+            }
+            if l.burst == Some(0) || l.max_rows == Some(0) || l.max_bytes == Some(0) {
+                return Err(err("limits must be at least 1".into()));
+            }
+            limits.push((ids, l.clone()));
+        }
         Ok(Policy {
+            require_token: file.require_token,
+            limits,
             source: origin.to_owned(),
             groups,
             rules,
@@ -369,6 +462,38 @@ impl Policy {
             target: target.to_owned(),
             database: database.to_owned(),
         }
+    }
+
+    /// Whether sessions must present a verified OIDC token.
+    pub fn require_token(&self) -> bool {
+        self.require_token
+    }
+
+    /// The per-identity limits for a subject: the smallest of every
+    /// matching `[[limit]]`.
+    pub fn limits_for(&self, s: &Subject) -> Limits {
+        fn min<T: PartialOrd + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(if b < a { b } else { a }),
+                (a, b) => a.or(b),
+            }
+        }
+        let mut out = Limits::default();
+        for (groups, l) in &self.limits {
+            if !groups.is_empty() && !groups.iter().any(|g| s.groups.contains(g)) {
+                continue;
+            }
+            if let Some(rate) = l.statements_per_second {
+                let burst = l.burst.unwrap_or((rate.ceil() as u32).max(1));
+                out.rate = Some(match out.rate {
+                    Some((r, b)) => (r.min(rate), b.min(burst)),
+                    None => (rate, burst),
+                });
+            }
+            out.max_rows = min(out.max_rows, l.max_rows);
+            out.max_bytes = min(out.max_bytes, l.max_bytes);
+        }
+        out
     }
 
     /// The statement's kind once trusted code is taken at its word.

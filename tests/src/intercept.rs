@@ -80,8 +80,13 @@ impl Interception {
 
     /// `interceptor run --job JOB -- program`; add the program's arguments.
     pub fn run(&self, job: &str, program: &str) -> Command {
+        self.run_with(job, &[], program)
+    }
+
+    /// As [`run`](Self::run), with more `interceptor run` options.
+    pub fn run_with(&self, job: &str, options: &[&str], program: &str) -> Command {
         let mut cmd = Command::new(binary());
-        cmd.arg("run").arg("--job").arg(job);
+        cmd.arg("run").arg("--job").arg(job).args(options);
         self.location(&mut cmd);
         cmd.arg("--").arg(program);
         cmd

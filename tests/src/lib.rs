@@ -6,6 +6,7 @@
 //! way.
 
 pub mod intercept;
+pub mod oidc;
 pub mod pg;
 pub mod proxy;
 pub mod wire;

@@ -62,6 +62,8 @@ pub struct ProxyOptions {
     pub intercept: Option<String>,
     /// A statement policy file for `[policy]`.
     pub policy: Option<PathBuf>,
+    /// More top-level sections, appended as given (e.g. `[oidc]`).
+    pub sections: Vec<String>,
 }
 
 impl Default for ProxyOptions {
@@ -77,6 +79,7 @@ impl Default for ProxyOptions {
             upstream_login: None,
             intercept: None,
             policy: None,
+            sections: vec![],
         }
     }
 }
@@ -126,7 +129,7 @@ impl Proxy {
         if let Some(file) = &opts.policy {
             text.push_str(&format!("\n[policy]\nfile = \"{}\"\n", file.display()));
         }
-        if let Some(section) = &opts.intercept {
+        for section in opts.intercept.iter().chain(&opts.sections) {
             text.push('\n');
             text.push_str(section);
         }

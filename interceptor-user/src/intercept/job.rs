@@ -84,6 +84,60 @@ pub enum TokenSource {
     None,
     Env(String),
     File(PathBuf),
+    /// The GitHub Actions runner's ID-token endpoint, for this audience.
+    GitHubActions {
+        audience: String,
+    },
+}
+
+/// Asks the GitHub Actions runner for an OIDC ID token, as
+/// `core.getIDToken()` does: GET the request URL with `audience`, with the
+/// request token as bearer; the JWT is in `value`.
+fn github_actions_token(audience: &str) -> anyhow::Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        value: String,
+    }
+    let var = |name: &str| {
+        std::env::var(name).with_context(|| {
+            format!("--token-github: {name} is not set (is `permissions: id-token: write` in the workflow?)")
+        })
+    };
+    let url = var("ACTIONS_ID_TOKEN_REQUEST_URL")?;
+    let bearer = var("ACTIONS_ID_TOKEN_REQUEST_TOKEN")?;
+    let mut url = reqwest::Url::parse(&url)
+        .with_context(|| "--token-github: ACTIONS_ID_TOKEN_REQUEST_URL is not a URL")?;
+    url.query_pairs_mut().append_pair("audience", audience);
+    let tls = crate::tls::https_client_config(None)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(std::time::Duration::from_secs(10))
+            .build()?;
+        let resp = client
+            .get(url.clone())
+            .bearer_auth(bearer)
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--token-github: GET {url}: {}",
+                    crate::oidc::error_chain(&e)
+                )
+            })?;
+        if !resp.status().is_success() {
+            bail!("--token-github: the runner answered HTTP {}", resp.status());
+        }
+        let answer: Answer = resp
+            .json()
+            .await
+            .context("--token-github: the runner's answer has no `value`")?;
+        Ok(answer.value)
+    })
 }
 
 pub struct RunOptions {
@@ -122,6 +176,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<i32> {
                 .trim()
                 .to_owned(),
         ),
+        TokenSource::GitHubActions { audience } => Some(github_actions_token(audience)?),
     };
     let mount = cgroup::cgroup2_mount()?;
     let parent = mount.join(&opts.cgroup);

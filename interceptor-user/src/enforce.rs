@@ -9,11 +9,13 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use policies::{Check, Policy, Principal, Refusal, SessionPolicy, Subject};
 use tracing::{debug, info};
 
+use crate::limits::{Bucket, ResultCap};
 use crate::protocol::build;
 use crate::protocol::frontend::{FrontendMessage, Target};
 use crate::runtime::Shared;
@@ -36,6 +38,10 @@ pub struct Enforcer {
     /// emptied so the server reaches the raised error at Execute.
     refused_statements: HashSet<Vec<u8>>,
     session_id: u64,
+    /// (statements per second, burst) and the identity's shared bucket.
+    rate: Option<(f64, u32, Arc<Bucket>)>,
+    /// Statements seen since the last [`pace`](Self::pace).
+    pending: u32,
 }
 
 impl Enforcer {
@@ -47,13 +53,48 @@ impl Enforcer {
         subject: Subject,
         session_id: u64,
     ) -> Self {
-        Enforcer {
+        let mut e = Enforcer {
             session: SessionPolicy::new(subject),
             shared,
             principal,
             policy,
             refused_statements: HashSet::new(),
             session_id,
+            rate: None,
+            pending: 0,
+        };
+        e.apply_limits();
+        e
+    }
+
+    fn apply_limits(&mut self) {
+        self.rate = self
+            .policy
+            .limits_for(&self.session.subject)
+            .rate
+            .map(|(rate, burst)| {
+                let bucket = self
+                    .shared
+                    .rate_limiter
+                    .bucket(&self.principal.limit_key(), burst);
+                (rate, burst, bucket)
+            });
+    }
+
+    /// The cap on rows and bytes per result for this session (fixed at
+    /// login).
+    pub fn result_cap(&self) -> Option<ResultCap> {
+        let l = self.policy.limits_for(&self.session.subject);
+        ResultCap::new(l.max_rows, l.max_bytes)
+    }
+
+    /// How long to hold the statements inspected since the last call, to
+    /// keep the identity within its statement rate.
+    pub fn pace(&mut self) -> Duration {
+        let n = std::mem::take(&mut self.pending);
+        match &self.rate {
+            Some((rate, burst, bucket)) if n > 0 => bucket.take(n, *rate, *burst),
+            _ => Duration::ZERO,
         }
     }
 
@@ -68,6 +109,7 @@ impl Enforcer {
                 let subject = p.subject(&self.principal, &current.target, &current.database);
                 self.policy = p.clone();
                 self.session = SessionPolicy::new(subject);
+                self.apply_limits();
             }
             // Policy removed from the config: keep enforcing the last one
             // rather than fail open mid-session.
@@ -76,7 +118,8 @@ impl Enforcer {
         self.policy.clone()
     }
 
-    fn check_sql(&mut self, sql: &[u8]) -> Result<(), Refusal> {
+    /// Decides a query string; on success, says how many statements it holds.
+    fn check_sql(&mut self, sql: &[u8]) -> Result<u32, Refusal> {
         let policy = self.current_policy();
         let analysis = match std::str::from_utf8(sql) {
             Ok(text) => self.shared.analyzer.analyze(text),
@@ -85,7 +128,7 @@ impl Enforcer {
         match self.session.check(&policy, &analysis) {
             Check::Allowed(rules) => {
                 debug!(session_id = self.session_id, ?rules, "statement allowed");
-                Ok(())
+                Ok(rules.len() as u32)
             }
             Check::Refused(r) => {
                 info!(
@@ -103,11 +146,18 @@ impl Enforcer {
     pub fn inspect(&mut self, msg: &FrontendMessage<'_>) -> Action {
         match msg {
             FrontendMessage::Query { sql } => match self.check_sql(sql) {
-                Ok(()) => Action::Forward,
+                Ok(n) => {
+                    self.pending += n;
+                    Action::Forward
+                }
                 Err(r) => Action::Replace(build::query(&raise_sql(&r))),
             },
+            FrontendMessage::Execute { .. } => {
+                self.pending += 1;
+                Action::Forward
+            }
             FrontendMessage::Parse(p) => match self.check_sql(p.sql) {
-                Ok(()) => {
+                Ok(_) => {
                     self.refused_statements.remove(p.name);
                     Action::Forward
                 }

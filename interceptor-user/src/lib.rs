@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod enforce;
 pub mod intercept;
+pub mod limits;
 pub mod oidc;
 pub mod policy_cli;
 pub mod protocol;

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Limits;
 use crate::enforce::{Action, Enforcer};
+use crate::limits::{CapAction, ResultCap};
 use crate::protocol::backend::{BackendMessage, TransactionStatus};
 use crate::protocol::build::ProxyError;
 use crate::protocol::frontend::FrontendMessage;
@@ -71,6 +72,48 @@ impl FrontendState {
 struct BackendState {
     status: TransactionStatus,
     stats: Stats,
+    /// The identity's cap on rows and bytes per result.
+    cap: Option<ResultCap>,
+}
+
+/// Changes to a run of complete frames in a read buffer. Changes are rare:
+/// the common case forwards the buffer's frames in one write, untouched,
+/// and only a changed batch is copied.
+#[derive(Default)]
+struct Edits {
+    out: Option<BytesMut>,
+    /// Where the next frame starts.
+    offset: usize,
+    /// Bytes of the buffer before this are already in `out`.
+    copied: usize,
+}
+
+impl Edits {
+    fn keep(&mut self, len: usize) {
+        self.offset += len;
+    }
+
+    /// Replaces the next `len` bytes of `buf` with `with` (`None`: drops them).
+    fn replace(&mut self, buf: &[u8], len: usize, with: Option<&[u8]>) {
+        let out = self.out.get_or_insert_with(BytesMut::new);
+        out.extend_from_slice(&buf[self.copied..self.offset]);
+        if let Some(with) = with {
+            out.extend_from_slice(with);
+        }
+        self.offset += len;
+        self.copied = self.offset;
+    }
+
+    /// The bytes to send for `buf[..used]`.
+    fn output<'a>(&'a mut self, buf: &'a [u8], used: usize) -> &'a [u8] {
+        match self.out.as_mut() {
+            Some(out) => {
+                out.extend_from_slice(&buf[self.copied..used]);
+                out
+            }
+            None => &buf[..used],
+        }
+    }
 }
 
 impl BackendState {
@@ -183,34 +226,29 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
-        // Replacements are rare: the common case forwards the read buffer's
-        // complete messages in one write, untouched.
-        let mut rewritten: Option<BytesMut> = None;
-        let mut offset = 0;
-        let mut copied = 0;
+        let mut edits = Edits::default();
         let (used, verdict) = complete_frames(buf, max, |frame| {
             let msg = FrontendMessage::parse(frame)?;
             state.observe(&msg);
-            if let Some(enforcer) = &mut state.enforcer
-                && let Action::Replace(bytes) = enforcer.inspect(&msg)
-            {
-                let out = rewritten.get_or_insert_with(BytesMut::new);
-                out.extend_from_slice(&buf[copied..offset]);
-                out.extend_from_slice(&bytes);
-                copied = offset + frame.len();
+            match &mut state.enforcer {
+                Some(enforcer) => match enforcer.inspect(&msg) {
+                    Action::Replace(bytes) => edits.replace(buf, frame.len(), Some(&bytes)),
+                    Action::Forward => edits.keep(frame.len()),
+                },
+                None => edits.keep(frame.len()),
             }
-            offset += frame.len();
             Ok(!matches!(msg, FrontendMessage::Terminate))
         });
         if used > 0 {
-            let written = match rewritten.as_mut() {
-                Some(out) => {
-                    out.extend_from_slice(&buf[copied..used]);
-                    write_out(wr, out).await
+            // Within the identity's statement rate: hold the batch until
+            // its turn (the client sees latency, not errors).
+            if let Some(enforcer) = &mut state.enforcer {
+                let wait = enforcer.pace();
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
                 }
-                None => write_out(wr, &buf[..used]).await,
-            };
-            if let Err(e) = written {
+            }
+            if let Err(e) = write_out(wr, edits.output(buf, used)).await {
                 return FrontEnd::Io(e);
             }
             buf.advance(used);
@@ -242,12 +280,18 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
+        let mut edits = Edits::default();
         let (used, verdict) = complete_frames(buf, BACKEND_MAX_MESSAGE, |frame| {
             state.observe(&BackendMessage::parse(frame)?);
+            match state.cap.as_mut().map(|c| c.on(frame[0], frame.len())) {
+                Some(CapAction::Drop) => edits.replace(buf, frame.len(), None),
+                Some(CapAction::Replace(err)) => edits.replace(buf, frame.len(), Some(&err)),
+                Some(CapAction::Forward) | None => edits.keep(frame.len()),
+            }
             Ok(true)
         });
         if used > 0 {
-            if let Err(e) = write_out(wr, &buf[..used]).await {
+            if let Err(e) = write_out(wr, edits.output(buf, used)).await {
                 return BackEnd::Io(e);
             }
             buf.advance(used);
@@ -316,13 +360,14 @@ pub async fn run(
     let (mut upstream_rd, mut upstream_wr) = split(upstream_io);
     let (inject, mut injected) = mpsc::channel::<ProxyError>(1);
     let activity = Activity::default();
-    let mut front_state = FrontendState {
-        stats: Stats::default(),
-        enforcer,
-    };
     let mut back_state = BackendState {
         status: TransactionStatus::Idle,
         stats: Stats::default(),
+        cap: enforcer.as_ref().and_then(Enforcer::result_cap),
+    };
+    let mut front_state = FrontendState {
+        stats: Stats::default(),
+        enforcer,
     };
     let max = limits.max_message_size as usize;
 

@@ -141,6 +141,8 @@ pub struct Shared {
     /// Statement analyses by text; they do not depend on the policy, so
     /// they outlive reloads.
     pub analyzer: policies::Analyzer,
+    /// Statement-rate buckets by identity; they outlive reloads.
+    pub rate_limiter: crate::limits::RateLimiter,
     pub cancels: CancelRegistry,
     pub phase: watch::Receiver<Phase>,
     active: AtomicUsize,
@@ -156,6 +158,7 @@ impl Shared {
             .map_or(1, |p| p.analysis_cache);
         Shared {
             analyzer: policies::Analyzer::new(cache),
+            rate_limiter: Default::default(),
             runtime: ArcSwap::from_pointee(runtime),
             cancels: CancelRegistry::default(),
             phase,

@@ -400,3 +400,90 @@ fn deeply_nested_statements_are_decided_without_taking_the_daemon_down() {
     assert!(first_error(&r).is_none(), "{r:?}");
     assert!(proxy.is_running());
 }
+
+/// Reads allowed, with per-identity limits.
+fn limited_policy(limits: &str) -> PathBuf {
+    let dir = tempfile::Builder::new()
+        .prefix("interceptor-limits-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let p = dir.join("policy.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "version = 1\n\n[[group]]\nname = \"everyone\"\n\n[[rule]]\nid = \"reads\"\nkinds = [\"read\", \"session\", \"transaction\"]\ndecision = \"allow\"\n\n[[limit]]\ngroups = [\"everyone\"]\n{limits}\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn rows(msgs: &[(u8, Vec<u8>)]) -> usize {
+    msgs.iter()
+        .filter(|(t, _)| *t == b'D' || *t == b'd')
+        .count()
+}
+
+#[test]
+fn results_over_the_identitys_row_and_byte_caps_are_cut_with_54000() {
+    let proxy = policy_proxy_with(limited_policy("max_rows = 5\n"));
+    let (mut c, _) = RawClient::login(proxy.port, "agent", "postgres").unwrap();
+    let r = c.query("SELECT generate_series(1, 1000)").unwrap();
+    assert_eq!(rows(&r), 5);
+    let (code, msg) = first_error(&r).expect("capped");
+    assert_eq!(code, "54000");
+    assert!(msg.contains("limit of 5 rows"), "{msg}");
+    assert!(!r.iter().any(|(t, _)| *t == b'C'), "CommandComplete leaked");
+    // Under the cap, and on the same connection: untouched.
+    let r = c.query("SELECT generate_series(1, 5)").unwrap();
+    assert_eq!(rows(&r), 5);
+    assert!(first_error(&r).is_none());
+    // COPY TO STDOUT rows count too.
+    let r = c
+        .query("COPY (SELECT generate_series(1, 100)) TO STDOUT")
+        .unwrap();
+    assert_eq!(rows(&r), 5);
+    assert_eq!(first_error(&r).map(|e| e.0), Some("54000".into()));
+    // The session goes on: the server itself never failed.
+    let r = c.query("SELECT 'still here'").unwrap();
+    assert_eq!(rows(&r), 1);
+    // The extended protocol, in text and binary.
+    for binary in [false, true] {
+        let r = extended(
+            proxy.port,
+            "postgres",
+            "SELECT generate_series(1, 50)",
+            binary,
+        );
+        assert_eq!(rows(&r), 5);
+        assert_eq!(first_error(&r).map(|e| e.0), Some("54000".into()));
+    }
+
+    let proxy = policy_proxy_with(limited_policy("max_bytes = 4096\n"));
+    let (mut c, _) = RawClient::login(proxy.port, "agent", "postgres").unwrap();
+    let r = c
+        .query("SELECT repeat('x', 1000) FROM generate_series(1, 100)")
+        .unwrap();
+    assert_eq!(rows(&r), 4, "each row is 1011 bytes on the wire");
+    let (code, msg) = first_error(&r).expect("capped");
+    assert_eq!(code, "54000");
+    assert!(msg.contains("limit of 4096 bytes"), "{msg}");
+}
+
+#[test]
+fn an_identitys_statement_rate_is_shared_by_its_sessions() {
+    // 10/s with a burst of 1: 21 statements from two sessions cannot all
+    // run in less than 2 s, whatever the machine's speed.
+    let proxy = policy_proxy_with(limited_policy("statements_per_second = 10\nburst = 1\n"));
+    let (mut a, _) = RawClient::login(proxy.port, "agent", "postgres").unwrap();
+    let (mut b, _) = RawClient::login(proxy.port, "agent", "postgres").unwrap();
+    let start = std::time::Instant::now();
+    for i in 0..21 {
+        let c = if i % 2 == 0 { &mut a } else { &mut b };
+        let r = c.query("SELECT 1").unwrap();
+        assert!(first_error(&r).is_none(), "paced, never refused");
+    }
+    let took = start.elapsed();
+    assert!(took >= std::time::Duration::from_millis(1900), "{took:?}");
+}

@@ -73,9 +73,13 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// The policy file (TOML; see `interceptor policy schema`). A relative
-    /// path is relative to this config file. Reloaded on SIGHUP; a bad file
-    /// keeps the previous policy.
+    /// path is relative to this config file. Reloaded on SIGHUP and when
+    /// the file changes; a bad file keeps the previous policy.
     pub file: PathBuf,
+    /// How often the policy file is checked for changes (`"0s"`: only on
+    /// SIGHUP).
+    #[serde(default = "default_watch_interval", with = "humantime_serde")]
+    pub watch_interval: Duration,
     /// How many distinct statement texts keep their analysis in memory.
     /// Read at start-up: the cache outlives reloads, so a new size takes a
     /// restart.
@@ -136,6 +140,10 @@ fn default_min_refresh() -> Duration {
 
 fn default_fetch_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_watch_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_analysis_cache() -> usize {

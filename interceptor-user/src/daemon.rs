@@ -153,9 +153,16 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut policy_watch = PolicyWatch::new(&shared);
+    let mut tick = tokio::time::interval(policy_watch.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = hup.recv() => reload(&config_path, &shared, &listen_addrs, installed.as_mut()),
+            _ = hup.recv() => {
+                reload(&config_path, &shared, &listen_addrs, installed.as_mut());
+                policy_watch = PolicyWatch::new(&shared);
+            }
+            _ = tick.tick(), if policy_watch.enabled() => policy_watch.check(&shared),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -183,6 +190,75 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
     }
     info!("stopped");
     Ok(())
+}
+
+/// Reloads the policy when its file changes, as SIGHUP would but without
+/// touching the rest of the configuration. Polls the file's metadata: a
+/// stat per interval is nothing, and it sees every way a file is replaced
+/// (in place, rename over, a new symlink target) without inotify's
+/// per-editor corner cases.
+struct PolicyWatch {
+    file: Option<std::path::PathBuf>,
+    stamp: Option<FileStamp>,
+    interval: Duration,
+}
+
+#[derive(PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        ino: m.ino(),
+    })
+}
+
+impl PolicyWatch {
+    fn new(shared: &Shared) -> PolicyWatch {
+        let runtime = shared.runtime.load();
+        let p = runtime.config.policy.as_ref();
+        let file = p
+            .filter(|p| !p.watch_interval.is_zero())
+            .map(|p| p.file.clone());
+        PolicyWatch {
+            stamp: file.as_deref().and_then(stamp),
+            interval: p.map_or(Duration::from_secs(3600), |p| {
+                p.watch_interval.max(Duration::from_millis(50))
+            }),
+            file,
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.file.is_some()
+    }
+
+    fn check(&mut self, shared: &Shared) {
+        let Some(file) = &self.file else { return };
+        let now = stamp(file);
+        if now == self.stamp {
+            return;
+        }
+        self.stamp = now;
+        match policies::Policy::load(file) {
+            Ok(policy) => {
+                let mut rt = Runtime::clone(&shared.runtime.load());
+                rt.policy = Some(Arc::new(policy));
+                shared.runtime.store(Arc::new(rt));
+                info!(path = %file.display(), "policy file changed: statement policy reloaded");
+            }
+            Err(e) => {
+                error!("policy file changed but does not load, keeping the previous policy: {e}")
+            }
+        }
+    }
 }
 
 fn reload(

@@ -22,6 +22,7 @@ pub struct TargetRuntime {
     pub upstream_tls: Option<UpstreamConnector>,
 }
 
+#[derive(Clone)]
 pub struct Runtime {
     pub config: Config,
     pub client_tls: Option<TlsAcceptor>,

@@ -487,3 +487,38 @@ fn an_identitys_statement_rate_is_shared_by_its_sessions() {
     let took = start.elapsed();
     assert!(took >= std::time::Duration::from_millis(1900), "{took:?}");
 }
+
+#[test]
+fn editing_the_policy_file_reloads_it_and_a_bad_edit_keeps_the_old_one() {
+    let file = limited_policy("max_rows = 1000\n");
+    let original = std::fs::read_to_string(&file).unwrap();
+    let proxy = policy_proxy_with(file.clone());
+    let wait_for = |needle: &str, count: usize| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while proxy.log().matches(needle).count() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?}:\n{}",
+                proxy.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let select = |expect_ok: bool| {
+        let (mut c, _) = RawClient::login(proxy.port, "agent", "postgres").unwrap();
+        let r = c.query("SELECT 1").unwrap();
+        assert_eq!(first_error(&r).is_none(), expect_ok, "{r:?}");
+    };
+    select(true);
+    // Reads are no longer allowed once the file says so; no signal sent.
+    std::fs::write(&file, original.replace("\"read\", ", "")).unwrap();
+    wait_for("statement policy reloaded", 1);
+    select(false);
+    // A broken edit is reported and the last good policy stays.
+    std::fs::write(&file, "version = 1\n[[rule]]\nid = 3\n").unwrap();
+    wait_for("does not load, keeping the previous policy", 1);
+    select(false);
+    std::fs::write(&file, &original).unwrap();
+    wait_for("statement policy reloaded", 2);
+    select(true);
+}

@@ -140,13 +140,19 @@ fn start_pgbouncer(pg: &PgCluster, max_clients: usize) -> Result<Pgbouncer> {
 }
 
 #[derive(Default, Clone)]
-struct RunResult {
-    tps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub struct RunResult {
+    pub tps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
-fn pgbench(port: u16, mode: &str, clients: u32, seconds: u32, logdir: &Path) -> Result<RunResult> {
+pub fn pgbench(
+    port: u16,
+    mode: &str,
+    clients: u32,
+    seconds: u32,
+    logdir: &Path,
+) -> Result<RunResult> {
     let _ = std::fs::remove_dir_all(logdir);
     std::fs::create_dir_all(logdir)?;
     let out = run_ok(

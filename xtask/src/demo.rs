@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use interceptor_tests::intercept::Interception;
+use interceptor_tests::oidc::{GHA_REQUEST_TOKEN, TestIssuer};
 use interceptor_tests::pg::{ADMIN_USER, PgCluster};
 use interceptor_tests::pg_bin;
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
@@ -56,6 +57,20 @@ fn collect(cmd: &mut Command) -> Result<String> {
     Ok(text)
 }
 
+fn wait_for_log(proxy: &Proxy, needle: &str) -> Result<()> {
+    wait_for_log_count(proxy, needle, 1)
+}
+
+fn wait_for_log_count(proxy: &Proxy, needle: &str, n: usize) -> Result<()> {
+    for _ in 0..200 {
+        if proxy.log().matches(needle).count() >= n {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("`{needle}` never appeared in the daemon log")
+}
+
 fn show(cmdline: &str, output: &str) {
     println!("$ {cmdline}");
     for line in output.lines() {
@@ -81,14 +96,28 @@ pub fn run(keep: bool) -> Result<()> {
         "interceptor logs in upstream as `{ADMIN_USER}` with a SCRAM password read from a file the agent never sees."
     );
 
+    step("Starting a local OIDC issuer (stands in for GitHub Actions' token service)");
+    let issuer = TestIssuer::start()?;
+    println!(
+        "issuer {} serves its discovery document and JWKS (RS256, ES256, EdDSA keys) over HTTPS",
+        issuer.url
+    );
+
     step("Starting interceptor with transparent interception");
     let ic = Interception::named("interceptor-demo");
+    // A copy of the reference policy, so the demo can edit it live.
+    let policy_file = issuer.dir.path().join("agent.toml");
+    let reference = std::fs::read_to_string(
+        interceptor_tests::workspace_root().join("policies/examples/agent.toml"),
+    )?;
+    std::fs::write(&policy_file, &reference)?;
     let proxy = Proxy::start(
         &pg,
         ProxyOptions {
             databases: vec!["app".into()],
             intercept: Some(ic.config_section()),
-            policy: Some(interceptor_tests::workspace_root().join("policies/examples/agent.toml")),
+            policy: Some(policy_file.clone()),
+            sections: vec![issuer.config_section()],
             ..Default::default()
         },
     )?;
@@ -262,6 +291,108 @@ pub fn run(keep: bool) -> Result<()> {
     println!(
         "orders still in the table (checked directly as postgres): {}",
         left.trim()
+    );
+
+    step("A token-bound identity: the job's OIDC token, verified, decides its groups");
+    let with_token = |cmd: &mut Command| {
+        cmd.env("ACTIONS_ID_TOKEN_REQUEST_URL", issuer.gha_request_url())
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", GHA_REQUEST_TOKEN)
+            .env("SSL_CERT_FILE", &issuer.ca_file);
+    };
+    let token_run = |sql: &str| -> Result<String> {
+        let mut cmd = ic.run_with(
+            "release",
+            &["--token-github", interceptor_tests::oidc::AUDIENCE],
+            &pg_bin("psql").to_string_lossy(),
+        );
+        cmd.args(["-X", "-v", "VERBOSITY=terse", "-d", &db, "-c", sql])
+            .env_remove("PGPASSWORD");
+        with_token(&mut cmd);
+        collect(&mut cmd)
+    };
+    let token_wrapped = "interceptor run --job release --token-github interceptor -- psql";
+    show(
+        &format!("{token_wrapped} -c 'SELECT current_setting(''application_name'')'"),
+        &token_run("SELECT current_setting('application_name') AS principal")?,
+    );
+    for line in proxy
+        .log()
+        .lines()
+        .filter(|l| l.contains("OIDC token verified"))
+    {
+        println!("  {line}");
+    }
+    show(
+        "the token's claims (repository acme/app, ref main) put it in group release-jobs: its UPDATE is held for approval",
+        &token_run("UPDATE orders SET amount = 0 WHERE id = 1")?,
+    );
+    show(
+        "the same UPDATE from a job without a token is denied outright (rule no-writes)",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-v",
+                "VERBOSITY=terse",
+                "-c",
+                "UPDATE orders SET amount = 0 WHERE id = 1",
+            ],
+        )?,
+    );
+    std::fs::write(
+        &policy_file,
+        reference.replace("version = 1\n", "version = 1\nrequire_token = true\n"),
+    )?;
+    wait_for_log(&proxy, "statement policy reloaded")?;
+    println!("edited the policy file: `require_token = true` (reloaded on change, no restart)");
+    show(
+        &format!("{wrapped} -c 'SELECT 1'    # no token"),
+        &agent(&ic, &tls, &["-c", "SELECT 1"])?,
+    );
+    let expired = issuer.dir.path().join("expired.jwt");
+    std::fs::write(
+        &expired,
+        issuer.token(
+            &issuer.ec,
+            serde_json::json!({"exp": interceptor_tests::oidc::now() - 60}),
+        ),
+    )?;
+    let mut cmd = ic.run_with(
+        "stale",
+        &["--token-file", &expired.to_string_lossy()],
+        &pg_bin("psql").to_string_lossy(),
+    );
+    cmd.args(["-X", "-d", &db, "-c", "SELECT 1"])
+        .env_remove("PGPASSWORD");
+    show(
+        "interceptor run --token-file expired.jwt -- psql -c 'SELECT 1'",
+        &collect(&mut cmd)?,
+    );
+    show(
+        &format!("{token_wrapped} -c 'SELECT count(*) FROM orders'    # valid token"),
+        &token_run("SELECT count(*) FROM orders")?,
+    );
+    std::fs::write(&policy_file, &reference)?;
+    wait_for_log_count(&proxy, "statement policy reloaded", 2)?;
+
+    step("Per-identity limits: no statement hands an agent more than 100 000 rows");
+    let out = agent(
+        &ic,
+        &tls,
+        &[
+            "-At",
+            "-v",
+            "VERBOSITY=terse",
+            "-c",
+            "SELECT g FROM generate_series(1, 250000) g",
+        ],
+    )?;
+    let error = out.lines().find(|l| l.contains("ERROR")).unwrap_or("");
+    show(
+        &format!("{wrapped} -c 'SELECT g FROM generate_series(1, 250000) g'"),
+        &format!(
+            "{error}\n(interceptor forwarded the first 100000 rows and withheld the rest; psql drops a failed result's rows)"
+        ),
     );
 
     step("Cancel reaches the right backend through interceptor's own cancel keys");

@@ -56,7 +56,7 @@ fn rustup_output(args: &[&str]) -> Option<String> {
 
 /// The installed toolchain that is nightly-DATE: the dated one, or a plain
 /// `nightly` of that date (how some images ship it). Installs it if neither.
-fn bpf_toolchain() -> Result<String> {
+pub fn bpf_toolchain() -> Result<String> {
     for candidate in [format!("nightly-{NIGHTLY_DATE}"), "nightly".to_owned()] {
         let ok = Command::new("rustc")
             .arg(format!("+{candidate}"))

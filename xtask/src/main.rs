@@ -2,8 +2,10 @@
 
 mod bench;
 mod bench_connect;
+mod bench_policy;
 mod demo;
 mod deps;
+mod fuzz;
 mod regress;
 
 use std::process::Command;
@@ -45,9 +47,21 @@ enum Cmd {
     /// throughput and latency vs direct, a bare relay and pgbouncer, idle
     /// memory, large results. `connect`: connect+first-query latency when
     /// intercepted, and what the eBPF programs cost per connect (root).
+    /// `policy`: decision cost with cache hits and misses, and pgbench -S
+    /// with the reference policy on vs off.
     Bench {
-        /// Which benchmark: `proxy` or `connect`.
+        /// Which benchmark: `proxy`, `connect` or `policy`.
         name: String,
+    },
+    /// Run a cargo-fuzz target (nightly; installs cargo-fuzz once), seeded
+    /// from the public corpus. `analysis`: arbitrary bytes through
+    /// statement analysis and the reference policy; never panics, and
+    /// anything unparseable is refused.
+    Fuzz {
+        target: String,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
     },
     /// Helper for `bench connect`: N connect+close to 127.0.0.1:PORT.
     #[command(hide = true)]
@@ -142,13 +156,15 @@ fn main() -> Result<()> {
             build_daemon(false)?;
             regress::run()
         }
+        Cmd::Fuzz { target, time } => fuzz::run(&target, time),
         Cmd::Bench { name } => {
             deps::ensure()?;
             build_daemon(true)?;
             match name.as_str() {
                 "proxy" => bench::proxy(),
                 "connect" => bench_connect::run(),
-                other => bail!("unknown benchmark `{other}`; available: proxy, connect"),
+                "policy" => bench_policy::run(),
+                other => bail!("unknown benchmark `{other}`; available: proxy, connect, policy"),
             }
         }
     }

@@ -57,6 +57,13 @@ fn collect(cmd: &mut Command) -> Result<String> {
     Ok(text)
 }
 
+/// The daemon's log lines that mention `needle`, indented.
+fn print_log_lines(proxy: &Proxy, needle: &str) {
+    for line in proxy.log().lines().filter(|l| l.contains(needle)) {
+        println!("  {line}");
+    }
+}
+
 fn wait_for_log(proxy: &Proxy, needle: &str) -> Result<()> {
     wait_for_log_count(proxy, needle, 1)
 }
@@ -130,13 +137,7 @@ pub fn run(keep: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    for line in proxy
-        .log()
-        .lines()
-        .filter(|l| l.contains("interception installed"))
-    {
-        println!("  {line}");
-    }
+    print_log_lines(&proxy, "interception installed");
 
     // What the agent was given: PostgreSQL's own address, no password.
     let db = format!("host=127.0.0.1 port={} dbname=app user=agent", pg.port);
@@ -160,13 +161,7 @@ pub fn run(keep: bool) -> Result<()> {
     println!(
         "The kernel sent it to interceptor, which logged in with the vaulted credentials. The session record:"
     );
-    for line in proxy
-        .log()
-        .lines()
-        .filter(|l| l.contains("session started"))
-    {
-        println!("  {line}");
-    }
+    print_log_lines(&proxy, "session started");
 
     step(
         "The same psql outside `interceptor run` goes straight to PostgreSQL, which wants a password",
@@ -294,11 +289,6 @@ pub fn run(keep: bool) -> Result<()> {
     );
 
     step("A token-bound identity: the job's OIDC token, verified, decides its groups");
-    let with_token = |cmd: &mut Command| {
-        cmd.env("ACTIONS_ID_TOKEN_REQUEST_URL", issuer.gha_request_url())
-            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", GHA_REQUEST_TOKEN)
-            .env("SSL_CERT_FILE", &issuer.ca_file);
-    };
     let token_run = |sql: &str| -> Result<String> {
         let mut cmd = ic.run_with(
             "release",
@@ -306,8 +296,10 @@ pub fn run(keep: bool) -> Result<()> {
             &pg_bin("psql").to_string_lossy(),
         );
         cmd.args(["-X", "-v", "VERBOSITY=terse", "-d", &db, "-c", sql])
-            .env_remove("PGPASSWORD");
-        with_token(&mut cmd);
+            .env_remove("PGPASSWORD")
+            .env("ACTIONS_ID_TOKEN_REQUEST_URL", issuer.gha_request_url())
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", GHA_REQUEST_TOKEN)
+            .env("SSL_CERT_FILE", &issuer.ca_file);
         collect(&mut cmd)
     };
     let token_wrapped = "interceptor run --job release --token-github interceptor -- psql";
@@ -315,13 +307,7 @@ pub fn run(keep: bool) -> Result<()> {
         &format!("{token_wrapped} -c 'SELECT current_setting(''application_name'')'"),
         &token_run("SELECT current_setting('application_name') AS principal")?,
     );
-    for line in proxy
-        .log()
-        .lines()
-        .filter(|l| l.contains("OIDC token verified"))
-    {
-        println!("  {line}");
-    }
+    print_log_lines(&proxy, "OIDC token verified");
     show(
         "the token's claims (repository acme/app, ref main) put it in group release-jobs: its UPDATE is held for approval",
         &token_run("UPDATE orders SET amount = 0 WHERE id = 1")?,

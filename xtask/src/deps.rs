@@ -21,6 +21,8 @@ const APT: &[&str] = &[
     "python3-venv",
     "xz-utils",
     "bzip2",
+    // The test OIDC issuer makes its RSA key with openssl (ring can't).
+    "openssl",
 ];
 
 const PIP: &[&str] = &["psycopg[binary]>=3.1,<4", "asyncpg>=0.29"];
@@ -259,7 +261,7 @@ fn version_of(pkg: &str) -> Option<String> {
 pub fn ensure_demo() -> Result<()> {
     ensure_bpf()?;
     ensure_libclang()?;
-    let missing: Vec<&str> = ["postgresql-15", "postgresql-client-15"]
+    let missing: Vec<&str> = ["postgresql-15", "postgresql-client-15", "openssl"]
         .into_iter()
         .filter(|p| !installed(p))
         .collect();

@@ -9,8 +9,11 @@ use policies::{Check, Policy, Principal, SessionPolicy};
 fn policy() -> &'static Policy {
     static P: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
     P.get_or_init(|| {
-        Policy::parse(include_str!("../../policies/examples/agent.toml"), "agent.toml")
-            .expect("reference policy")
+        Policy::parse(
+            include_str!("../../policies/examples/agent.toml"),
+            "agent.toml",
+        )
+        .expect("reference policy")
     })
 }
 

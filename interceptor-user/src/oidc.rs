@@ -161,14 +161,11 @@ impl Verifier {
             .nth(1)
             .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
             .ok_or_else(|| TokenError::Malformed("the payload is not base64url".into()))?;
-        let claims: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&payload)
-            .map_err(|e| {
-            TokenError::Malformed(format!("the payload is not a JSON object: {e}"))
+        let _: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&payload)
+            .map_err(|e| TokenError::Malformed(format!("the payload is not a JSON object: {e}")))?;
+        let seen: Unverified = serde_json::from_slice(&payload).map_err(|e| {
+            TokenError::Malformed(format!("a registered claim has the wrong type: {e}"))
         })?;
-        let seen: Unverified = serde_json::from_value(serde_json::Value::Object(claims.clone()))
-            .map_err(|e| {
-                TokenError::Malformed(format!("a registered claim has the wrong type: {e}"))
-            })?;
         let iss = seen
             .iss
             .clone()

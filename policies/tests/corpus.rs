@@ -11,9 +11,11 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+#[path = "../../tests/corpus/corpus.rs"]
+mod corpus;
+
 fn cases() -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(root().join("tests/corpus/bypass-public.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    corpus::cases(&root())
 }
 
 fn policy() -> Policy {
@@ -25,16 +27,7 @@ fn allowed(policy: &Policy, case: &serde_json::Value) -> (bool, String) {
     let subject = policy.subject(&Principal::default(), "db", "app");
     let mut session = SessionPolicy::new(subject);
     let analyzer = Analyzer::new(16);
-    let messages: Vec<String> = match case.get("sequence") {
-        Some(seq) => seq
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().to_owned())
-            .collect(),
-        None => vec![case["sql"].as_str().unwrap().to_owned()],
-    };
-    for m in &messages {
+    for m in &corpus::messages(case) {
         match session.check(policy, &analyzer.analyze(m)) {
             Check::Allowed(_) => {}
             Check::Refused(r) => return (false, r.message),
@@ -206,22 +199,7 @@ fn mutated_corpus_sql_never_panics_and_unparseable_is_refused() {
         "]",
     ];
     let policy = policy();
-    let seeds: Vec<String> = cases()
-        .iter()
-        .flat_map(|c| {
-            let mut v: Vec<String> = c
-                .get("sequence")
-                .and_then(|s| s.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|s| s.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            v.extend(c.get("sql").and_then(|s| s.as_str()).map(str::to_owned));
-            v
-        })
-        .collect();
+    let seeds: Vec<String> = cases().iter().flat_map(corpus::messages).collect();
     // xorshift: reproducible without a dependency.
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move |n: usize| {

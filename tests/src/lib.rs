@@ -5,6 +5,8 @@
 //! (demo, bench, regress), so that every one of them starts things the same
 //! way.
 
+#[path = "../corpus/corpus.rs"]
+pub mod corpus;
 pub mod intercept;
 pub mod oidc;
 pub mod pg;

@@ -23,22 +23,29 @@ pub fn binary() -> PathBuf {
             return PathBuf::from(p);
         }
         let target = workspace_root().join("target/harness");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(workspace_root())
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "interceptor-user",
-                "--bin",
-                "interceptor",
-                "--target-dir",
-            ])
-            .arg(&target);
+        let mut cmd = build_command(false);
+        cmd.arg("--target-dir").arg(&target);
         run_ok(&mut cmd).expect("build the interceptor binary");
         target.join("debug/interceptor")
     })
     .clone()
+}
+
+/// `cargo build` of the `interceptor` binary alone (debug or release).
+pub fn build_command(release: bool) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root()).args([
+        "build",
+        "--quiet",
+        "-p",
+        "interceptor-user",
+        "--bin",
+        "interceptor",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd
 }
 
 /// How to configure a test proxy. `Default` is: plain listener on

@@ -9,15 +9,14 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use interceptor_tests::corpus::messages;
 use interceptor_tests::pg::{self, PgCluster};
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
 use interceptor_tests::wire::{RawClient, error_field, first_error, frame};
 use interceptor_tests::workspace_root;
 
 fn corpus() -> Vec<serde_json::Value> {
-    let text =
-        std::fs::read_to_string(workspace_root().join("tests/corpus/bypass-public.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    interceptor_tests::corpus::cases(&workspace_root())
 }
 
 fn reference_policy() -> PathBuf {
@@ -70,18 +69,6 @@ fn direct_conninfo(pg: &PgCluster, db: &str) -> String {
         pg.socket_dir.display(),
         pg.port
     )
-}
-
-fn messages(case: &serde_json::Value) -> Vec<String> {
-    match case.get("sequence") {
-        Some(seq) => seq
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().to_owned())
-            .collect(),
-        None => vec![case["sql"].as_str().unwrap().to_owned()],
-    }
 }
 
 /// Parse/Bind/Execute/Sync of one statement; returns the replies.

@@ -32,20 +32,10 @@ fn cargo_fuzz_root() -> Result<PathBuf> {
 /// Every SQL text of the public corpus, one file each.
 fn seed(dir: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let root = interceptor_tests::workspace_root();
-    let text = std::fs::read_to_string(root.join("tests/corpus/bypass-public.json"))?;
-    let cases: Vec<serde_json::Value> = serde_json::from_str(&text)?;
-    let mut n = 0;
-    for c in &cases {
-        let seq = c
-            .get("sequence")
-            .and_then(|s| s.as_array())
-            .cloned()
-            .unwrap_or_default();
-        for sql in seq.iter().chain(c.get("sql")).filter_map(|s| s.as_str()) {
-            std::fs::write(dir.join(format!("seed-{n:04}.sql")), sql)?;
-            n += 1;
-        }
+    let cases = interceptor_tests::corpus::cases(&interceptor_tests::workspace_root());
+    let sqls = cases.iter().flat_map(interceptor_tests::corpus::messages);
+    for (n, sql) in sqls.enumerate() {
+        std::fs::write(dir.join(format!("seed-{n:04}.sql")), sql)?;
     }
     Ok(())
 }

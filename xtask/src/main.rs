@@ -82,19 +82,7 @@ pub fn exec(cmd: &mut Command) -> Result<()> {
 /// Builds the daemon and tells the harness (in this process and in the
 /// test processes it starts) to use that binary.
 pub fn build_daemon(release: bool) -> Result<()> {
-    let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "interceptor-user",
-        "--bin",
-        "interceptor",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    exec(&mut cmd)?;
+    exec(&mut interceptor_tests::proxy::build_command(release))?;
     let target = std::env::var("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| interceptor_tests::workspace_root().join("target"));

@@ -1,10 +1,12 @@
-//! Statement analysis on arbitrary bytes: it never panics, and whatever it
-//! cannot analyse is refused by the session policy (fail closed).
+//! Statement analysis on arbitrary bytes: it never panics, whatever it
+//! cannot analyse is refused by the session policy (fail closed), and the
+//! analysis cache (shared across runs, so texts of one token shape meet)
+//! answers exactly as a fresh analysis.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use policies::{Check, Policy, Principal, SessionPolicy};
+use policies::{Analyzer, Check, Policy, Principal, SessionPolicy};
 
 fn policy() -> &'static Policy {
     static P: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
@@ -17,9 +19,19 @@ fn policy() -> &'static Policy {
     })
 }
 
+fn analyzer() -> &'static Analyzer {
+    static A: std::sync::OnceLock<Analyzer> = std::sync::OnceLock::new();
+    A.get_or_init(|| Analyzer::new(4096))
+}
+
 fuzz_target!(|data: &[u8]| {
     let result = match std::str::from_utf8(data) {
-        Ok(sql) => policies::analyze(sql),
+        Ok(sql) => {
+            let fresh = policies::analyze(sql);
+            let cached = analyzer().analyze(sql);
+            assert_eq!(format!("{cached:?}"), format!("{fresh:?}"));
+            fresh
+        }
         Err(_) => Err(policies::AnalysisError::NotUtf8),
     };
     let p = policy();

@@ -1,6 +1,7 @@
 //! Decision cost, for `cargo xtask bench policy` (run in release): an
-//! agent's statement mix decided from the analysis cache (hits), and
-//! 200-byte SELECTs never seen before (misses). Prints one JSON object.
+//! agent's statement mix decided from the analysis cache (hits), 200-byte
+//! SELECTs that differ only in literals (hits by token shape), and 200-byte
+//! SELECTs of a shape never seen (misses). Prints one JSON object.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -47,50 +48,76 @@ fn main() {
     }
 
     // Hits: the mix over and over, as a driver repeats its statements.
-    let n_hit = 400_000;
-    let mut hits = Vec::with_capacity(n_hit);
-    let start = Instant::now();
-    for i in 0..n_hit {
-        let t = Instant::now();
-        decide(MIX[i % MIX.len()]);
-        hits.push(t.elapsed());
-    }
-    let hit_total = start.elapsed();
+    let hits: Vec<&str> = (0..400_000).map(|i| MIX[i % MIX.len()]).collect();
+    let hit = measure(&mut decide, &hits);
 
-    // Misses: 200-byte SELECTs, each text new (a different literal).
-    let n_miss = 20_000;
-    let texts: Vec<String> = (0..n_miss)
+    // Shape hits: 200-byte SELECTs, each text new but only in its literals,
+    // as clients that inline values send them (pgbench -S in simple mode).
+    let literal_only = |i: usize| {
+        padded(format!(
+            "SELECT o.id, o.amount, o.placed_at, c.name, c.plan FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.amount > {i} AND c.plan IN ('team', 'enterprise') ORDER BY o.placed_at DESC LIMIT 20"
+        ))
+    };
+    let texts: Vec<String> = (0..100_000).map(literal_only).collect();
+    let shape_hit = measure(
+        &mut decide,
+        &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+
+    // Misses: 200-byte SELECTs never seen in any shape (a new alias each).
+    let texts: Vec<String> = (0..20_000)
         .map(|i| {
-            let mut s = format!(
-                "SELECT o.id, o.amount, o.placed_at, c.name, c.plan FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.amount > {i} AND c.plan IN ('team', 'enterprise') ORDER BY o.placed_at DESC LIMIT 20"
-            );
-            s.truncate(200);
-            while s.len() < 200 {
-                s.push(' ');
-            }
-            s
+            padded(format!(
+                "SELECT o.id AS r{i}, o.amount, o.placed_at, c.name, c.plan FROM orders o JOIN customers c ON c.id = o.customer_id WHERE o.amount > 10 AND c.plan IN ('team', 'enterprise') ORDER BY o.placed_at DESC"
+            ))
         })
         .collect();
-    let mut misses = Vec::with_capacity(n_miss);
+    let miss = measure(
+        &mut decide,
+        &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+
+    let mut report = serde_json::Map::new();
+    for (name, m) in [("hit", hit), ("shape_hit", shape_hit), ("miss", miss)] {
+        report.insert(format!("{name}_mean_ns"), m.mean_ns.into());
+        report.insert(format!("{name}_p50_ns"), m.p50_ns.into());
+        report.insert(format!("{name}_p99_ns"), m.p99_ns.into());
+        report.insert(format!("{name}_decisions_per_s"), m.per_s.into());
+    }
+    report.insert("miss_sql_bytes".into(), texts[0].len().into());
+    println!("{}", serde_json::Value::Object(report));
+}
+
+struct Measured {
+    mean_ns: f64,
+    p50_ns: f64,
+    p99_ns: f64,
+    per_s: f64,
+}
+
+fn measure(decide: &mut impl FnMut(&str) -> bool, texts: &[&str]) -> Measured {
+    let mut each = Vec::with_capacity(texts.len());
     let start = Instant::now();
-    for sql in &texts {
+    for sql in texts {
         let t = Instant::now();
         decide(sql);
-        misses.push(t.elapsed());
+        each.push(t.elapsed());
     }
-    let miss_total = start.elapsed();
-    hits.sort_unstable();
-    misses.sort_unstable();
-    let report = serde_json::json!({
-        "hit_mean_ns": hit_total.as_nanos() as f64 / n_hit as f64,
-        "hit_p50_ns": pct(&hits, 0.50),
-        "hit_p99_ns": pct(&hits, 0.99),
-        "hit_decisions_per_s": n_hit as f64 / hit_total.as_secs_f64(),
-        "miss_mean_ns": miss_total.as_nanos() as f64 / n_miss as f64,
-        "miss_p50_ns": pct(&misses, 0.50),
-        "miss_p99_ns": pct(&misses, 0.99),
-        "miss_decisions_per_s": n_miss as f64 / miss_total.as_secs_f64(),
-        "miss_sql_bytes": texts[0].len(),
-    });
-    println!("{report}");
+    let total = start.elapsed();
+    each.sort_unstable();
+    Measured {
+        mean_ns: total.as_nanos() as f64 / texts.len() as f64,
+        p50_ns: pct(&each, 0.50),
+        p99_ns: pct(&each, 0.99),
+        per_s: texts.len() as f64 / total.as_secs_f64(),
+    }
+}
+
+/// Exactly 200 bytes.
+fn padded(mut s: String) -> String {
+    s.truncate(200);
+    while s.len() < 200 {
+        s.push(' ');
+    }
+    s
 }

@@ -209,6 +209,7 @@ fn mutated_corpus_sql_never_panics_and_unparseable_is_refused() {
         (state % n as u64) as usize
     };
     let subject = policy.subject(&Principal::default(), "db", "app");
+    let analyzer = Analyzer::new(1024);
     let (mut refused_unparseable, mut runs) = (0, 0);
     for _ in 0..20_000 {
         let mut bytes = seeds[next(seeds.len())].clone().into_bytes();
@@ -229,7 +230,13 @@ fn mutated_corpus_sql_never_panics_and_unparseable_is_refused() {
             }
         }
         let result = match String::from_utf8(bytes) {
-            Ok(sql) => policies::analyze(&sql),
+            Ok(sql) => {
+                let fresh = policies::analyze(&sql);
+                // The shared cache answers as a fresh analysis would.
+                let cached = analyzer.analyze(&sql);
+                assert_eq!(format!("{cached:?}"), format!("{fresh:?}"), "{sql}");
+                fresh
+            }
             Err(_) => Err(policies::AnalysisError::NotUtf8),
         };
         runs += 1;
@@ -248,4 +255,54 @@ fn mutated_corpus_sql_never_panics_and_unparseable_is_refused() {
         refused_unparseable > runs / 10,
         "{refused_unparseable} of {runs}"
     );
+}
+
+/// The analysis cache shares an analysis between texts that differ only in
+/// literal values. Every corpus statement, with its literals swapped for
+/// values that change meaning where a literal can (`ANALYZE 0`/`1`,
+/// `set_config('role', ...)`, `'off'`/`'on'`), is decided from the cache
+/// exactly as from a fresh analysis.
+#[test]
+fn cache_by_shape_agrees_with_fresh_analysis() {
+    use pg_query::protobuf::Token as T;
+    let analyzer = Analyzer::new(4096);
+    let seeds: Vec<String> = cases().iter().flat_map(corpus::messages).collect();
+    let mut compared = 0;
+    for sql in &seeds {
+        analyzer.analyze(sql);
+        let Ok(tokens) = pg_query::scan_tokens(sql) else {
+            continue;
+        };
+        for variant in 0..4 {
+            let mut out = String::with_capacity(sql.len());
+            let mut at = 0;
+            for t in &tokens {
+                let (start, end) = (t.start as usize, t.end as usize);
+                let swap = match T::try_from(t.token) {
+                    Ok(T::Iconst) => ["0", "1", "42", "2147483647"][variant],
+                    Ok(T::Fconst) => ["0.5", "1e3", "99999999999999999999", "1.0"][variant],
+                    Ok(T::Sconst) => {
+                        ["'off'", "'on'", "'role'", "$x$ x; DROP TABLE t $x$"][variant]
+                    }
+                    Ok(T::Usconst) => "U&'x'",
+                    Ok(T::Bconst) => "B'1'",
+                    Ok(T::Xconst) => "X'1F'",
+                    _ => continue,
+                };
+                out.push_str(&sql[at..start]);
+                out.push_str(swap);
+                at = end;
+            }
+            out.push_str(&sql[at..]);
+            let cached = analyzer.analyze(&out);
+            let fresh = policies::analyze(&out);
+            assert_eq!(
+                format!("{cached:?}"),
+                format!("{fresh:?}"),
+                "{sql}\n=> {out}"
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared > seeds.len(), "{compared}");
 }

@@ -47,18 +47,29 @@ pub fn run() -> Result<()> {
     let off = start(None)?;
     let on = start(Some(policy))?;
     let routes = [
-        ("direct", pg.port),
-        ("policy off", off.port),
-        ("policy on", on.port),
+        ("direct", pg.port, None),
+        ("policy off", off.port, Some(&off)),
+        ("policy on", on.port, Some(&on)),
     ];
     let logdir = workspace_root().join("target/bench/pgbench-logs");
     let mut results: BTreeMap<(&str, u32, &str), Vec<RunResult>> = BTreeMap::new();
+    // The proxy's own CPU per transaction: what policy costs, free of the
+    // scheduling noise that 10 clients on 2 shared cores put into tps.
+    let mut cpu_per_txn: BTreeMap<(&str, u32, &str), Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
         for mode in ["simple", "prepared"] {
             for clients in [1u32, 10] {
-                for (name, port) in routes {
+                for (name, port, proxy) in routes {
                     eprintln!("bench: round {} {mode} c={clients} {name}", round + 1);
+                    let cpu = proxy.map(|p| p.cpu_time());
                     let r = pgbench(port, mode, clients, seconds, &logdir)?;
+                    if let (Some(p), Some(before)) = (proxy, cpu) {
+                        let used = p.cpu_time().saturating_sub(before).as_secs_f64();
+                        cpu_per_txn
+                            .entry((mode, clients, name))
+                            .or_default()
+                            .push(used * 1e6 / (r.tps * f64::from(seconds)));
+                    }
                     results.entry((mode, clients, name)).or_default().push(r);
                 }
             }
@@ -90,27 +101,47 @@ pub fn run() -> Result<()> {
         f("miss_sql_bytes")
     );
     println!(
-        "\n{:<9} {:>3} {:<11} {:>10} {:>8} {:>8} {:>10}",
-        "mode", "c", "path", "tps", "p50 ms", "p99 ms", "on / off"
+        "  shape hit:  mean {:>8.0} ns  p50 {:>8.0} ns  p99 {:>8.0} ns  {:>12.0} decisions/s  (new text, known shape)",
+        f("shape_hit_mean_ns"),
+        f("shape_hit_p50_ns"),
+        f("shape_hit_p99_ns"),
+        f("shape_hit_decisions_per_s"),
     );
+    println!(
+        "\n{:<9} {:>3} {:<11} {:>10} {:>8} {:>8} {:>10} {:>14}",
+        "mode", "c", "path", "tps", "p50 ms", "p99 ms", "on / off", "proxy cpu µs/tx"
+    );
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
     let mut rows = Vec::new();
     let mut min_ratio = f64::MAX;
     for mode in ["simple", "prepared"] {
         for clients in [1u32, 10] {
             let off_tps = best((mode, clients, "policy off")).tps;
-            for (name, _) in routes {
+            for (name, _, _) in routes {
                 let r = best((mode, clients, name));
                 let ratio = r.tps / off_tps;
                 if name == "policy on" {
                     min_ratio = min_ratio.min(ratio);
                 }
+                let cpu = cpu_per_txn
+                    .get(&(mode, clients, name))
+                    .map_or(f64::NAN, |v| median(v));
                 println!(
-                    "{:<9} {:>3} {:<11} {:>10.0} {:>8.3} {:>8.3} {:>9.3}x",
-                    mode, clients, name, r.tps, r.p50_ms, r.p99_ms, ratio
+                    "{:<9} {:>3} {:<11} {:>10.0} {:>8.3} {:>8.3} {:>9.3}x {:>14.2}",
+                    mode, clients, name, r.tps, r.p50_ms, r.p99_ms, ratio, cpu
                 );
+                let every: Vec<f64> = results[&(mode, clients, name)]
+                    .iter()
+                    .map(|r| r.tps)
+                    .collect();
                 rows.push(
                     json!({"mode": mode, "clients": clients, "path": name, "tps": r.tps,
-                    "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "ratio_to_policy_off": ratio}),
+                    "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "ratio_to_policy_off": ratio,
+                    "tps_each_round": every, "proxy_cpu_us_per_txn_median": cpu}),
                 );
             }
         }

@@ -228,15 +228,24 @@ impl AnalysisError {
 
 /// Analyses `sql`, which may hold several statements.
 pub fn analyze(sql: &str) -> Result<Analysis, AnalysisError> {
+    analyze_detailed(sql).map(|(a, _)| a)
+}
+
+/// The analysis, and whether any statement needed a full parse: only an
+/// analysis built from summaries alone is the same for every literal value.
+fn analyze_detailed(sql: &str) -> Result<(Analysis, bool), AnalysisError> {
     let pieces = pg_query::split_with_parser(sql).map_err(syntax)?;
     let mut statements = Vec::with_capacity(pieces.len());
+    let mut detailed = false;
     for piece in pieces {
         if piece.trim().is_empty() {
             continue;
         }
-        statements.push(analyze_one(piece)?);
+        let (st, d) = analyze_one(piece)?;
+        detailed |= d;
+        statements.push(st);
     }
-    Ok(Analysis { statements })
+    Ok((Analysis { statements }, detailed))
 }
 
 fn syntax(e: pg_query::Error) -> AnalysisError {
@@ -272,7 +281,7 @@ const NEEDS_DETAIL: &[&str] = &[
 /// deep as the tree goes.
 const FULL_PARSE_STACK: usize = 256 << 20;
 
-fn analyze_one(sql: &str) -> Result<Statement, AnalysisError> {
+fn analyze_one(sql: &str) -> Result<(Statement, bool), AnalysisError> {
     let summary = pg_query::summary(sql, pg_query::ParserOptions::default(), -1).map_err(syntax)?;
     let top = summary
         .statement_types
@@ -284,7 +293,7 @@ fn analyze_one(sql: &str) -> Result<Statement, AnalysisError> {
         || NEEDS_DETAIL.contains(&top)
         || summary.functions.iter().any(|f| is_set_config(&f.name)))
     {
-        return Ok(statement(&summary, None));
+        return Ok((statement(&summary, None), false));
     }
     std::thread::scope(|scope| {
         let worker = std::thread::Builder::new()
@@ -300,7 +309,7 @@ fn analyze_one(sql: &str) -> Result<Statement, AnalysisError> {
                     .next()
                     .and_then(|s| s.stmt)
                     .and_then(|s| s.node);
-                Ok(statement(&summary, node))
+                Ok((statement(&summary, node), true))
             })
             .map_err(|e| AnalysisError::Resources(e.to_string()))?;
         worker
@@ -349,7 +358,15 @@ fn statement(summary: &pg_query::SummaryResult, detail: Option<N>) -> Statement 
         st.raise(Kind::Read, "EXPLAIN without ANALYZE does not execute");
     }
 
-    for t in &summary.tables {
+    // libpg_query lists tables and functions in an order that varies with
+    // the text (not only the tree): sorted, two texts of one shape give one
+    // analysis, which the cache by shape relies on.
+    let mut tables: Vec<_> = summary.tables.iter().collect();
+    tables.sort_by(|a, b| (&a.name, a.context as i32).cmp(&(&b.name, b.context as i32)));
+    let mut functions: Vec<_> = summary.functions.iter().collect();
+    functions.sort_by(|a, b| (&a.name, a.context as i32).cmp(&(&b.name, b.context as i32)));
+
+    for t in tables {
         let name = t.name.clone();
         if is_credential_catalog(&name) {
             st.raise(Kind::Privilege, format!("reads credential catalog {name}"));
@@ -365,7 +382,7 @@ fn statement(summary: &pg_query::SummaryResult, detail: Option<N>) -> Statement 
         }
     }
 
-    for f in &summary.functions {
+    for f in functions {
         if f.context == Ctx::Ddl {
             // Created, altered or dropped, not called: the statement type
             // already makes it DDL.
@@ -758,40 +775,103 @@ fn first_arg_literal(call: &serde_json::Value) -> Option<String> {
     Some(s.to_owned())
 }
 
-/// Analyses by statement text, remembered in an LRU: drivers and agents
-/// send the same statements again and again.
 /// An analysis as cached and shared between sessions.
 pub type SharedAnalysis = Arc<Result<Analysis, AnalysisError>>;
 
-type Cache = lru::LruCache<Box<str>, SharedAnalysis>;
-
+/// Analyses remembered in two LRUs, because drivers and agents send the
+/// same statements again and again: by exact text, and by token shape.
+///
+/// The shape is the statement's tokens as PostgreSQL's own scanner
+/// (libpg_query) reads them, with each literal's value left out. Clients
+/// that inline values (psql, ORMs in simple mode, pgbench -S) send a new
+/// text for every row they ask for, but the same shape. Only analyses built
+/// from libpg_query's summary alone are shared by shape: tables, functions
+/// and statement types are identifiers and grammar, never literal values.
+/// Statements whose meaning is in their options (EXPLAIN (ANALYZE 0), COPY
+/// ... PROGRAM 'x', set_config('role', ...)) were parsed fully, may depend
+/// on a literal, and are cached by exact text only. So are errors: one
+/// literal can be out of range where another is not.
 pub struct Analyzer {
-    cache: Mutex<Cache>,
+    cache: Mutex<Caches>,
+}
+
+struct Caches {
+    text: lru::LruCache<Box<str>, SharedAnalysis>,
+    shape: lru::LruCache<Box<[u8]>, SharedAnalysis>,
 }
 
 impl Analyzer {
     pub fn new(capacity: usize) -> Self {
+        let capacity = NonZeroUsize::new(capacity.max(1)).expect("max(1)");
         Analyzer {
-            cache: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(capacity.max(1)).expect("max(1)"),
-            )),
+            cache: Mutex::new(Caches {
+                text: lru::LruCache::new(capacity),
+                shape: lru::LruCache::new(capacity),
+            }),
         }
     }
 
     pub fn analyze(&self, sql: &str) -> SharedAnalysis {
-        if let Some(hit) = self.lock().get(sql) {
+        if let Some(hit) = self.lock().text.get(sql) {
             return hit.clone();
         }
-        let result = Arc::new(analyze(sql));
-        self.lock().put(sql.into(), result.clone());
+        let shape = shape(sql);
+        if let Some(key) = &shape
+            && let Some(hit) = self.lock().shape.get(key.as_slice())
+        {
+            return hit.clone();
+        }
+        let (result, by_shape) = match analyze_detailed(sql) {
+            Ok((analysis, detailed)) => (Ok(analysis), !detailed),
+            Err(e) => (Err(e), false),
+        };
+        let result = Arc::new(result);
+        let mut caches = self.lock();
+        caches.text.put(sql.into(), result.clone());
+        if let Some(key) = shape.filter(|_| by_shape) {
+            caches.shape.put(key.into_boxed_slice(), result.clone());
+        }
         result
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Caches> {
         // A panic while holding the lock leaves a cache, not a broken
         // invariant: keep using it.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `sql`'s tokens with literal values and comments left out, or `None` when
+/// the scanner rejects it (the full analysis then says why). Each token is
+/// its kind and, unless a literal, its exact text: identifiers keep their
+/// case and quotes, operators their spelling.
+fn shape(sql: &str) -> Option<Vec<u8>> {
+    use pg_query::protobuf::Token as T;
+    // pg_query 18.1's scan_tokens builds a slice from the scanner's null
+    // token array when there are no tokens, which is undefined behaviour.
+    // Only PostgreSQL's whitespace (a subset of Rust's) yields no tokens.
+    if sql.trim().is_empty() {
+        return None;
+    }
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let mut key = Vec::with_capacity(sql.len() + 2 * tokens.len());
+    for t in &tokens {
+        let kind = T::try_from(t.token).unwrap_or(T::Nul);
+        if matches!(kind, T::SqlComment | T::CComment) {
+            continue;
+        }
+        key.extend_from_slice(&t.token.to_le_bytes()[..2]);
+        if !matches!(
+            kind,
+            T::Sconst | T::Usconst | T::Bconst | T::Xconst | T::Iconst | T::Fconst
+        ) {
+            let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
+            // Length-prefixed, so no two token sequences share a key.
+            key.extend_from_slice(&u32::try_from(text.len()).ok()?.to_le_bytes());
+            key.extend_from_slice(text.as_bytes());
+        }
+    }
+    Some(key)
 }
 
 #[cfg(test)]
@@ -932,5 +1012,76 @@ mod tests {
         let a = an.analyze("SELECT 1");
         let b = an.analyze("SELECT 1");
         assert!(Arc::ptr_eq(&a, &b));
+    }
+
+    fn kind_of(a: &SharedAnalysis) -> Kind {
+        a.as_ref().as_ref().unwrap().statements[0].kind()
+    }
+
+    #[test]
+    fn shapes_share_only_literal_free_analyses() {
+        let an = Analyzer::new(16);
+        let a = an.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 17");
+        let b = an.analyze("select abalance FROM pgbench_accounts WHERE aid = 99 -- hi");
+        // Keywords keep their spelling: same meaning, another shape.
+        assert!(!Arc::ptr_eq(&a, &b));
+        let c = an.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = 123456789");
+        assert!(Arc::ptr_eq(&a, &c), "only the literal differs");
+        let d = an.analyze("SELECT abalance FROM pgbench_accounts WHERE aid = /* x */ 'x'");
+        assert!(
+            !Arc::ptr_eq(&a, &d),
+            "a string literal is another token kind"
+        );
+
+        // Quoted identifiers keep case and quotes.
+        let e = an.analyze("SELECT * FROM \"Users\" WHERE id = 1");
+        let f = an.analyze("SELECT * FROM \"users\" WHERE id = 1");
+        assert!(!Arc::ptr_eq(&e, &f));
+
+        // Literals inside options decide these: never shared by shape.
+        let g = an.analyze("EXPLAIN (ANALYZE 0) DELETE FROM orders");
+        let h = an.analyze("EXPLAIN (ANALYZE 1) DELETE FROM orders");
+        assert_eq!((kind_of(&g), kind_of(&h)), (Kind::Read, Kind::Write));
+        let i = an.analyze("SELECT set_config('statement_timeout', '1s', false)");
+        let j = an.analyze("SELECT set_config('role', 'postgres', false)");
+        assert_eq!((kind_of(&i), kind_of(&j)), (Kind::Session, Kind::Privilege));
+        let k = an.analyze("SELECT 1; EXPLAIN (ANALYZE off) DELETE FROM orders");
+        let l = an.analyze("SELECT 2; EXPLAIN (ANALYZE on) DELETE FROM orders");
+        assert!(!Arc::ptr_eq(&k, &l));
+        assert_eq!(
+            l.as_ref().as_ref().unwrap().statements[1].kind(),
+            Kind::Write
+        );
+
+        // Errors are remembered by exact text only.
+        let m = an.analyze("SELEC 1");
+        let n = an.analyze("SELEC 2");
+        assert!(m.is_err() && n.is_err() && !Arc::ptr_eq(&m, &n));
+    }
+
+    #[test]
+    fn shape_keeps_statement_boundaries() {
+        // The same characters, split into other tokens.
+        for (a, b) in [
+            ("SELECT 'a;b'", "SELECT 'a';b"),
+            (
+                "SELECT $q$x$q$; DROP TABLE t",
+                "SELECT $q$x; DROP TABLE t$q$",
+            ),
+            ("SELECT 2 @-1", "SELECT 2 @ -1"),
+        ] {
+            assert_ne!(shape(a), shape(b), "{a} / {b}");
+        }
+        assert_eq!(shape("SELECT 'a;b'"), shape("SELECT $q$x; DROP TABLE t$q$"));
+        assert_eq!(shape("SELECT 'a' /* c */"), shape("SELECT 'bbb'"));
+        assert_eq!(shape("SELECT\t1"), shape("SELECT  22"));
+        for edge in ["--x", "/* */", "\u{a0}x", ";", "\u{b}x", "$1"] {
+            assert!(shape(edge).is_some(), "{edge:?}");
+        }
+        for nothing in ["", " \t\r\n\u{b}\u{c}", "/*", "'"] {
+            assert!(shape(nothing).is_none(), "{nothing:?}");
+        }
+        // The scanner splits a trailing sign off an operator, as PostgreSQL does.
+        assert_eq!(shape("SELECT a+-1"), shape("SELECT a + -1"));
     }
 }

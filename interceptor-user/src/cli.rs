@@ -53,6 +53,11 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Read the audit trail from the local spool.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run a CI step with its database connections intercepted.
     ///
     /// Creates a job cgroup under the tagged parent, moves itself in,
@@ -146,6 +151,53 @@ pub enum PolicyCommand {
     },
     /// Print the policy file's JSON schema.
     Schema,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the newest events: daemon start and stop, policy reloads,
+    /// session starts and ends, and one row per statement (decision, rule,
+    /// rows, bytes, SQLSTATE, duration, text).
+    Tail {
+        #[command(flatten)]
+        spool: SpoolLocation,
+        /// How many events.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+        /// Only this session (its audit id, as `audit tail` shows it).
+        #[arg(long, value_name = "ID")]
+        session: Option<uuid::Uuid>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a session's tamper-evident hash chain: every statement row
+    /// present (1, 2, 3...), unchanged, and in order. Exits 1 if not.
+    Verify {
+        #[command(flatten)]
+        spool: SpoolLocation,
+        /// The session's audit id.
+        #[arg(value_name = "SESSION")]
+        session: uuid::Uuid,
+    },
+}
+
+/// Which spool to read: the daemon's (from its config) or a directory.
+#[derive(Debug, Args)]
+pub struct SpoolLocation {
+    /// The daemon's configuration file; its `[audit] spool_dir` (default
+    /// `state_dir/audit`) is read.
+    #[arg(
+        long,
+        short,
+        value_name = "FILE",
+        env = "INTERCEPTOR_CONFIG",
+        conflicts_with = "spool"
+    )]
+    pub config: Option<PathBuf>,
+    /// The spool directory itself.
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
 }
 
 /// Where the interception state lives; must match the daemon's [intercept].

@@ -63,9 +63,86 @@ pub struct Config {
     /// OIDC issuers whose tokens bind sessions to a verified workload
     /// identity (a CI job's ID token). Without it, tokens are not accepted.
     pub oidc: Option<Spanned<Oidc>>,
+    /// The audit trail (on by default, spooled under `state_dir/audit`).
+    #[serde(default)]
+    pub audit: AuditConfig,
     /// The databases this proxy stands in front of.
     #[serde(rename = "target")]
     pub targets: Vec<Spanned<Target>>,
+}
+
+/// The audit trail: every session and statement, written to a durable
+/// local spool of append-only segment files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Record the audit trail.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The spool directory (default: `state_dir/audit`). A relative path is
+    /// relative to this config file.
+    pub spool_dir: Option<PathBuf>,
+    /// When spooled events reach the disk: `batch` (fsync each batch, at
+    /// most every `fsync_interval`), `always` (every batch at once) or
+    /// `never` (the OS decides; a power cut can lose recent events).
+    #[serde(default)]
+    pub fsync: Fsync,
+    #[serde(default = "default_fsync_interval", with = "humantime_serde")]
+    pub fsync_interval: Duration,
+    /// A segment file is closed and a new one started past this size.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Events that may wait for the spool writer before sessions wait.
+    #[serde(default = "default_audit_queue")]
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            spool_dir: None,
+            fsync: Fsync::default(),
+            fsync_interval: default_fsync_interval(),
+            segment_bytes: default_segment_bytes(),
+            queue: default_audit_queue(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    #[default]
+    Batch,
+    Always,
+    Never,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_fsync_interval() -> Duration {
+    Duration::from_millis(10)
+}
+
+fn default_segment_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_audit_queue() -> usize {
+    65_536
+}
+
+impl Config {
+    /// Where the audit spool is.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit"))
+    }
 }
 
 /// Where the statement policy comes from.
@@ -522,6 +599,9 @@ impl Config {
             };
             if let Some(p) = &mut config.policy {
                 relative_to_config(&mut p.file);
+            }
+            if let Some(d) = &mut config.audit.spool_dir {
+                relative_to_config(d);
             }
             if let Some(o) = &mut config.oidc {
                 for i in &mut o.get_mut().issuers {

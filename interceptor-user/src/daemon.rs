@@ -15,6 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::audit::{Auditor, Event, now_us};
 use crate::config::{Config, Intercept};
 use crate::intercept;
 use crate::intercept::loader::{self, InstallSpec, Installed, Pins};
@@ -122,7 +123,23 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
         .map(listen)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
-    let shared = Arc::new(Shared::new(runtime, phase_rx));
+    let audit = if runtime.config.audit.enabled {
+        let dir = runtime.config.audit_dir();
+        let auditor = Auditor::start(&runtime.config.audit, &dir)
+            .with_context(|| format!("cannot open the audit spool {}", dir.display()))?;
+        auditor
+            .record(Event::DaemonStart {
+                ts_us: now_us(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: std::process::id(),
+            })
+            .await;
+        Some(auditor)
+    } else {
+        warn!("audit is off ([audit] enabled = false): sessions and statements are not recorded");
+        None
+    };
+    let shared = Arc::new(Shared::new(runtime, phase_rx, audit));
     let sessions =
         Arc::new(SessionThreads::start(threads).context("cannot start session threads")?);
     info!(threads = sessions.len(), "session threads started");
@@ -156,17 +173,24 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
     let mut policy_watch = PolicyWatch::new(&shared);
     let mut tick = tokio::time::interval(policy_watch.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let stop_reason = loop {
         tokio::select! {
             _ = hup.recv() => {
-                reload(&config_path, &shared, &listen_addrs, installed.as_mut());
+                let event = reload(&config_path, &shared, &listen_addrs, installed.as_mut());
+                if let Some(a) = &shared.audit {
+                    a.record(event).await;
+                }
                 policy_watch = PolicyWatch::new(&shared);
             }
-            _ = tick.tick(), if policy_watch.enabled() => policy_watch.check(&shared),
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = tick.tick(), if policy_watch.enabled() => {
+                if let (Some(event), Some(a)) = (policy_watch.check(&shared), &shared.audit) {
+                    a.record(event).await;
+                }
+            }
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
         }
-    }
+    };
 
     // Stop accepting first, so that anything that sees the log line also
     // sees the listeners closing.
@@ -187,6 +211,14 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
         );
         let _ = phase_tx.send(Phase::Closing);
         let _ = tokio::time::timeout(Duration::from_secs(5), shared.all_idle()).await;
+    }
+    if let Some(a) = &shared.audit {
+        a.record(Event::DaemonStop {
+            ts_us: now_us(),
+            reason: stop_reason.into(),
+        })
+        .await;
+        a.close().await;
     }
     info!("stopped");
     Ok(())
@@ -240,33 +272,49 @@ impl PolicyWatch {
         self.file.is_some()
     }
 
-    fn check(&mut self, shared: &Shared) {
-        let Some(file) = &self.file else { return };
+    /// The audit event for a reload, if the file changed.
+    fn check(&mut self, shared: &Shared) -> Option<Event> {
+        let file = self.file.as_ref()?;
         let now = stamp(file);
         if now == self.stamp {
-            return;
+            return None;
         }
         self.stamp = now;
-        match policies::Policy::load(file) {
+        let (ok, detail) = match policies::Policy::load(file) {
             Ok(policy) => {
                 let mut rt = Runtime::clone(&shared.runtime.load());
                 rt.policy = Some(Arc::new(policy));
                 shared.runtime.store(Arc::new(rt));
                 info!(path = %file.display(), "policy file changed: statement policy reloaded");
+                (true, "file changed".to_owned())
             }
             Err(e) => {
-                error!("policy file changed but does not load, keeping the previous policy: {e}")
+                error!("policy file changed but does not load, keeping the previous policy: {e}");
+                (false, e.to_string())
             }
-        }
+        };
+        Some(Event::PolicyReload {
+            ts_us: now_us(),
+            file: file.display().to_string(),
+            ok,
+            detail,
+        })
     }
 }
 
+/// Reloads the configuration; returns the audit event saying how it went.
 fn reload(
     path: &Path,
     shared: &Shared,
     listening: &[SocketAddr],
     installed: Option<&mut Installed>,
-) {
+) -> Event {
+    let event = |ok: bool, detail: String| Event::PolicyReload {
+        ts_us: now_us(),
+        file: path.display().to_string(),
+        ok,
+        detail,
+    };
     let result = Config::load(path)
         .map_err(anyhow::Error::from)
         .and_then(|c| {
@@ -284,12 +332,16 @@ fn reload(
                 && let Err(e) = loader::update_protected(&mut inst.ebpf, &rt.trie_entries())
             {
                 error!("configuration reload failed, keeping the previous one: {e:#}");
-                return;
+                return event(false, format!("{e:#}"));
             }
             shared.runtime.store(Arc::new(rt));
             info!(path = %path.display(), "configuration reloaded");
+            event(true, "SIGHUP: configuration and policy reloaded".into())
         }
-        Err(e) => error!("configuration reload failed, keeping the previous one: {e:#}"),
+        Err(e) => {
+            error!("configuration reload failed, keeping the previous one: {e:#}");
+            event(false, format!("{e:#}"))
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use policies::{Check, Policy, Principal, Refusal, SessionPolicy, Subject};
 use tracing::{debug, info};
 
+use crate::audit::session::StatementInfo;
 use crate::limits::{Bucket, ResultCap};
 use crate::protocol::build;
 use crate::protocol::frontend::{FrontendMessage, Target};
@@ -42,6 +43,9 @@ pub struct Enforcer {
     rate: Option<(f64, u32, Arc<Bucket>)>,
     /// Statements seen since the last [`pace`](Self::pace).
     pending: u32,
+    /// What the last checked text was and how it was decided, for the
+    /// audit trail.
+    last: Option<StatementInfo>,
 }
 
 impl Enforcer {
@@ -62,6 +66,7 @@ impl Enforcer {
             session_id,
             rate: None,
             pending: 0,
+            last: None,
         };
         e.apply_limits();
         e
@@ -125,7 +130,9 @@ impl Enforcer {
             Ok(text) => self.shared.analyzer.analyze(text),
             Err(_) => Arc::new(Err(policies::AnalysisError::NotUtf8)),
         };
-        match self.session.check(&policy, &analysis) {
+        let check = self.session.check(&policy, &analysis);
+        self.last = Some(audit_info(sql, &analysis, &check));
+        match check {
             Check::Allowed(rules) => {
                 debug!(session_id = self.session_id, ?rules, "statement allowed");
                 Ok(rules.len() as u32)
@@ -141,6 +148,11 @@ impl Enforcer {
                 Err(r)
             }
         }
+    }
+
+    /// The audit view of the text last checked (by Query or Parse).
+    pub fn take_last(&mut self) -> Option<StatementInfo> {
+        self.last.take()
     }
 
     pub fn inspect(&mut self, msg: &FrontendMessage<'_>) -> Action {
@@ -185,6 +197,7 @@ impl Enforcer {
                     ),
                     hint: Some("Call the function from a SELECT statement instead.".into()),
                     rule: None,
+                    held: false,
                 };
                 info!(
                     session_id = self.session_id,
@@ -195,6 +208,50 @@ impl Enforcer {
             _ => Action::Forward,
         }
     }
+}
+
+/// What the audit trail records of a checked text.
+fn audit_info(
+    sql: &[u8],
+    analysis: &policies::analysis::SharedAnalysis,
+    check: &Check,
+) -> StatementInfo {
+    let mut info = StatementInfo {
+        text: String::from_utf8_lossy(sql).into_owned(),
+        ..Default::default()
+    };
+    if let Ok(a) = analysis.as_ref() {
+        info.fingerprint = a.fingerprint;
+        info.kind = a
+            .statements
+            .iter()
+            .map(|s| s.kind())
+            .max()
+            .map_or("", |k| k.as_str())
+            .to_owned();
+        for st in &a.statements {
+            for t in st.reads.iter().chain(st.changed_tables()) {
+                if !info.tables.contains(t) {
+                    info.tables.push(t.clone());
+                }
+            }
+        }
+    }
+    match check {
+        Check::Allowed(rules) => {
+            info.decision = "allow".into();
+            info.rule = rules
+                .iter()
+                .flatten()
+                .next()
+                .map_or_else(String::new, |r| r.to_string());
+        }
+        Check::Refused(r) => {
+            info.decision = if r.held { "hold" } else { "deny" }.into();
+            info.rule = r.rule.as_deref().unwrap_or("default-deny").to_owned();
+        }
+    }
+    info
 }
 
 /// Text safe inside a dollar-quoted literal in any client encoding.
@@ -235,6 +292,7 @@ mod tests {
             message: "denied $m$; DROP TABLE x; -- é".into(),
             hint: Some("try $h$ again".into()),
             rule: None,
+            held: false,
         };
         let sql = raise_sql(&r);
         let a = policies::analyze(&sql).unwrap();

@@ -33,6 +33,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Audit { command } => match audit(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("interceptor: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run {
             job,
             token_env,
@@ -166,5 +173,29 @@ fn raise_fd_limit() {
         && soft < hard
     {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn audit(command: interceptor::cli::AuditCommand) -> anyhow::Result<()> {
+    use interceptor::audit::cli;
+    use interceptor::cli::{AuditCommand, SpoolLocation};
+    let dir = |l: SpoolLocation| -> anyhow::Result<std::path::PathBuf> {
+        match (l.spool, l.config) {
+            (Some(d), _) => Ok(d),
+            (None, Some(c)) => Ok(Config::load(&c)?.audit_dir()),
+            (None, None) => anyhow::bail!("say which spool: --config FILE or --spool DIR"),
+        }
+    };
+    match command {
+        AuditCommand::Tail {
+            spool,
+            lines,
+            session,
+            json,
+        } => cli::tail(&dir(spool)?, lines, session, json),
+        AuditCommand::Verify { spool, session } => {
+            println!("{}", cli::verify(&dir(spool)?, session)?);
+            Ok(())
+        }
     }
 }

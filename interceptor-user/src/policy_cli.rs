@@ -166,6 +166,7 @@ pub fn explain(
         }
         let one = Ok(Analysis {
             statements: vec![st.clone()],
+            fingerprint: 0,
         });
         match session.check(policy, &one) {
             Check::Allowed(rules) => {

@@ -6,6 +6,7 @@
 //! frontend direction hands it errors to send through a channel, so a
 //! proxy-made message can never land in the middle of a relayed one.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -13,12 +14,14 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::audit::Auditor;
+use crate::audit::session::{BackendAudit, FrontendAudit, SessionAudit, StatementInfo};
 use crate::config::Limits;
 use crate::enforce::{Action, Enforcer};
 use crate::limits::{CapAction, ResultCap};
 use crate::protocol::backend::{BackendMessage, TransactionStatus};
 use crate::protocol::build::ProxyError;
-use crate::protocol::frontend::FrontendMessage;
+use crate::protocol::frontend::{FrontendMessage, Target};
 use crate::protocol::{FrameHeader, ProtocolError, next_frame};
 use crate::runtime::{Phase, Shared};
 use crate::stream::{Conn, MaybeTls, READ_CHUNK};
@@ -39,13 +42,15 @@ pub enum RelayEnd {
     Error(String),
 }
 
-/// Counters for the end-of-session log line.
+/// Counters for the end-of-session log line and audit event.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub frontend_messages: u64,
     pub backend_messages: u64,
     pub queries: u64,
     pub rows: u64,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
 }
 
 /// What the frontend direction knows of the session.
@@ -53,6 +58,7 @@ pub struct Stats {
 struct FrontendState {
     stats: Stats,
     enforcer: Option<Enforcer>,
+    audit: Option<FrontendAudit>,
 }
 
 impl FrontendState {
@@ -65,15 +71,52 @@ impl FrontendState {
             self.stats.queries += 1;
         }
     }
+
+    /// Opens audit rows; after the enforcer has seen `msg`.
+    fn audit(&mut self, msg: &FrontendMessage<'_>) {
+        let Some(a) = &mut self.audit else { return };
+        let checked = self.enforcer.as_mut().and_then(Enforcer::take_last);
+        match msg {
+            FrontendMessage::Query { sql } => {
+                a.query(checked.unwrap_or_else(|| StatementInfo::unchecked(sql)))
+            }
+            FrontendMessage::Parse(p) => a.parse(
+                p.name,
+                checked.unwrap_or_else(|| StatementInfo::unchecked(p.sql)),
+            ),
+            FrontendMessage::Bind(b) => a.bind(b.portal, b.statement),
+            FrontendMessage::Execute { portal, .. } => a.execute(portal),
+            FrontendMessage::Sync => a.sync(),
+            FrontendMessage::Close {
+                target: Target::Statement,
+                name,
+            } => a.close_statement(name),
+            FrontendMessage::Close {
+                target: Target::Portal,
+                name,
+            } => a.close_portal(name),
+            FrontendMessage::FunctionCall(f) => a.query(StatementInfo {
+                text: format!("(fast-path function call, oid {})", f.function_oid),
+                decision: if self.enforcer.is_some() {
+                    "deny"
+                } else {
+                    "unchecked"
+                }
+                .into(),
+                ..Default::default()
+            }),
+            _ => {}
+        }
+    }
 }
 
 /// What the backend direction knows of the session.
-#[derive(Debug)]
 struct BackendState {
     status: TransactionStatus,
     stats: Stats,
     /// The identity's cap on rows and bytes per result.
     cap: Option<ResultCap>,
+    audit: Option<BackendAudit>,
 }
 
 /// Changes to a run of complete frames in a read buffer. Changes are rare:
@@ -117,11 +160,22 @@ impl Edits {
 }
 
 impl BackendState {
-    fn observe(&mut self, msg: &BackendMessage<'_>) {
+    fn observe(&mut self, msg: &BackendMessage<'_>, len: usize) {
         self.stats.backend_messages += 1;
         match msg {
             BackendMessage::ReadyForQuery(s) => self.status = *s,
             BackendMessage::DataRow { .. } => self.stats.rows += 1,
+            _ => {}
+        }
+        let Some(a) = &mut self.audit else { return };
+        match msg {
+            BackendMessage::DataRow { .. } | BackendMessage::CopyData => a.row(len),
+            BackendMessage::CommandComplete { tag } => a.complete(tag),
+            BackendMessage::EmptyQueryResponse | BackendMessage::PortalSuspended => {
+                a.end_of_execute()
+            }
+            BackendMessage::ErrorResponse(f) => a.error(f.sqlstate().unwrap_or("XX000")),
+            BackendMessage::ReadyForQuery(_) => a.ready(),
             _ => {}
         }
     }
@@ -237,6 +291,7 @@ where
                 },
                 None => edits.keep(frame.len()),
             }
+            state.audit(&msg);
             Ok(!matches!(msg, FrontendMessage::Terminate))
         });
         if used > 0 {
@@ -248,6 +303,7 @@ where
                     tokio::time::sleep(wait).await;
                 }
             }
+            state.stats.bytes_from_client += used as u64;
             if let Err(e) = write_out(wr, edits.output(buf, used)).await {
                 return FrontEnd::Io(e);
             }
@@ -274,6 +330,7 @@ async fn pump_backend<R, W>(
     injected: &mut mpsc::Receiver<ProxyError>,
     state: &mut BackendState,
     activity: &Activity,
+    auditor: Option<&Auditor>,
 ) -> BackEnd
 where
     R: AsyncRead + Unpin,
@@ -282,7 +339,7 @@ where
     loop {
         let mut edits = Edits::default();
         let (used, verdict) = complete_frames(buf, BACKEND_MAX_MESSAGE, |frame| {
-            state.observe(&BackendMessage::parse(frame)?);
+            state.observe(&BackendMessage::parse(frame)?, frame.len());
             match state.cap.as_mut().map(|c| c.on(frame[0], frame.len())) {
                 Some(CapAction::Drop) => edits.replace(buf, frame.len(), None),
                 Some(CapAction::Replace(err)) => edits.replace(buf, frame.len(), Some(&err)),
@@ -291,10 +348,19 @@ where
             Ok(true)
         });
         if used > 0 {
-            if let Err(e) = write_out(wr, edits.output(buf, used)).await {
+            let out = edits.output(buf, used);
+            state.stats.bytes_to_client += out.len() as u64;
+            if let Err(e) = write_out(wr, out).await {
                 return BackEnd::Io(e);
             }
             buf.advance(used);
+        }
+        if let (Some(a), Some(auditor)) = (&mut state.audit, auditor)
+            && !a.done.is_empty()
+        {
+            for event in a.done.drain(..) {
+                auditor.record(event).await;
+            }
         }
         if let Err(e) = verdict {
             return BackEnd::Violation(e);
@@ -347,6 +413,7 @@ pub async fn run(
     shared: &Shared,
     limits: &Limits,
     enforcer: Option<Enforcer>,
+    audit: Option<Arc<SessionAudit>>,
 ) -> RelayEnd {
     let Conn {
         io: client_io,
@@ -364,11 +431,14 @@ pub async fn run(
         status: TransactionStatus::Idle,
         stats: Stats::default(),
         cap: enforcer.as_ref().and_then(Enforcer::result_cap),
+        audit: audit.clone().map(BackendAudit::new),
     };
     let mut front_state = FrontendState {
         stats: Stats::default(),
         enforcer,
+        audit: audit.map(FrontendAudit::new),
     };
+    let auditor = shared.audit.as_ref();
     let max = limits.max_message_size as usize;
 
     let outcome = {
@@ -387,6 +457,7 @@ pub async fn run(
             &mut injected,
             &mut back_state,
             &activity,
+            auditor,
         );
         tokio::pin!(front, back);
 
@@ -437,6 +508,7 @@ pub async fn run(
     let mut stats = back_state.stats.clone();
     stats.frontend_messages = front_state.stats.frontend_messages;
     stats.queries = front_state.stats.queries;
+    stats.bytes_from_client = front_state.stats.bytes_from_client;
     match outcome {
         Ok(BackEnd::Closed) => RelayEnd::UpstreamClosed(stats),
         Ok(BackEnd::Fatal(e)) => RelayEnd::Fatal(e, stats),

@@ -145,13 +145,19 @@ pub struct Shared {
     /// Statement-rate buckets by identity; they outlive reloads.
     pub rate_limiter: crate::limits::RateLimiter,
     pub cancels: CancelRegistry,
+    /// The audit trail's spool writer; `None` when audit is off.
+    pub audit: Option<crate::audit::Auditor>,
     pub phase: watch::Receiver<Phase>,
     active: AtomicUsize,
     idle: Notify,
 }
 
 impl Shared {
-    pub fn new(runtime: Runtime, phase: watch::Receiver<Phase>) -> Self {
+    pub fn new(
+        runtime: Runtime,
+        phase: watch::Receiver<Phase>,
+        audit: Option<crate::audit::Auditor>,
+    ) -> Self {
         let cache = runtime
             .config
             .policy
@@ -162,6 +168,7 @@ impl Shared {
             rate_limiter: Default::default(),
             runtime: ArcSwap::from_pointee(runtime),
             cancels: CancelRegistry::default(),
+            audit,
             phase,
             active: AtomicUsize::new(0),
             idle: Notify::new(),

@@ -11,6 +11,8 @@ use pgwire::messages::startup::Authentication;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::audit::session::SessionAudit;
+use crate::audit::{Event, SessionEnd, SessionStart, now_us};
 use crate::auth::SCRAM_SHA_256;
 use crate::cancel::{UpstreamKey, send_cancel};
 use crate::config::ClientAuthMethod;
@@ -45,6 +47,7 @@ pub async fn serve(
     slot: SessionSlot,
 ) {
     let _slot = slot;
+    let arrived = std::time::Instant::now();
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("session", session_id = id, %peer);
     let runtime = shared.runtime.load_full();
@@ -68,6 +71,16 @@ pub async fn serve(
     };
     // The relay runs outside the span: entering a span on every poll costs
     // more than the relay's own work per message. Its outcome is logged in it.
+    let audit = match &shared.audit {
+        Some(auditor) => {
+            let start = session_start(&session, &client, peer, &arrival, arrived);
+            let audit = Arc::new(SessionAudit::new(start.session));
+            span.in_scope(|| info!(audit_session = %start.session, "audited"));
+            auditor.record(Event::SessionStart(Box::new(start))).await;
+            Some(audit)
+        }
+        None => None,
+    };
     let enforcer = session
         .policy
         .map(|p| Enforcer::new(shared.clone(), p.policy, p.principal, p.subject, id));
@@ -77,12 +90,75 @@ pub async fn serve(
         &shared,
         &runtime.config.limits,
         enforcer,
+        audit.clone(),
     )
     .await;
     span.in_scope(|| match &end {
         RelayEnd::Error(e) => warn!("session ended: {e}"),
         end => info!(outcome = ?end, "session ended"),
     });
+    if let (Some(auditor), Some(audit)) = (&shared.audit, audit) {
+        let (outcome, stats) = match &end {
+            RelayEnd::Terminated(s) => ("terminated".to_owned(), s.clone()),
+            RelayEnd::ClientClosed(s) => ("client closed".to_owned(), s.clone()),
+            RelayEnd::UpstreamClosed(s) => ("server closed".to_owned(), s.clone()),
+            RelayEnd::Fatal(e, s) => (format!("ended by interceptor: {e}"), s.clone()),
+            RelayEnd::Error(e) => (format!("error: {e}"), Default::default()),
+        };
+        auditor
+            .record(Event::SessionEnd(SessionEnd {
+                session: audit.session,
+                ts_us: now_us(),
+                outcome,
+                duration_us: arrived.elapsed().as_micros() as u64,
+                bytes_from_client: stats.bytes_from_client,
+                bytes_to_client: stats.bytes_to_client,
+                statements: stats.queries,
+            }))
+            .await;
+    }
+}
+
+/// The audit trail's record of who a session is.
+fn session_start(
+    session: &LoggedIn,
+    client: &Conn,
+    peer: SocketAddr,
+    arrival: &Arrival,
+    arrived: std::time::Instant,
+) -> SessionStart {
+    let built;
+    let p = match &session.policy {
+        Some(p) => &p.principal,
+        None => {
+            built = principal(&session.user, arrival);
+            &built
+        }
+    };
+    let token = p.token.as_ref();
+    SessionStart {
+        session: uuid::Uuid::now_v7(),
+        ts_us: now_us(),
+        principal: p.display_name(),
+        user: session.user.clone(),
+        database: session.database.clone(),
+        target: session.target.config.name.clone(),
+        client_addr: peer.to_string(),
+        tls: client.io.is_tls(),
+        intercepted: p.intercepted,
+        pid: p.pid,
+        uid: p.uid,
+        exe: p.exe.clone().unwrap_or_default(),
+        comm: p.comm.clone().unwrap_or_default(),
+        cgroup: p.cgroup.clone().unwrap_or_default(),
+        job: p.job.clone().unwrap_or_default(),
+        token_issuer: token.map(|t| t.issuer.clone()).unwrap_or_default(),
+        token_subject: token.map(|t| t.subject.clone()).unwrap_or_default(),
+        claims: token
+            .map(|t| t.claims.clone().into_iter().collect())
+            .unwrap_or_default(),
+        login_us: arrived.elapsed().as_micros() as u64,
+    }
 }
 
 /// Login up to (not including) AuthenticationOk to the client.

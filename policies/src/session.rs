@@ -16,6 +16,8 @@ pub struct Refusal {
     pub hint: Option<String>,
     /// The deciding rule; `None` for the default deny or a parse failure.
     pub rule: Option<Arc<str>>,
+    /// Held for approval rather than denied.
+    pub held: bool,
 }
 
 impl Refusal {
@@ -47,6 +49,7 @@ impl Refusal {
                 })),
                 _ => d.hint,
             },
+            held: d.verdict == Verdict::Hold,
             rule: d.rule,
         }
     }
@@ -57,6 +60,7 @@ impl Refusal {
             message: format!("interceptor: statement refused because it cannot be analysed: {e}"),
             hint: Some("interceptor only runs statements PostgreSQL's grammar accepts.".into()),
             rule: None,
+            held: false,
         }
     }
 }

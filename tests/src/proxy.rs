@@ -226,6 +226,21 @@ impl Proxy {
         None
     }
 
+    /// Stops the daemon (SIGTERM, then SIGKILL after 10 s) and starts it
+    /// again on the same config and state, as an operator's restart would.
+    pub fn restart(mut self) -> Result<Proxy> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        if self.wait_exit(Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
+        let (config, port) = (self.config_path.clone(), self.port);
+        // The old log is kept next to the new one.
+        let _ = std::fs::rename(&self.log_path, self.log_path.with_extension("log.1"));
+        Proxy::start_with(dir, config, port)
+    }
+
     /// The generated CA clients verify the proxy with.
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("state/tls/ca.pem")

@@ -442,6 +442,41 @@ pub fn run(keep: bool) -> Result<()> {
         &agent(&ic, &tls, &["-At", "-c", "SELECT 'still serving'"])?,
     );
 
+    step("The audit trail: every session and statement, spooled durably on local disk");
+    let audit = |args: &[&str]| -> Result<String> {
+        let out = Command::new(interceptor_tests::proxy::binary())
+            .arg("audit")
+            .args(args)
+            .arg("--config")
+            .arg(&proxy.config_path)
+            .output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    // The writer batches (fsync at most every 10 ms): give it a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let tail = audit(&["tail", "-n", "14"])?;
+    show("interceptor audit tail -n 14", &tail);
+    let last_session = audit(&["tail", "--json", "-n", "100000"])?
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|e| {
+            e.get("Statement")?
+                .get("session")?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .last();
+    if let Some(session) = last_session {
+        show(
+            &format!("interceptor audit verify {session}"),
+            &audit(&["verify", &session])?,
+        );
+    }
+
     step("What interceptor logged");
     for line in proxy
         .log()

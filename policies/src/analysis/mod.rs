@@ -200,6 +200,10 @@ impl Statement {
 #[derive(Debug, Clone, Serialize)]
 pub struct Analysis {
     pub statements: Vec<Statement>,
+    /// The same for every text of one token shape (literal values and
+    /// comments left out), and stable across runs: the audit trail groups
+    /// statements by it. 0 when the scanner could not read the text.
+    pub fingerprint: u64,
 }
 
 /// Why a query string could not be analysed. The statement is refused.
@@ -228,12 +232,21 @@ impl AnalysisError {
 
 /// Analyses `sql`, which may hold several statements.
 pub fn analyze(sql: &str) -> Result<Analysis, AnalysisError> {
-    analyze_detailed(sql).map(|(a, _)| a)
+    let shape = shape(sql);
+    analyze_detailed(sql, shape.as_deref()).map(|(a, _)| a)
+}
+
+fn fingerprint(shape: Option<&[u8]>) -> u64 {
+    use sha2::Digest;
+    shape.map_or(0, |s| {
+        let digest = sha2::Sha256::digest(s);
+        u64::from_be_bytes(digest[..8].try_into().expect("32-byte digest"))
+    })
 }
 
 /// The analysis, and whether any statement needed a full parse: only an
 /// analysis built from summaries alone is the same for every literal value.
-fn analyze_detailed(sql: &str) -> Result<(Analysis, bool), AnalysisError> {
+fn analyze_detailed(sql: &str, shape: Option<&[u8]>) -> Result<(Analysis, bool), AnalysisError> {
     let pieces = pg_query::split_with_parser(sql).map_err(syntax)?;
     let mut statements = Vec::with_capacity(pieces.len());
     let mut detailed = false;
@@ -245,7 +258,11 @@ fn analyze_detailed(sql: &str) -> Result<(Analysis, bool), AnalysisError> {
         detailed |= d;
         statements.push(st);
     }
-    Ok((Analysis { statements }, detailed))
+    let analysis = Analysis {
+        statements,
+        fingerprint: fingerprint(shape),
+    };
+    Ok((analysis, detailed))
 }
 
 fn syntax(e: pg_query::Error) -> AnalysisError {
@@ -821,7 +838,7 @@ impl Analyzer {
         {
             return hit.clone();
         }
-        let (result, by_shape) = match analyze_detailed(sql) {
+        let (result, by_shape) = match analyze_detailed(sql, shape.as_deref()) {
             Ok((analysis, detailed)) => (Ok(analysis), !detailed),
             Err(e) => (Err(e), false),
         };

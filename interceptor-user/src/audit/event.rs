@@ -1,0 +1,150 @@
+//! What the audit trail records. Events are written to the spool as
+//! bincode and read back by `interceptor audit` (and, later, shipped to
+//! ClickHouse); a field added here is added at the end of its struct.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    DaemonStart {
+        ts_us: i64,
+        version: String,
+        pid: u32,
+    },
+    DaemonStop {
+        ts_us: i64,
+        reason: String,
+    },
+    PolicyReload {
+        ts_us: i64,
+        file: String,
+        ok: bool,
+        detail: String,
+    },
+    SessionStart(Box<SessionStart>),
+    SessionEnd(SessionEnd),
+    Statement(Box<StatementRow>),
+}
+
+impl Event {
+    pub fn ts_us(&self) -> i64 {
+        match self {
+            Event::DaemonStart { ts_us, .. }
+            | Event::DaemonStop { ts_us, .. }
+            | Event::PolicyReload { ts_us, .. } => *ts_us,
+            Event::SessionStart(s) => s.ts_us,
+            Event::SessionEnd(s) => s.ts_us,
+            Event::Statement(s) => s.ts_us,
+        }
+    }
+
+    pub fn session(&self) -> Option<Uuid> {
+        match self {
+            Event::SessionStart(s) => Some(s.session),
+            Event::SessionEnd(s) => Some(s.session),
+            Event::Statement(s) => Some(s.session),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStart {
+    pub session: Uuid,
+    pub ts_us: i64,
+    /// As the upstream's application_name shows it.
+    pub principal: String,
+    pub user: String,
+    pub database: String,
+    pub target: String,
+    pub client_addr: String,
+    pub tls: bool,
+    pub intercepted: bool,
+    pub pid: Option<u32>,
+    pub uid: Option<u32>,
+    pub exe: String,
+    pub comm: String,
+    pub cgroup: String,
+    pub job: String,
+    pub token_issuer: String,
+    pub token_subject: String,
+    pub claims: Vec<(String, Vec<String>)>,
+    /// Login time, from the first byte to the session being ready.
+    pub login_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionEnd {
+    pub session: Uuid,
+    pub ts_us: i64,
+    pub outcome: String,
+    pub duration_us: u64,
+    pub bytes_from_client: u64,
+    pub bytes_to_client: u64,
+    pub statements: u64,
+}
+
+/// One client request: a simple Query (which may hold several statements)
+/// or an Execute of a prepared statement's portal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatementRow {
+    pub session: Uuid,
+    /// 1, 2, 3... within the session, in the order the client sent them.
+    pub seq: u64,
+    /// When the proxy received it, µs since the Unix epoch.
+    pub ts_us: i64,
+    pub text: String,
+    pub fingerprint: u64,
+    /// The riskiest kind among its statements; empty without a policy.
+    pub kind: String,
+    pub tables: Vec<String>,
+    /// allow, deny or hold; "unchecked" without a policy.
+    pub decision: String,
+    pub rule: String,
+    pub approval: String,
+    /// Until the server finished it (CommandComplete, an error, or
+    /// ReadyForQuery).
+    pub duration_us: u64,
+    /// Rows returned (DataRow, COPY TO rows) or, when none were, the
+    /// count in the command tag (INSERT/UPDATE/DELETE/COPY FROM).
+    pub rows: u64,
+    /// Bytes of result rows sent to the client.
+    pub bytes: u64,
+    pub masked: u64,
+    /// The first error's SQLSTATE; empty when it succeeded.
+    pub sqlstate: String,
+    /// The previous statement row's `hash` (zeros for the first).
+    pub prev_hash: [u8; 32],
+    /// SHA-256 over `prev_hash` and this row's other fields.
+    pub hash: [u8; 32],
+}
+
+impl StatementRow {
+    /// The chain hash of this row as it is now (its `hash` field aside).
+    pub fn compute_hash(&self) -> [u8; 32] {
+        let mut row = self.clone();
+        row.hash = [0; 32];
+        // Encoding plain structs into memory cannot fail; an empty body
+        // would still hash the same way on both sides.
+        let body =
+            bincode::serde::encode_to_vec(&row, bincode::config::standard()).unwrap_or_default();
+        let mut h = Sha256::new();
+        h.update(self.prev_hash);
+        h.update(&body);
+        h.finalize().into()
+    }
+
+    /// Links this row after `prev` (the previous row's hash) and seals it.
+    pub fn seal(&mut self, prev: [u8; 32]) {
+        self.prev_hash = prev;
+        self.hash = self.compute_hash();
+    }
+}
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}

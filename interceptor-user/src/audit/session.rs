@@ -1,0 +1,370 @@
+//! One session's statement rows: the frontend direction opens a row for
+//! each Query and Execute, the backend direction fills in rows, bytes and
+//! SQLSTATE from the replies and closes it. Replies come in request order,
+//! so the rows are a queue; Sync and Query mark where a ReadyForQuery ends
+//! a batch (an error skips the rest of an extended-protocol batch, and
+//! its rows are closed with that error).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use super::event::{Event, StatementRow, now_us};
+
+/// What is known of a statement when it is sent: from its text and the
+/// policy's decision.
+#[derive(Debug, Clone, Default)]
+pub struct StatementInfo {
+    pub text: String,
+    pub fingerprint: u64,
+    pub kind: String,
+    pub tables: Vec<String>,
+    pub decision: String,
+    pub rule: String,
+}
+
+impl StatementInfo {
+    /// Without a policy: the text only.
+    pub fn unchecked(text: &[u8]) -> Self {
+        StatementInfo {
+            text: String::from_utf8_lossy(text).into_owned(),
+            decision: "unchecked".into(),
+            ..Default::default()
+        }
+    }
+}
+
+enum Entry {
+    Open(Box<Open>),
+    /// A Sync: the next ReadyForQuery ends the batch up to here.
+    Sync,
+}
+
+struct Open {
+    info: Arc<StatementInfo>,
+    seq: u64,
+    ts_us: i64,
+    start: Instant,
+    /// A simple Query ends at ReadyForQuery; an Execute at its own
+    /// CommandComplete, EmptyQueryResponse, PortalSuspended or error.
+    simple: bool,
+    returned: u64,
+    tagged: u64,
+    bytes: u64,
+    sqlstate: String,
+}
+
+/// Shared by the two directions of one relay.
+pub struct SessionAudit {
+    pub session: Uuid,
+    queue: Mutex<VecDeque<Entry>>,
+}
+
+impl SessionAudit {
+    pub fn new(session: Uuid) -> Self {
+        SessionAudit {
+            session,
+            queue: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The frontend direction's part: sequence numbers and what prepared
+/// statements and portals hold.
+pub struct FrontendAudit {
+    shared: Arc<SessionAudit>,
+    seq: u64,
+    statements: HashMap<Vec<u8>, Arc<StatementInfo>>,
+    portals: HashMap<Vec<u8>, Arc<StatementInfo>>,
+}
+
+impl FrontendAudit {
+    pub fn new(shared: Arc<SessionAudit>) -> Self {
+        FrontendAudit {
+            shared,
+            seq: 0,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+        }
+    }
+
+    pub fn statements(&self) -> u64 {
+        self.seq
+    }
+
+    fn open(&mut self, info: Arc<StatementInfo>, simple: bool) {
+        self.seq += 1;
+        let mut q = self.shared.queue();
+        q.push_back(Entry::Open(Box::new(Open {
+            info,
+            seq: self.seq,
+            ts_us: now_us(),
+            start: Instant::now(),
+            simple,
+            returned: 0,
+            tagged: 0,
+            bytes: 0,
+            sqlstate: String::new(),
+        })));
+    }
+
+    /// A simple Query (or what the proxy sent in place of a refused one).
+    pub fn query(&mut self, info: StatementInfo) {
+        self.open(Arc::new(info), true);
+    }
+
+    pub fn parse(&mut self, name: &[u8], info: StatementInfo) {
+        self.statements.insert(name.to_vec(), Arc::new(info));
+    }
+
+    pub fn bind(&mut self, portal: &[u8], statement: &[u8]) {
+        let info =
+            self.statements.get(statement).cloned().unwrap_or_else(|| {
+                Arc::new(StatementInfo::unchecked(b"(unknown prepared statement)"))
+            });
+        self.portals.insert(portal.to_vec(), info);
+    }
+
+    pub fn execute(&mut self, portal: &[u8]) {
+        let info = self
+            .portals
+            .get(portal)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(StatementInfo::unchecked(b"(unknown portal)")));
+        self.open(info, false);
+    }
+
+    pub fn close_statement(&mut self, name: &[u8]) {
+        self.statements.remove(name);
+    }
+
+    pub fn close_portal(&mut self, name: &[u8]) {
+        self.portals.remove(name);
+    }
+
+    pub fn sync(&mut self) {
+        self.shared.queue().push_back(Entry::Sync);
+    }
+}
+
+/// The backend direction's part: fills rows in and seals them into the
+/// session's hash chain.
+pub struct BackendAudit {
+    shared: Arc<SessionAudit>,
+    prev: [u8; 32],
+    /// Sealed rows waiting to be handed to the auditor.
+    pub done: Vec<Event>,
+}
+
+impl BackendAudit {
+    pub fn new(shared: Arc<SessionAudit>) -> Self {
+        BackendAudit {
+            shared,
+            prev: [0; 32],
+            done: Vec::new(),
+        }
+    }
+
+    fn with_front(&self, f: impl FnOnce(&mut Open)) {
+        if let Some(Entry::Open(o)) = self.shared.queue().front_mut() {
+            f(o);
+        }
+    }
+
+    pub fn row(&mut self, len: usize) {
+        self.with_front(|o| {
+            o.returned += 1;
+            o.bytes += len as u64;
+        });
+    }
+
+    /// CommandComplete: `tag` as the server sent it ("INSERT 0 3").
+    pub fn complete(&mut self, tag: &[u8]) {
+        let n = std::str::from_utf8(tag)
+            .ok()
+            .and_then(|t| t.trim_end_matches('\0').rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        let mut simple = true;
+        self.with_front(|o| {
+            o.tagged += n;
+            simple = o.simple;
+        });
+        if !simple {
+            self.finish_front();
+        }
+    }
+
+    /// EmptyQueryResponse or PortalSuspended.
+    pub fn end_of_execute(&mut self) {
+        let mut simple = true;
+        self.with_front(|o| simple = o.simple);
+        if !simple {
+            self.finish_front();
+        }
+    }
+
+    pub fn error(&mut self, sqlstate: &str) {
+        let mut simple = true;
+        self.with_front(|o| {
+            if o.sqlstate.is_empty() {
+                o.sqlstate = sqlstate.to_owned();
+            }
+            simple = o.simple;
+        });
+        if !simple {
+            // Later Executes of this batch are skipped: they end at
+            // ReadyForQuery with this error.
+            let pending: Option<String> = {
+                let q = self.shared.queue();
+                match q.front() {
+                    Some(Entry::Open(o)) => Some(o.sqlstate.clone()),
+                    _ => None,
+                }
+            };
+            self.finish_front();
+            if let Some(state) = pending {
+                let mut q = self.shared.queue();
+                for e in q.iter_mut() {
+                    match e {
+                        Entry::Open(o) if o.sqlstate.is_empty() => o.sqlstate = state.clone(),
+                        Entry::Open(_) => {}
+                        Entry::Sync => break,
+                    }
+                }
+            }
+        }
+    }
+
+    /// ReadyForQuery: the batch up to the first Sync or simple Query ends.
+    pub fn ready(&mut self) {
+        loop {
+            let entry = self.shared.queue().pop_front();
+            match entry {
+                None | Some(Entry::Sync) => return,
+                Some(Entry::Open(o)) => {
+                    let simple = o.simple;
+                    self.seal(*o);
+                    if simple {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_front(&mut self) {
+        let entry = self.shared.queue().pop_front();
+        match entry {
+            Some(Entry::Open(o)) => self.seal(*o),
+            // Replies out of step with requests; put the marker back.
+            Some(Entry::Sync) => self.shared.queue().push_front(Entry::Sync),
+            None => {}
+        }
+    }
+
+    fn seal(&mut self, o: Open) {
+        let info = &o.info;
+        let mut row = StatementRow {
+            session: self.shared.session,
+            seq: o.seq,
+            ts_us: o.ts_us,
+            text: info.text.clone(),
+            fingerprint: info.fingerprint,
+            kind: info.kind.clone(),
+            tables: info.tables.clone(),
+            decision: info.decision.clone(),
+            rule: info.rule.clone(),
+            approval: String::new(),
+            duration_us: o.start.elapsed().as_micros() as u64,
+            rows: if o.returned > 0 { o.returned } else { o.tagged },
+            bytes: o.bytes,
+            masked: 0,
+            sqlstate: o.sqlstate,
+            prev_hash: [0; 32],
+            hash: [0; 32],
+        };
+        row.seal(self.prev);
+        self.prev = row.hash;
+        self.done.push(Event::Statement(Box::new(row)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(b: &mut BackendAudit) -> Vec<StatementRow> {
+        b.done
+            .drain(..)
+            .filter_map(|e| match e {
+                Event::Statement(s) => Some(*s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn pair() -> (FrontendAudit, BackendAudit) {
+        let shared = Arc::new(SessionAudit::new(Uuid::nil()));
+        (
+            FrontendAudit::new(shared.clone()),
+            BackendAudit::new(shared),
+        )
+    }
+
+    #[test]
+    fn simple_queries_end_at_ready_for_query() {
+        let (mut f, mut b) = pair();
+        f.query(StatementInfo::unchecked(b"SELECT 1; SELECT 2"));
+        f.query(StatementInfo::unchecked(b"INSERT INTO t VALUES (1)"));
+        b.row(10);
+        b.complete(b"SELECT 1\0");
+        b.row(12);
+        b.complete(b"SELECT 1\0");
+        b.ready();
+        b.complete(b"INSERT 0 1\0");
+        b.ready();
+        let r = rows(&mut b);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].seq, r[0].rows, r[0].bytes), (1, 2, 22));
+        assert_eq!((r[1].seq, r[1].rows, r[1].bytes), (2, 1, 0));
+        assert_eq!(r[1].prev_hash, r[0].hash);
+        assert_eq!(r[1].hash, r[1].compute_hash());
+    }
+
+    #[test]
+    fn an_error_ends_the_extended_batch() {
+        let (mut f, mut b) = pair();
+        f.parse(b"s1", StatementInfo::unchecked(b"SELECT $1"));
+        f.bind(b"", b"s1");
+        f.execute(b"");
+        f.bind(b"", b"s1");
+        f.execute(b"");
+        f.execute(b"");
+        f.sync();
+        f.query(StatementInfo::unchecked(b"SELECT 3"));
+        b.row(5);
+        b.complete(b"SELECT 1\0");
+        b.error("22012");
+        b.ready();
+        b.row(5);
+        b.complete(b"SELECT 1\0");
+        b.ready();
+        let r = rows(&mut b);
+        assert_eq!(r.len(), 4);
+        assert_eq!((r[0].rows, r[0].sqlstate.as_str()), (1, ""));
+        assert_eq!((r[1].rows, r[1].sqlstate.as_str()), (0, "22012"));
+        assert_eq!((r[2].rows, r[2].sqlstate.as_str()), (0, "22012"));
+        assert_eq!((r[3].text.as_str(), r[3].rows), ("SELECT 3", 1));
+        assert_eq!(
+            r.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+    }
+}

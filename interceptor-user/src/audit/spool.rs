@@ -1,0 +1,263 @@
+//! The durable local spool: append-only segment files of frames.
+//!
+//! A frame is `length (u32 LE) | CRC-32 of the payload (u32 LE) | payload`,
+//! the payload one bincode-encoded [`Event`]. A crash can leave the last
+//! frame of the last segment half written (a torn tail); on opening, the
+//! writer cuts each segment back to its last whole, checksummed frame and
+//! says how much it dropped. Segments are named `seg-NNNNNNNNNNNN.spool`
+//! in write order; a new writer never appends to an old segment.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::event::Event;
+
+const HEADER: usize = 8;
+/// Larger frames are corrupt: no event comes near this.
+const MAX_FRAME: usize = 64 << 20;
+
+/// Appends `event` as one frame to `out`.
+pub fn encode_frame(event: &Event, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    // Writing into a Vec cannot fail for these types.
+    let _ = bincode::serde::encode_into_std_write(event, out, bincode::config::standard());
+    let len = (out.len() - start - HEADER) as u32;
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A segment's contents: its whole frames, and what followed the last one.
+#[derive(Debug, Default)]
+pub struct Segment {
+    pub events: Vec<Event>,
+    /// Bytes of whole, checksummed frames.
+    pub good_len: u64,
+    /// Bytes after them that do not form a whole frame (a torn tail).
+    pub torn_bytes: u64,
+}
+
+/// Reads one segment file, stopping at the first frame that is incomplete,
+/// fails its checksum or does not decode.
+pub fn read_segment(path: &Path) -> std::io::Result<Segment> {
+    let mut data = Vec::new();
+    File::open(path)?.read_to_end(&mut data)?;
+    let mut seg = Segment::default();
+    let mut off = 0;
+    while data.len() - off >= HEADER {
+        let len = u32::from_le_bytes(data[off..off + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[off + 4..off + 8].try_into().expect("4 bytes"));
+        let body_end = off + HEADER + len;
+        if len > MAX_FRAME || body_end > data.len() {
+            break;
+        }
+        let body = &data[off + HEADER..body_end];
+        if crc32fast::hash(body) != crc {
+            break;
+        }
+        match bincode::serde::decode_from_slice::<Event, _>(body, bincode::config::standard()) {
+            Ok((event, _)) => seg.events.push(event),
+            Err(_) => break,
+        }
+        off = body_end;
+    }
+    seg.good_len = off as u64;
+    seg.torn_bytes = (data.len() - off) as u64;
+    Ok(seg)
+}
+
+/// The spool's segment files, oldest first.
+pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let index = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("seg-")?.strip_suffix(".spool"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(i) = index {
+            out.push((i, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every event in the spool, oldest first.
+pub fn read_all(dir: &Path) -> std::io::Result<Vec<Event>> {
+    let mut events = Vec::new();
+    for (_, path) in segments(dir)? {
+        events.extend(read_segment(&path)?.events);
+    }
+    Ok(events)
+}
+
+/// What opening the spool found and repaired.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub segments: usize,
+    pub events: usize,
+    /// (segment, bytes cut) for each torn tail.
+    pub torn: Vec<(PathBuf, u64)>,
+}
+
+/// Appends frames to the newest segment, starting a new one past
+/// `segment_bytes`.
+pub struct SpoolWriter {
+    dir: PathBuf,
+    segment_bytes: u64,
+    index: u64,
+    file: File,
+    len: u64,
+}
+
+impl SpoolWriter {
+    /// Opens `dir` (creating it), cuts torn tails back to their last good
+    /// frame, and starts a new segment.
+    pub fn open(dir: &Path, segment_bytes: u64) -> std::io::Result<(SpoolWriter, Recovery)> {
+        std::fs::create_dir_all(dir)?;
+        let mut recovery = Recovery::default();
+        let existing = segments(dir)?;
+        for (_, path) in &existing {
+            let seg = read_segment(path)?;
+            recovery.segments += 1;
+            recovery.events += seg.events.len();
+            if seg.torn_bytes > 0 {
+                OpenOptions::new()
+                    .write(true)
+                    .open(path)?
+                    .set_len(seg.good_len)?;
+                recovery.torn.push((path.clone(), seg.torn_bytes));
+            }
+        }
+        let index = existing.last().map_or(1, |(i, _)| i + 1);
+        let file = Self::create(dir, index)?;
+        let writer = SpoolWriter {
+            dir: dir.to_owned(),
+            segment_bytes,
+            index,
+            file,
+            len: 0,
+        };
+        Ok((writer, recovery))
+    }
+
+    fn create(dir: &Path, index: u64) -> std::io::Result<File> {
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(dir.join(format!("seg-{index:012}.spool")))?;
+        // The new name must survive a crash too.
+        File::open(dir)?.sync_all()?;
+        Ok(file)
+    }
+
+    /// Appends whole frames. On an error the segment is cut back to where
+    /// it was, so a retry never leaves half a frame behind.
+    pub fn append(&mut self, frames: &[u8]) -> std::io::Result<()> {
+        if self.len > 0 && self.len + frames.len() as u64 > self.segment_bytes {
+            self.file.sync_data()?;
+            self.file = Self::create(&self.dir, self.index + 1)?;
+            self.index += 1;
+            self.len = 0;
+        }
+        match self.file.write_all(frames) {
+            Ok(()) => {
+                self.len += frames.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stop(i: i64) -> Event {
+        Event::DaemonStop {
+            ts_us: i,
+            reason: format!("test {i}"),
+        }
+    }
+
+    #[test]
+    fn frames_round_trip_and_torn_tails_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, rec) = SpoolWriter::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(rec.segments, 0);
+        let mut buf = Vec::new();
+        for i in 0..10 {
+            encode_frame(&stop(i), &mut buf);
+        }
+        w.append(&buf).unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let path = segments(dir.path()).unwrap()[0].1.clone();
+        // A crash mid-frame: half of one more frame.
+        let mut extra = Vec::new();
+        encode_frame(&stop(10), &mut extra);
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&extra[..extra.len() / 2]).unwrap();
+        drop(f);
+
+        let seg = read_segment(&path).unwrap();
+        assert_eq!(seg.events.len(), 10);
+        assert_eq!(seg.events[9], stop(9));
+        assert_eq!(seg.torn_bytes, (extra.len() / 2) as u64);
+
+        let (mut w, rec) = SpoolWriter::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((rec.segments, rec.events), (1, 10));
+        assert_eq!(rec.torn, vec![(path.clone(), (extra.len() / 2) as u64)]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), buf.len() as u64);
+        w.append(&extra).unwrap();
+        let all = read_all(dir.path()).unwrap();
+        assert_eq!(all.len(), 11);
+        assert_eq!(all[10], stop(10));
+    }
+
+    #[test]
+    fn a_flipped_bit_ends_the_segment_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = SpoolWriter::open(dir.path(), 1 << 20).unwrap();
+        let mut buf = Vec::new();
+        for i in 0..3 {
+            encode_frame(&stop(i), &mut buf);
+        }
+        w.append(&buf).unwrap();
+        drop(w);
+        let path = segments(dir.path()).unwrap()[0].1.clone();
+        let mut data = std::fs::read(&path).unwrap();
+        let last = data.len() - 2;
+        data[last] ^= 1;
+        std::fs::write(&path, &data).unwrap();
+        let seg = read_segment(&path).unwrap();
+        assert_eq!(seg.events.len(), 2);
+        assert!(seg.torn_bytes > 0);
+    }
+
+    #[test]
+    fn segments_rotate_past_their_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = SpoolWriter::open(dir.path(), 100).unwrap();
+        for i in 0..20 {
+            let mut buf = Vec::new();
+            encode_frame(&stop(i), &mut buf);
+            w.append(&buf).unwrap();
+        }
+        assert!(segments(dir.path()).unwrap().len() > 3);
+        let all = read_all(dir.path()).unwrap();
+        assert_eq!(all, (0..20).map(stop).collect::<Vec<_>>());
+    }
+}

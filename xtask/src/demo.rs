@@ -469,7 +469,7 @@ pub fn run(keep: bool) -> Result<()> {
                 .as_str()
                 .map(str::to_owned)
         })
-        .last();
+        .next_back();
     if let Some(session) = last_session {
         show(
             &format!("interceptor audit verify {session}"),

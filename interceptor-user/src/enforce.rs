@@ -131,7 +131,9 @@ impl Enforcer {
             Err(_) => Arc::new(Err(policies::AnalysisError::NotUtf8)),
         };
         let check = self.session.check(&policy, &analysis);
-        self.last = Some(audit_info(sql, &analysis, &check));
+        if self.shared.audit.is_some() {
+            self.last = Some(audit_info(sql, &analysis, &check));
+        }
         match check {
             Check::Allowed(rules) => {
                 debug!(session_id = self.session_id, ?rules, "statement allowed");

@@ -126,10 +126,16 @@ impl StatementRow {
     pub fn compute_hash(&self) -> [u8; 32] {
         let mut row = self.clone();
         row.hash = [0; 32];
+        row.digest()
+    }
+
+    /// SHA-256 over `prev_hash` and the row as encoded; `hash` must be
+    /// zero.
+    fn digest(&self) -> [u8; 32] {
         // Encoding plain structs into memory cannot fail; an empty body
         // would still hash the same way on both sides.
         let body =
-            bincode::serde::encode_to_vec(&row, bincode::config::standard()).unwrap_or_default();
+            bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap_or_default();
         let mut h = Sha256::new();
         h.update(self.prev_hash);
         h.update(&body);
@@ -139,7 +145,8 @@ impl StatementRow {
     /// Links this row after `prev` (the previous row's hash) and seals it.
     pub fn seal(&mut self, prev: [u8; 32]) {
         self.prev_hash = prev;
-        self.hash = self.compute_hash();
+        self.hash = [0; 32];
+        self.hash = self.digest();
     }
 }
 

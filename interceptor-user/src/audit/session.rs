@@ -211,33 +211,24 @@ impl BackendAudit {
     }
 
     pub fn error(&mut self, sqlstate: &str) {
-        let mut simple = true;
+        let mut execute_failed = None;
         self.with_front(|o| {
             if o.sqlstate.is_empty() {
                 o.sqlstate = sqlstate.to_owned();
             }
-            simple = o.simple;
+            if !o.simple {
+                execute_failed = Some(o.sqlstate.clone());
+            }
         });
-        if !simple {
-            // Later Executes of this batch are skipped: they end at
-            // ReadyForQuery with this error.
-            let pending: Option<String> = {
-                let q = self.shared.queue();
-                match q.front() {
-                    Some(Entry::Open(o)) => Some(o.sqlstate.clone()),
-                    _ => None,
-                }
-            };
-            self.finish_front();
-            if let Some(state) = pending {
-                let mut q = self.shared.queue();
-                for e in q.iter_mut() {
-                    match e {
-                        Entry::Open(o) if o.sqlstate.is_empty() => o.sqlstate = state.clone(),
-                        Entry::Open(_) => {}
-                        Entry::Sync => break,
-                    }
-                }
+        let Some(state) = execute_failed else { return };
+        self.finish_front();
+        // Later Executes of this batch are skipped: they end at
+        // ReadyForQuery with this error.
+        for e in self.shared.queue().iter_mut() {
+            match e {
+                Entry::Open(o) if o.sqlstate.is_empty() => o.sqlstate = state.clone(),
+                Entry::Open(_) => {}
+                Entry::Sync => break,
             }
         }
     }
@@ -270,17 +261,18 @@ impl BackendAudit {
     }
 
     fn seal(&mut self, o: Open) {
-        let info = &o.info;
+        // A simple Query's info is its row's alone: move it, don't copy.
+        let info = Arc::try_unwrap(o.info).unwrap_or_else(|shared| (*shared).clone());
         let mut row = StatementRow {
             session: self.shared.session,
             seq: o.seq,
             ts_us: o.ts_us,
-            text: info.text.clone(),
+            text: info.text,
             fingerprint: info.fingerprint,
-            kind: info.kind.clone(),
-            tables: info.tables.clone(),
-            decision: info.decision.clone(),
-            rule: info.rule.clone(),
+            kind: info.kind,
+            tables: info.tables,
+            decision: info.decision,
+            rule: info.rule,
             approval: String::new(),
             duration_us: o.start.elapsed().as_micros() as u64,
             rows: if o.returned > 0 { o.returned } else { o.tagged },

@@ -160,7 +160,9 @@ impl Edits {
 }
 
 impl BackendState {
-    fn observe(&mut self, msg: &BackendMessage<'_>, len: usize) {
+    /// `cap` is what the result cap does with `msg`: the audit records
+    /// what the client got, not what the server sent.
+    fn observe(&mut self, msg: &BackendMessage<'_>, len: usize, cap: Option<&CapAction>) {
         self.stats.backend_messages += 1;
         match msg {
             BackendMessage::ReadyForQuery(s) => self.status = *s,
@@ -168,6 +170,11 @@ impl BackendState {
             _ => {}
         }
         let Some(a) = &mut self.audit else { return };
+        match cap {
+            Some(CapAction::Drop) => return,
+            Some(CapAction::Replace(_)) => return a.error("54000"),
+            _ => {}
+        }
         match msg {
             BackendMessage::DataRow { .. } | BackendMessage::CopyData => a.row(len),
             BackendMessage::CommandComplete { tag } => a.complete(tag),
@@ -339,14 +346,25 @@ where
     loop {
         let mut edits = Edits::default();
         let (used, verdict) = complete_frames(buf, BACKEND_MAX_MESSAGE, |frame| {
-            state.observe(&BackendMessage::parse(frame)?, frame.len());
-            match state.cap.as_mut().map(|c| c.on(frame[0], frame.len())) {
+            let msg = BackendMessage::parse(frame)?;
+            let action = state.cap.as_mut().map(|c| c.on(frame[0], frame.len()));
+            state.observe(&msg, frame.len(), action.as_ref());
+            match action {
                 Some(CapAction::Drop) => edits.replace(buf, frame.len(), None),
                 Some(CapAction::Replace(err)) => edits.replace(buf, frame.len(), Some(&err)),
                 Some(CapAction::Forward) | None => edits.keep(frame.len()),
             }
             Ok(true)
         });
+        // Queued before the client sees the replies: a statement the
+        // client saw finish is already on its way to the spool.
+        if let (Some(a), Some(auditor)) = (&mut state.audit, auditor)
+            && !a.done.is_empty()
+        {
+            for event in a.done.drain(..) {
+                auditor.record(event).await;
+            }
+        }
         if used > 0 {
             let out = edits.output(buf, used);
             state.stats.bytes_to_client += out.len() as u64;
@@ -354,13 +372,6 @@ where
                 return BackEnd::Io(e);
             }
             buf.advance(used);
-        }
-        if let (Some(a), Some(auditor)) = (&mut state.audit, auditor)
-            && !a.done.is_empty()
-        {
-            for event in a.done.drain(..) {
-                auditor.record(event).await;
-            }
         }
         if let Err(e) = verdict {
             return BackEnd::Violation(e);

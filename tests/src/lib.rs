@@ -5,6 +5,7 @@
 //! (demo, bench, regress), so that every one of them starts things the same
 //! way.
 
+pub mod audit;
 #[path = "../corpus/corpus.rs"]
 pub mod corpus;
 pub mod intercept;

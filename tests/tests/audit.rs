@@ -3,60 +3,15 @@
 //! row count and SQLSTATE; the hash chain verifies, and a changed row is
 //! caught; a torn spool tail is cut on restart and nothing before it lost.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use interceptor_tests::audit::{events, interceptor, spool, statements};
 use interceptor_tests::pg;
-use interceptor_tests::proxy::{Proxy, ProxyOptions, binary};
+use interceptor_tests::proxy::{Proxy, ProxyOptions};
 use interceptor_tests::wire::{RawClient, frame};
 use interceptor_tests::workspace_root;
 use serde_json::Value;
-
-fn spool(proxy: &Proxy) -> PathBuf {
-    proxy.dir.path().join("state/audit")
-}
-
-fn interceptor(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(binary()).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn events(dir: &Path) -> Vec<Value> {
-    let (ok, out, err) = interceptor(&[
-        "audit",
-        "tail",
-        "--spool",
-        dir.to_str().unwrap(),
-        "-n",
-        "100000",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    out.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// Statement rows of one session, once `n` of them are in the spool (the
-/// writer batches; it is not instant).
-fn statements(dir: &Path, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let rows: Vec<Value> = events(dir)
-            .into_iter()
-            .filter_map(|e| e.get("Statement").cloned())
-            .collect();
-        if rows.len() >= n || Instant::now() > deadline {
-            return rows;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn statements_decisions_and_results_are_recorded_and_chained() {

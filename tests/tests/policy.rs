@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use interceptor_tests::audit;
 use interceptor_tests::corpus::messages;
 use interceptor_tests::pg::{self, PgCluster};
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
@@ -435,6 +436,14 @@ fn results_over_the_identitys_row_and_byte_caps_are_cut_with_54000() {
     // The session goes on: the server itself never failed.
     let r = c.query("SELECT 'still here'").unwrap();
     assert_eq!(rows(&r), 1);
+    // The audit records what the client got: 5 rows and 54000, not the
+    // server's 1000 rows and success.
+    let audited = audit::statements(&audit::spool(&proxy), 4);
+    let got: Vec<(u64, &str)> = audited
+        .iter()
+        .map(|r| (r["rows"].as_u64().unwrap(), r["sqlstate"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(5, "54000"), (5, ""), (5, "54000"), (1, "")]);
     // The extended protocol, in text and binary.
     for binary in [false, true] {
         let r = extended(

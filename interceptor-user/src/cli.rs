@@ -53,10 +53,22 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Read the audit trail from the local spool.
+    /// The audit trail: read it (from the local spool, or ClickHouse when
+    /// configured), verify its hash chains, and create its tables.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+    /// Print a session's transcript: who, from where, then every
+    /// statement with its decision, rule, rows, masked values, SQLSTATE
+    /// and duration. Reads ClickHouse (when configured) and the spool's
+    /// events not yet shipped.
+    Replay {
+        #[command(flatten)]
+        spool: SpoolLocation,
+        /// The session's audit id, as `audit tail` shows it.
+        #[arg(value_name = "SESSION")]
+        session: uuid::Uuid,
     },
     /// Run a CI step with its database connections intercepted.
     ///
@@ -173,12 +185,72 @@ pub enum AuditCommand {
     },
     /// Check a session's tamper-evident hash chain: every statement row
     /// present (1, 2, 3...), unchanged, and in order. Exits 1 if not.
+    /// Reads ClickHouse (when configured) and the spool.
     Verify {
         #[command(flatten)]
         spool: SpoolLocation,
         /// The session's audit id.
         #[arg(value_name = "SESSION")]
         session: uuid::Uuid,
+    },
+    /// Find statement rows. Without ClickHouse the spool is the store and
+    /// is searched locally; with `[audit.clickhouse]` the query runs there
+    /// (events reach it within `flush_interval`).
+    Query {
+        #[command(flatten)]
+        spool: SpoolLocation,
+        /// Only this session.
+        #[arg(long, value_name = "ID")]
+        session: Option<uuid::Uuid>,
+        /// Only this principal (as `audit tail` shows it).
+        #[arg(long, value_name = "NAME")]
+        principal: Option<String>,
+        /// Only this decision: allow, deny, hold or unchecked.
+        #[arg(long, value_name = "DECISION")]
+        decision: Option<String>,
+        /// Only statements that touched this table.
+        #[arg(long, value_name = "TABLE")]
+        table: Option<String>,
+        /// Only the last DURATION ("1h", "30m", "7d").
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// At most this many rows, the newest.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Run this SQL on ClickHouse instead and print its result (see
+        /// docs/analysts.md for the views and example queries).
+        #[arg(long, value_name = "SQL", conflicts_with_all = ["session", "principal", "decision", "table", "since"])]
+        sql: Option<String>,
+        /// The output format for --sql: any ClickHouse format.
+        #[arg(long, default_value = "PrettyCompactMonoBlock", requires = "sql")]
+        format: String,
+        /// One JSON object per line.
+        #[arg(long, conflicts_with = "sql")]
+        json: bool,
+    },
+    /// Create the ClickHouse database, tables and views the audit trail
+    /// needs (what is missing; nothing is dropped). The DDL works on
+    /// ClickHouse 18.16; a server from 20.5 on also gets LowCardinality,
+    /// a DateTime64 column, ZSTD on statement text and a TTL.
+    Init {
+        /// The daemon's configuration file, with `[audit.clickhouse]`.
+        #[arg(
+            long,
+            short,
+            value_name = "FILE",
+            env = "INTERCEPTOR_CONFIG",
+            required_unless_present = "print"
+        )]
+        config: Option<PathBuf>,
+        /// Print the DDL instead of running it.
+        #[arg(long)]
+        print: bool,
+        /// With --print: the server version to write it for.
+        #[arg(long, value_name = "X.Y", default_value = "18.16", requires = "print")]
+        server_version: String,
+        /// With --print: the database name.
+        #[arg(long, default_value = "interceptor", requires = "print")]
+        database: String,
     },
 }
 

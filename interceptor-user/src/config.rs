@@ -95,6 +95,79 @@ pub struct AuditConfig {
     /// Events that may wait for the spool writer before sessions wait.
     #[serde(default = "default_audit_queue")]
     pub queue: usize,
+    /// When the spool cannot be written (a full disk): `refuse` new
+    /// statements with SQLSTATE 53100 until it can again (fail closed, the
+    /// default), or `continue` serving them while events wait in memory,
+    /// with an error logged every few seconds.
+    #[serde(default)]
+    pub on_spool_failure: SpoolFailure,
+    /// Ship the spool to ClickHouse. Without it the spool is the store,
+    /// and `interceptor audit tail | query` read it locally.
+    pub clickhouse: Option<ClickHouseConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpoolFailure {
+    #[default]
+    Refuse,
+    Continue,
+}
+
+/// Where the audit trail is shipped. Spool segments are deleted once
+/// ClickHouse has acknowledged every event in them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// The HTTP(S) interface, like `http://127.0.0.1:8123`.
+    pub url: String,
+    #[serde(default = "default_clickhouse_database")]
+    pub database: String,
+    #[serde(default = "default_clickhouse_user")]
+    pub user: String,
+    /// The password, read from this file...
+    pub password_file: Option<PathBuf>,
+    /// ...or from this environment variable. Neither: no password.
+    pub password_env: Option<String>,
+    /// Most events sent in one INSERT.
+    #[serde(default = "default_clickhouse_batch")]
+    pub batch_rows: usize,
+    /// How often new events are shipped when fewer than a batch wait.
+    #[serde(default = "default_clickhouse_interval", with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Days of audit kept in ClickHouse: older daily partitions are
+    /// dropped once an hour. 0 keeps everything.
+    #[serde(default)]
+    pub retention_days: u32,
+    /// Create the database and tables at start-up when they are missing,
+    /// as `interceptor audit init` does. Off: they must exist already.
+    #[serde(default = "yes")]
+    pub create_tables: bool,
+}
+
+impl ClickHouseConfig {
+    pub fn password(&self) -> Option<SecretRef> {
+        (self.password_file.is_some() || self.password_env.is_some()).then(|| SecretRef {
+            file: self.password_file.clone(),
+            env: self.password_env.clone(),
+        })
+    }
+}
+
+fn default_clickhouse_database() -> String {
+    "interceptor".into()
+}
+
+fn default_clickhouse_user() -> String {
+    "default".into()
+}
+
+fn default_clickhouse_batch() -> usize {
+    100_000
+}
+
+fn default_clickhouse_interval() -> Duration {
+    Duration::from_secs(1)
 }
 
 impl Default for AuditConfig {
@@ -106,6 +179,8 @@ impl Default for AuditConfig {
             fsync_interval: default_fsync_interval(),
             segment_bytes: default_segment_bytes(),
             queue: default_audit_queue(),
+            on_spool_failure: SpoolFailure::default(),
+            clickhouse: None,
         }
     }
 }
@@ -603,6 +678,14 @@ impl Config {
             if let Some(d) = &mut config.audit.spool_dir {
                 relative_to_config(d);
             }
+            if let Some(f) = config
+                .audit
+                .clickhouse
+                .as_mut()
+                .and_then(|c| c.password_file.as_mut())
+            {
+                relative_to_config(f);
+            }
             if let Some(o) = &mut config.oidc {
                 for i in &mut o.get_mut().issuers {
                     if let Some(ca) = &mut i.ca_file {
@@ -663,6 +746,41 @@ impl Config {
                         format!("includes the interception port {loopback} itself"),
                     ));
                 }
+            }
+        }
+        if let Some(ch) = &self.audit.clickhouse {
+            let at = text.find("[audit.clickhouse]").unwrap_or(0);
+            let plain = |s: &str| {
+                !s.is_empty()
+                    && !s.starts_with(|c: char| c.is_ascii_digit())
+                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            };
+            if !plain(&ch.database) {
+                return Err(invalid(
+                    at,
+                    "audit.clickhouse.database".into(),
+                    format!(
+                        "{:?} is not a plain name: use letters, digits and _",
+                        ch.database
+                    ),
+                ));
+            }
+            if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
+                return Err(invalid(
+                    at,
+                    "audit.clickhouse.url".into(),
+                    format!(
+                        "{:?} is not ClickHouse's HTTP interface: give http://HOST:8123 or https://HOST:8443",
+                        ch.url
+                    ),
+                ));
+            }
+            if ch.batch_rows == 0 {
+                return Err(invalid(
+                    at,
+                    "audit.clickhouse.batch_rows".into(),
+                    "must not be 0".into(),
+                ));
             }
         }
         let mut seen_listen = HashSet::new();

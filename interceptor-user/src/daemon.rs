@@ -15,6 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::audit::shipper::Shipper;
 use crate::audit::{Auditor, Event, now_us};
 use crate::config::{Config, Intercept};
 use crate::intercept;
@@ -139,6 +140,22 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
         warn!("audit is off ([audit] enabled = false): sessions and statements are not recorded");
         None
     };
+    let shipper = match (&audit, &runtime.config.audit.clickhouse) {
+        (Some(_), Some(ch)) => {
+            let password = match ch.password() {
+                Some(r) => Some(
+                    r.load()
+                        .map_err(|e| anyhow::anyhow!("[audit.clickhouse] password: {e}"))?,
+                ),
+                None => None,
+            };
+            let shipper = Shipper::prepare(&runtime.config.audit_dir(), ch, password)
+                .await
+                .context("cannot ship the audit trail to ClickHouse")?;
+            Some(shipper.spawn().context("cannot start the audit shipper")?)
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared::new(runtime, phase_rx, audit));
     let sessions =
         Arc::new(SessionThreads::start(threads).context("cannot start session threads")?);
@@ -220,6 +237,8 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
         .await;
         a.close().await;
     }
+    // After the spool is closed, so its last pass ships everything.
+    drop(shipper);
     info!("stopped");
     Ok(())
 }

@@ -33,6 +33,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Replay { spool, session } => {
+            match audit_source(spool).and_then(|s| interceptor::audit::cli::replay(&s, session)) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("interceptor: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Audit { command } => match audit(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -176,25 +188,104 @@ fn raise_fd_limit() {
     }
 }
 
+/// The spool, and ClickHouse if the config names one.
+fn audit_source(
+    l: interceptor::cli::SpoolLocation,
+) -> anyhow::Result<interceptor::audit::cli::Source> {
+    match (l.spool, l.config) {
+        (Some(dir), _) => Ok(interceptor::audit::cli::Source {
+            dir,
+            clickhouse: None,
+        }),
+        (None, Some(c)) => {
+            let config = Config::load(&c)?;
+            let clickhouse = match config.audit.clickhouse.clone() {
+                Some(ch) => {
+                    let password = clickhouse_password(&ch)?;
+                    Some((ch, password))
+                }
+                None => None,
+            };
+            Ok(interceptor::audit::cli::Source {
+                dir: config.audit_dir(),
+                clickhouse,
+            })
+        }
+        (None, None) => anyhow::bail!("say which audit trail: --config FILE or --spool DIR"),
+    }
+}
+
+fn clickhouse_password(
+    ch: &interceptor::config::ClickHouseConfig,
+) -> anyhow::Result<Option<interceptor::config::Secret>> {
+    ch.password()
+        .map(|r| r.load())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("[audit.clickhouse] password: {e}"))
+}
+
 fn audit(command: interceptor::cli::AuditCommand) -> anyhow::Result<()> {
     use interceptor::audit::cli;
-    use interceptor::cli::{AuditCommand, SpoolLocation};
-    let dir = |l: SpoolLocation| -> anyhow::Result<std::path::PathBuf> {
-        match (l.spool, l.config) {
-            (Some(d), _) => Ok(d),
-            (None, Some(c)) => Ok(Config::load(&c)?.audit_dir()),
-            (None, None) => anyhow::bail!("say which spool: --config FILE or --spool DIR"),
-        }
-    };
+    use interceptor::cli::AuditCommand;
     match command {
         AuditCommand::Tail {
             spool,
             lines,
             session,
             json,
-        } => cli::tail(&dir(spool)?, lines, session, json),
+        } => cli::tail(&audit_source(spool)?.dir, lines, session, json),
         AuditCommand::Verify { spool, session } => {
-            println!("{}", cli::verify(&dir(spool)?, session)?);
+            println!("{}", cli::verify(&audit_source(spool)?, session)?);
+            Ok(())
+        }
+        AuditCommand::Query {
+            spool,
+            session,
+            principal,
+            decision,
+            table,
+            since,
+            limit,
+            sql,
+            format,
+            json,
+        } => {
+            let source = audit_source(spool)?;
+            match sql {
+                Some(sql) => cli::query_sql(&source, &sql, &format),
+                None => {
+                    let filter = cli::Filter {
+                        session,
+                        principal,
+                        decision,
+                        table,
+                        since,
+                    };
+                    cli::query(&source, &filter, limit, json)
+                }
+            }
+        }
+        AuditCommand::Init {
+            config,
+            print,
+            server_version,
+            database,
+        } => {
+            if print {
+                print!("{}", cli::print_ddl(&server_version, &database)?);
+                return Ok(());
+            }
+            let Some(path) = config else {
+                anyhow::bail!("say which config: --config FILE (with [audit.clickhouse])");
+            };
+            let config = Config::load(&path)?;
+            let Some(ch) = &config.audit.clickhouse else {
+                anyhow::bail!(
+                    "{} has no [audit.clickhouse] section: nothing to initialise",
+                    path.display()
+                );
+            };
+            println!("{}", cli::init(ch, clickhouse_password(ch)?)?);
             Ok(())
         }
     }

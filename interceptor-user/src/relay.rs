@@ -13,14 +13,15 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tracing::warn;
 
-use crate::audit::Auditor;
 use crate::audit::session::{BackendAudit, FrontendAudit, SessionAudit, StatementInfo};
+use crate::audit::{Auditor, SpoolGate};
 use crate::config::Limits;
 use crate::enforce::{Action, Enforcer};
 use crate::limits::{CapAction, ResultCap};
 use crate::protocol::backend::{BackendMessage, TransactionStatus};
-use crate::protocol::build::ProxyError;
+use crate::protocol::build::{self, ProxyError};
 use crate::protocol::frontend::{FrontendMessage, Target};
 use crate::protocol::{FrameHeader, ProtocolError, next_frame};
 use crate::runtime::{Phase, Shared};
@@ -59,6 +60,11 @@ struct FrontendState {
     stats: Stats,
     enforcer: Option<Enforcer>,
     audit: Option<FrontendAudit>,
+    /// Closed while the audit spool cannot be written, when statements
+    /// are then refused (`on_spool_failure = "refuse"`).
+    spool_gate: Option<SpoolGate>,
+    /// How the spool gate decided the current message, for its audit row.
+    gated: Option<StatementInfo>,
 }
 
 impl FrontendState {
@@ -72,10 +78,44 @@ impl FrontendState {
         }
     }
 
+    /// Fails closed while the spool cannot be written: a Query or Parse
+    /// becomes one that raises 53100, so nothing runs unaudited.
+    fn gate(&mut self, msg: &FrontendMessage<'_>) -> Option<BytesMut> {
+        if self.spool_gate.as_ref().is_none_or(SpoolGate::open) {
+            return None;
+        }
+        let (sql, replaced) = match msg {
+            FrontendMessage::Query { sql } => (*sql, None),
+            FrontendMessage::Parse(p) => (p.sql, Some(p.name)),
+            _ => return None,
+        };
+        let refusal = policies::Refusal {
+            sqlstate: "53100",
+            message: "interceptor: statement refused: the audit spool cannot be written (disk full?), and statements that cannot be audited do not run".into(),
+            hint: Some("Free space where the audit spool is; statements run again as soon as it can be written.".into()),
+            rule: None,
+            held: false,
+        };
+        warn!("statement refused: the audit spool cannot be written");
+        self.gated = Some(StatementInfo {
+            decision: "deny".into(),
+            rule: "audit-spool-unwritable".into(),
+            ..StatementInfo::unchecked(sql)
+        });
+        let raise = crate::enforce::raise_sql(&refusal);
+        Some(match replaced {
+            None => build::query(&raise),
+            Some(name) => build::parse(name, &raise),
+        })
+    }
+
     /// Opens audit rows; after the enforcer has seen `msg`.
     fn audit(&mut self, msg: &FrontendMessage<'_>) {
         let Some(a) = &mut self.audit else { return };
-        let checked = self.enforcer.as_mut().and_then(Enforcer::take_last);
+        let checked = self
+            .gated
+            .take()
+            .or_else(|| self.enforcer.as_mut().and_then(Enforcer::take_last));
         match msg {
             FrontendMessage::Query { sql } => {
                 a.query(checked.unwrap_or_else(|| StatementInfo::unchecked(sql)))
@@ -291,12 +331,16 @@ where
         let (used, verdict) = complete_frames(buf, max, |frame| {
             let msg = FrontendMessage::parse(frame)?;
             state.observe(&msg);
-            match &mut state.enforcer {
-                Some(enforcer) => match enforcer.inspect(&msg) {
-                    Action::Replace(bytes) => edits.replace(buf, frame.len(), Some(&bytes)),
-                    Action::Forward => edits.keep(frame.len()),
-                },
-                None => edits.keep(frame.len()),
+            if let Some(bytes) = state.gate(&msg) {
+                edits.replace(buf, frame.len(), Some(&bytes));
+            } else {
+                match &mut state.enforcer {
+                    Some(enforcer) => match enforcer.inspect(&msg) {
+                        Action::Replace(bytes) => edits.replace(buf, frame.len(), Some(&bytes)),
+                        Action::Forward => edits.keep(frame.len()),
+                    },
+                    None => edits.keep(frame.len()),
+                }
             }
             state.audit(&msg);
             Ok(!matches!(msg, FrontendMessage::Terminate))
@@ -444,12 +488,14 @@ pub async fn run(
         cap: enforcer.as_ref().and_then(Enforcer::result_cap),
         audit: audit.clone().map(BackendAudit::new),
     };
+    let auditor = shared.audit.as_ref();
     let mut front_state = FrontendState {
         stats: Stats::default(),
         enforcer,
+        spool_gate: audit.as_ref().and(auditor).and_then(Auditor::refusal_gate),
         audit: audit.map(FrontendAudit::new),
+        gated: None,
     };
-    let auditor = shared.audit.as_ref();
     let max = limits.max_message_size as usize;
 
     let outcome = {

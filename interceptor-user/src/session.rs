@@ -74,7 +74,7 @@ pub async fn serve(
     let audit = match &shared.audit {
         Some(auditor) => {
             let start = session_start(&session, &client, peer, &arrival, arrived);
-            let audit = Arc::new(SessionAudit::new(start.session));
+            let audit = Arc::new(SessionAudit::new(start.session, start.principal.clone()));
             span.in_scope(|| info!(audit_session = %start.session, "audited"));
             auditor.record(Event::SessionStart(Box::new(start))).await;
             Some(audit)

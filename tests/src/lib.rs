@@ -6,6 +6,7 @@
 //! way.
 
 pub mod audit;
+pub mod clickhouse;
 #[path = "../corpus/corpus.rs"]
 pub mod corpus;
 pub mod intercept;

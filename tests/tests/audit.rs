@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use interceptor_tests::audit::{events, interceptor, spool, statements};
 use interceptor_tests::pg;
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
-use interceptor_tests::wire::{RawClient, frame};
+use interceptor_tests::wire::{RawClient, first_error, frame};
 use interceptor_tests::workspace_root;
 use serde_json::Value;
 
@@ -243,4 +243,172 @@ fn a_torn_spool_tail_is_cut_on_restart_and_nothing_before_it_is_lost() {
         .filter_map(|e| e.get("Statement").cloned())
         .collect();
     assert_eq!(after, before);
+}
+
+/// A tmpfs of `size` mounted on a temp dir, unmounted when dropped: a
+/// disk that fills up.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::Builder::new()
+            .prefix("interceptor-full-")
+            .tempdir()
+            .unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .expect("mount a tmpfs (root only)");
+        SmallDisk { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Fills the disk up: writes until the write fails.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path().join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.path().join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn full_disk_proxy(disk: &SmallDisk, extra: &str) -> Proxy {
+    Proxy::start(
+        pg::shared(),
+        ProxyOptions {
+            client_tls: false,
+            sections: vec![format!(
+                "[audit]\nspool_dir = \"{}\"\n{extra}\n",
+                disk.path().join("spool").display()
+            )],
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Runs `SELECT n` until `until` says stop; returns how many ran, and the
+/// first error.
+fn run_until(
+    c: &mut RawClient,
+    max: usize,
+    mut until: impl FnMut(&Option<(String, String)>) -> bool,
+) -> (usize, Option<(String, String)>) {
+    for i in 0..max {
+        let r = c.query(&format!("SELECT {i}")).unwrap();
+        let err = interceptor_tests::wire::first_error(&r);
+        if until(&err) {
+            return (i + 1, err);
+        }
+    }
+    (max, None)
+}
+
+/// Every statement of the one session in the spool, 1..n with no gap.
+fn session_rows_complete(dir: &Path, n: usize) {
+    let rows = statements(dir, n);
+    assert_eq!(rows.len(), n);
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64 + 1);
+    }
+}
+
+#[test]
+fn a_full_spool_disk_refuses_statements_with_53100_until_there_is_room() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a small tmpfs to fill needs root (CI runs as root)");
+        return;
+    }
+    let disk = SmallDisk::mount("1m");
+    let proxy = full_disk_proxy(&disk, "");
+    let (mut c, _) = RawClient::login(proxy.port, "postgres", "postgres").unwrap();
+    c.query("SELECT 'before'").unwrap();
+    disk.fill();
+    // The first write that fails closes the gate; statements after it are
+    // refused, not run.
+    let (ran, err) = run_until(&mut c, 5000, |e| e.is_some());
+    let (code, msg) = err.expect("no statement refused with the disk full");
+    assert_eq!(code, "53100", "{msg}");
+    assert!(msg.contains("audit spool cannot be written"), "{msg}");
+    let r = c.query("SELECT 'refused too'").unwrap();
+    assert_eq!(first_error(&r).map(|e| e.0).as_deref(), Some("53100"));
+    disk.free();
+    // Room again: statements run again once the held events are written.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = 0;
+    loop {
+        after += 1;
+        let r = c.query("SELECT 'after'").unwrap();
+        if first_error(&r).is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused after the disk was freed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.send(&frame(b'X', b"")).unwrap();
+    drop(c);
+    // Nothing lost: every statement, run or refused, has its row.
+    let dir = disk.path().join("spool");
+    session_rows_complete(&dir, 1 + ran + 1 + after);
+    let rows = statements(&dir, 1 + ran + 1 + after);
+    assert_eq!(rows[ran]["decision"], "deny");
+    assert_eq!(rows[ran]["rule"], "audit-spool-unwritable");
+    assert_eq!(rows[ran]["sqlstate"], "53100");
+    let log = proxy.log();
+    assert!(log.contains("audit spool write failed"), "{log}");
+    assert!(log.contains("audit spool is writable again"), "{log}");
+}
+
+#[test]
+fn with_on_spool_failure_continue_a_full_disk_is_loud_but_statements_run_and_nothing_is_lost() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: mounting a small tmpfs to fill needs root (CI runs as root)");
+        return;
+    }
+    let disk = SmallDisk::mount("1m");
+    let proxy = full_disk_proxy(&disk, "on_spool_failure = \"continue\"");
+    let (mut c, _) = RawClient::login(proxy.port, "postgres", "postgres").unwrap();
+    disk.fill();
+    let mut ran = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !proxy.log().contains("audit spool write failed") {
+        let (n, err) = run_until(&mut c, 50, |e| e.is_some());
+        assert!(err.is_none(), "refused: {err:?}");
+        ran += n;
+        assert!(Instant::now() < deadline, "the spool never failed");
+    }
+    let (n, err) = run_until(&mut c, 200, |e| e.is_some());
+    assert!(err.is_none(), "refused while degraded: {err:?}");
+    ran += n;
+    disk.free();
+    c.send(&frame(b'X', b"")).unwrap();
+    drop(c);
+    session_rows_complete(&disk.path().join("spool"), ran);
+    assert!(
+        proxy
+            .log()
+            .contains("statements go on (on_spool_failure = \"continue\")")
+    );
 }

@@ -21,6 +21,9 @@ const APT: &[&str] = &[
     "python3-venv",
     "xz-utils",
     "bzip2",
+    // The audit trail's warehouse: the harness starts a private instance.
+    "clickhouse-server",
+    "clickhouse-client",
     // The test OIDC issuer makes its RSA key with openssl (ring can't).
     "openssl",
 ];

@@ -1,6 +1,8 @@
 //! What the audit trail records. Events are written to the spool as
-//! bincode and read back by `interceptor audit` (and, later, shipped to
-//! ClickHouse); a field added here is added at the end of its struct.
+//! bincode, read back by `interceptor audit`, and shipped to ClickHouse,
+//! where [`StatementRow`] and [`SessionEnd`] are rows as they are (their
+//! fields are the tables' columns, in order; see `warehouse.rs`). A field
+//! added here is added at the end of its struct, and to the table.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -75,8 +77,9 @@ pub struct SessionStart {
     pub login_us: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
 pub struct SessionEnd {
+    #[serde(with = "clickhouse::serde::uuid")]
     pub session: Uuid,
     pub ts_us: i64,
     pub outcome: String,
@@ -88,13 +91,17 @@ pub struct SessionEnd {
 
 /// One client request: a simple Query (which may hold several statements)
 /// or an Execute of a prepared statement's portal.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
 pub struct StatementRow {
+    #[serde(with = "clickhouse::serde::uuid")]
     pub session: Uuid,
     /// 1, 2, 3... within the session, in the order the client sent them.
     pub seq: u64,
     /// When the proxy received it, µs since the Unix epoch.
     pub ts_us: i64,
+    /// The session's principal, as in its start event: "who" without a
+    /// join.
+    pub principal: String,
     pub text: String,
     pub fingerprint: u64,
     /// The riskiest kind among its statements; empty without a policy.

@@ -10,7 +10,9 @@
 pub mod cli;
 pub mod event;
 pub mod session;
+pub mod shipper;
 pub mod spool;
+pub mod warehouse;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,10 +25,12 @@ use tracing::{error, info, warn};
 
 pub use event::{Event, SessionEnd, SessionStart, StatementRow, now_us};
 
-use crate::config::{AuditConfig, Fsync};
+use crate::config::{AuditConfig, Fsync, SpoolFailure};
 
 /// A batch is written once it reaches this size, even if more is queued.
 const BATCH_BYTES: usize = 1 << 20;
+/// Most event bytes held in memory while the spool cannot be written.
+const HOLD_BYTES: usize = 256 << 20;
 
 enum Msg {
     Event(Event),
@@ -36,6 +40,7 @@ enum Msg {
 pub struct Auditor {
     tx: mpsc::Sender<Msg>,
     healthy: Arc<AtomicBool>,
+    on_failure: SpoolFailure,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
     dir: PathBuf,
 }
@@ -65,6 +70,7 @@ impl Auditor {
             fsync: config.fsync,
             interval: config.fsync_interval,
             healthy: healthy.clone(),
+            on_failure: config.on_spool_failure,
         };
         let handle = std::thread::Builder::new()
             .name("interceptor-audit".into())
@@ -72,6 +78,7 @@ impl Auditor {
         Ok(Auditor {
             tx,
             healthy,
+            on_failure: config.on_spool_failure,
             writer: std::sync::Mutex::new(Some(handle)),
             dir: dir.to_owned(),
         })
@@ -94,6 +101,12 @@ impl Auditor {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// What sessions check before each statement, when they are to refuse
+    /// statements that could not be audited.
+    pub fn refusal_gate(&self) -> Option<SpoolGate> {
+        (self.on_failure == SpoolFailure::Refuse).then(|| SpoolGate(self.healthy.clone()))
+    }
+
     /// Writes and fsyncs everything queued so far, then stops the writer.
     pub async fn close(&self) {
         let _ = self.tx.send(Msg::Stop).await;
@@ -104,35 +117,56 @@ impl Auditor {
     }
 }
 
+/// Open while the spool can be written.
+#[derive(Clone)]
+pub struct SpoolGate(Arc<AtomicBool>);
+
+impl SpoolGate {
+    pub fn open(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 struct Writer {
     rx: mpsc::Receiver<Msg>,
     spool: spool::SpoolWriter,
     fsync: Fsync,
     interval: Duration,
     healthy: Arc<AtomicBool>,
+    on_failure: SpoolFailure,
 }
 
 impl Writer {
     fn run(mut self) {
+        // Only for waiting on the queue with a timeout.
+        let clock = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                error!("audit writer cannot start its timer ({e}); events are not recorded");
+                return;
+            }
+        };
         let mut buf = Vec::with_capacity(BATCH_BYTES + 4096);
         let mut dirty = false;
         let mut last_sync = Instant::now();
         loop {
+            // Events are written as soon as they arrive (so a killed
+            // daemon loses only what is still queued); only the fsync
+            // waits, for up to `interval` after the last one.
             let first = if dirty {
-                match self.rx.try_recv() {
-                    Ok(m) => m,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        let wait = self.interval.saturating_sub(last_sync.elapsed());
-                        if wait.is_zero() {
-                            self.sync();
-                            dirty = false;
-                            last_sync = Instant::now();
-                        } else {
-                            std::thread::sleep(wait);
-                        }
+                let wait = self.interval.saturating_sub(last_sync.elapsed());
+                let rx = &mut self.rx;
+                match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                    Ok(m) => m.unwrap_or(Msg::Stop),
+                    Err(_) => {
+                        self.sync();
+                        dirty = false;
+                        last_sync = Instant::now();
                         continue;
                     }
-                    Err(mpsc::error::TryRecvError::Disconnected) => Msg::Stop,
                 }
             } else {
                 self.rx.blocking_recv().unwrap_or(Msg::Stop)
@@ -150,7 +184,7 @@ impl Writer {
                 }
             }
             if !buf.is_empty() {
-                self.write(&buf, stop);
+                self.write(&mut buf, &mut stop);
                 buf.clear();
                 match self.fsync {
                     Fsync::Always => {
@@ -172,30 +206,59 @@ impl Writer {
         }
     }
 
-    /// Retries until the batch is written: events are never dropped for a
-    /// full disk. At shutdown it gives up after a few seconds, loudly.
-    fn write(&mut self, frames: &[u8], stopping: bool) {
+    /// Retries until the frames are written: events are never dropped for
+    /// a full disk. While it fails, events keep coming off the queue into
+    /// memory (up to [`HOLD_BYTES`], then sessions wait on the queue), so
+    /// that `on_spool_failure = "continue"` keeps statements flowing; the
+    /// session side refuses statements meanwhile under "refuse". At
+    /// shutdown it gives up after a few seconds, loudly.
+    fn write(&mut self, frames: &mut Vec<u8>, stop: &mut bool) {
         let started = Instant::now();
+        let mut logged = started;
         loop {
             match self.spool.append(frames) {
                 Ok(()) => {
                     if !self.healthy.swap(true, Ordering::Relaxed) {
-                        info!("audit spool is writable again");
+                        info!(
+                            "audit spool is writable again after {:.1} s; {} bytes of held events written",
+                            started.elapsed().as_secs_f64(),
+                            frames.len()
+                        );
                     }
                     return;
                 }
                 Err(e) => {
                     if self.healthy.swap(false, Ordering::Relaxed) {
                         error!(
-                            "audit spool write failed: {e}; retrying, with events held in memory until it succeeds"
+                            "audit spool write failed: {e}; events are held in memory and retried{}",
+                            match self.on_failure {
+                                SpoolFailure::Refuse =>
+                                    "; new statements are refused (SQLSTATE 53100) until it can be written",
+                                SpoolFailure::Continue =>
+                                    "; statements go on (on_spool_failure = \"continue\")",
+                            }
+                        );
+                    } else if logged.elapsed() > Duration::from_secs(10) {
+                        logged = Instant::now();
+                        error!(
+                            "audit spool still cannot be written after {} s ({e}); {} bytes of events held in memory",
+                            started.elapsed().as_secs(),
+                            frames.len()
                         );
                     }
-                    if stopping && started.elapsed() > Duration::from_secs(5) {
+                    if *stop && started.elapsed() > Duration::from_secs(5) {
                         error!(
                             "audit spool still cannot be written at shutdown ({e}); {} bytes of audit events are lost",
                             frames.len()
                         );
                         return;
+                    }
+                    while !*stop && frames.len() < HOLD_BYTES {
+                        match self.rx.try_recv() {
+                            Ok(Msg::Event(ev)) => spool::encode_frame(&ev, frames),
+                            Ok(Msg::Stop) => *stop = true,
+                            Err(_) => break,
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }

@@ -59,13 +59,15 @@ struct Open {
 /// Shared by the two directions of one relay.
 pub struct SessionAudit {
     pub session: Uuid,
+    principal: String,
     queue: Mutex<VecDeque<Entry>>,
 }
 
 impl SessionAudit {
-    pub fn new(session: Uuid) -> Self {
+    pub fn new(session: Uuid, principal: String) -> Self {
         SessionAudit {
             session,
+            principal,
             queue: Mutex::new(VecDeque::new()),
         }
     }
@@ -267,6 +269,7 @@ impl BackendAudit {
             session: self.shared.session,
             seq: o.seq,
             ts_us: o.ts_us,
+            principal: self.shared.principal.clone(),
             text: info.text,
             fingerprint: info.fingerprint,
             kind: info.kind,
@@ -303,7 +306,7 @@ mod tests {
     }
 
     fn pair() -> (FrontendAudit, BackendAudit) {
-        let shared = Arc::new(SessionAudit::new(Uuid::nil()));
+        let shared = Arc::new(SessionAudit::new(Uuid::nil(), "test".into()));
         (
             FrontendAudit::new(shared.clone()),
             BackendAudit::new(shared),

@@ -15,7 +15,26 @@ use super::event::Event;
 
 const HEADER: usize = 8;
 /// Larger frames are corrupt: no event comes near this.
-const MAX_FRAME: usize = 64 << 20;
+pub const MAX_FRAME: usize = 64 << 20;
+
+/// A frame header's (payload length, CRC).
+pub fn frame_header(h: &[u8; HEADER]) -> (usize, u32) {
+    let [a, b, c, d, e, f, g, k] = *h;
+    (
+        u32::from_le_bytes([a, b, c, d]) as usize,
+        u32::from_le_bytes([e, f, g, k]),
+    )
+}
+
+/// The event in a frame's payload, if its CRC matches and it decodes.
+pub fn decode_frame(body: &[u8], crc: u32) -> Option<Event> {
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    bincode::serde::decode_from_slice::<Event, _>(body, bincode::config::standard())
+        .ok()
+        .map(|(e, _)| e)
+}
 
 /// Appends `event` as one frame to `out`.
 pub fn encode_frame(event: &Event, out: &mut Vec<u8>) {
@@ -46,20 +65,15 @@ pub fn read_segment(path: &Path) -> std::io::Result<Segment> {
     File::open(path)?.read_to_end(&mut data)?;
     let mut seg = Segment::default();
     let mut off = 0;
-    while data.len() - off >= HEADER {
-        let len = u32::from_le_bytes(data[off..off + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(data[off + 4..off + 8].try_into().expect("4 bytes"));
+    while let Some(header) = data.get(off..off + HEADER) {
+        let (len, crc) = frame_header(header.try_into().expect("HEADER bytes"));
         let body_end = off + HEADER + len;
         if len > MAX_FRAME || body_end > data.len() {
             break;
         }
-        let body = &data[off + HEADER..body_end];
-        if crc32fast::hash(body) != crc {
-            break;
-        }
-        match bincode::serde::decode_from_slice::<Event, _>(body, bincode::config::standard()) {
-            Ok((event, _)) => seg.events.push(event),
-            Err(_) => break,
+        match decode_frame(&data[off + HEADER..body_end], crc) {
+            Some(event) => seg.events.push(event),
+            None => break,
         }
         off = body_end;
     }

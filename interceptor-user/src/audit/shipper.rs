@@ -1,0 +1,472 @@
+//! Ships the spool to ClickHouse, oldest event first, and deletes a
+//! segment only once ClickHouse has acknowledged every event in it.
+//!
+//! How far shipping got is a cursor (segment, byte offset) in the file
+//! `shipped` next to the segments, written after each acknowledged batch.
+//! A crash between the acknowledgement and the cursor write sends that
+//! batch again; the tables' ReplacingMergeTree keys fold the copies into
+//! one row, and the analyst views read with FINAL.
+//!
+//! A segment is finished once a later one exists: the spool writer only
+//! starts a new segment after its last write to the old one. The shipper
+//! lists the segments before it reads, so what it reads of a segment it
+//! already knew to be finished is all there is.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::event::Event;
+use super::spool;
+use super::warehouse::{Batch, Warehouse, WarehouseError};
+use crate::config::{ClickHouseConfig, Secret};
+
+const CURSOR_FILE: &str = "shipped";
+/// Longest wait between attempts while ClickHouse is unreachable.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a continuing outage is logged again.
+const REPEAT_ERROR: Duration = Duration::from_secs(30);
+
+/// How far the spool has been shipped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl Cursor {
+    pub fn load(dir: &Path) -> std::io::Result<Cursor> {
+        let text = match std::fs::read_to_string(dir.join(CURSOR_FILE)) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Cursor::default()),
+            Err(e) => return Err(e),
+        };
+        let mut parts = text.split_whitespace().map(str::parse::<u64>);
+        match (parts.next(), parts.next()) {
+            (Some(Ok(segment)), Some(Ok(offset))) => Ok(Cursor { segment, offset }),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not `SEGMENT OFFSET`: {text:?}", CURSOR_FILE),
+            )),
+        }
+    }
+
+    /// Written to a new file and renamed over the old one, so a crash
+    /// leaves one or the other.
+    pub fn store(&self, dir: &Path) -> std::io::Result<()> {
+        let tmp = dir.join(format!("{CURSOR_FILE}.tmp"));
+        let mut f = File::create(&tmp)?;
+        writeln!(f, "{} {}", self.segment, self.offset)?;
+        f.sync_data()?;
+        std::fs::rename(&tmp, dir.join(CURSOR_FILE))?;
+        File::open(dir)?.sync_all()
+    }
+}
+
+/// Events read from the spool after a cursor.
+#[derive(Debug, Default)]
+pub struct Unshipped {
+    pub events: Vec<Event>,
+    /// Where the next read starts, once these are shipped.
+    pub next: Cursor,
+    /// Segments wholly read: deleted once these are shipped.
+    pub finished: Vec<PathBuf>,
+    /// Bytes of finished segments that were not whole frames (damage).
+    pub skipped: u64,
+}
+
+/// Reads up to `max` events after `from`.
+pub fn read_after(dir: &Path, from: Cursor, max: usize) -> std::io::Result<Unshipped> {
+    let segments = spool::segments(dir)?;
+    let mut out = Unshipped {
+        next: from,
+        ..Unshipped::default()
+    };
+    for (i, (index, path)) in segments.iter().enumerate() {
+        if *index < out.next.segment {
+            // Shipped, but its deletion was cut short.
+            out.finished.push(path.clone());
+            continue;
+        }
+        if *index > out.next.segment {
+            out.next = Cursor {
+                segment: *index,
+                offset: 0,
+            };
+        }
+        let (end, len) = read_frames(
+            path,
+            out.next.offset,
+            max - out.events.len(),
+            &mut out.events,
+        )?;
+        out.next.offset = end;
+        if out.events.len() >= max {
+            break;
+        }
+        let later = segments.get(i + 1).map(|(n, _)| *n);
+        match later {
+            Some(n) => {
+                out.skipped += len.saturating_sub(end);
+                out.finished.push(path.clone());
+                out.next = Cursor {
+                    segment: n,
+                    offset: 0,
+                };
+            }
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Appends whole frames from `offset` (at most `max`) to `out`; returns
+/// the offset after the last one read and the file's length.
+fn read_frames(
+    path: &Path,
+    offset: u64,
+    max: usize,
+    out: &mut Vec<Event>,
+) -> std::io::Result<(u64, u64)> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(offset))?;
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut at = offset;
+    let mut body = Vec::new();
+    for _ in 0..max {
+        let mut header = [0u8; 8];
+        if at + 8 > len || r.read_exact(&mut header).is_err() {
+            break;
+        }
+        let (n, crc) = spool::frame_header(&header);
+        if n > spool::MAX_FRAME || at + 8 + n as u64 > len {
+            break;
+        }
+        body.resize(n, 0);
+        if r.read_exact(&mut body).is_err() {
+            break;
+        }
+        match spool::decode_frame(&body, crc) {
+            Some(e) => out.push(e),
+            None => break,
+        }
+        at += 8 + n as u64;
+    }
+    Ok((at, len))
+}
+
+/// The shipping thread; stopped when dropped.
+pub struct ShipperHandle {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for ShipperHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub struct Shipper {
+    dir: PathBuf,
+    config: ClickHouseConfig,
+    password: Option<Secret>,
+    warehouse: Option<Warehouse>,
+    host: String,
+}
+
+impl Shipper {
+    /// Connects, creates what is missing (if configured to) and checks the
+    /// tables. Unreachable is not an error here: the spool holds the
+    /// events until ClickHouse is back. A table that does not match is.
+    pub async fn prepare(
+        dir: &Path,
+        config: &ClickHouseConfig,
+        password: Option<Secret>,
+    ) -> Result<Shipper, WarehouseError> {
+        let mut shipper = Shipper {
+            dir: dir.to_owned(),
+            config: config.clone(),
+            password,
+            warehouse: None,
+            host: nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+        };
+        match shipper.connect().await {
+            Ok(()) => {}
+            Err(e @ WarehouseError::Unreachable { .. }) => {
+                warn!("audit: {e}; events stay in the spool until it answers")
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(shipper)
+    }
+
+    async fn connect(&mut self) -> Result<(), WarehouseError> {
+        let w = Warehouse::connect(&self.config, self.password.as_ref()).await?;
+        if self.config.create_tables {
+            w.init(self.config.retention_days).await?;
+        } else {
+            w.check().await?;
+        }
+        info!(
+            url = w.url(),
+            database = %w.database,
+            server = %w.server,
+            "audit: shipping to ClickHouse"
+        );
+        self.warehouse = Some(w);
+        Ok(())
+    }
+
+    /// Runs on its own thread, so inserts never share a core's event loop
+    /// with sessions or the accept loop.
+    pub fn spawn(self) -> std::io::Result<ShipperHandle> {
+        let (stop, stopped) = watch::channel(false);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("interceptor-ship".into())
+            .spawn(move || rt.block_on(self.run(stopped)))?;
+        Ok(ShipperHandle {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut cursor = match Cursor::load(&self.dir) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(
+                    "audit: cannot read the shipping cursor ({e}); shipping the whole spool again (ClickHouse folds the copies)"
+                );
+                Cursor::default()
+            }
+        };
+        let mut backoff = Duration::from_millis(100);
+        let mut outage: Option<(Instant, Instant)> = None;
+        let mut last_retention = None::<Instant>;
+        loop {
+            if *stop.borrow() {
+                // The spool writer has closed: one last pass, so a clean
+                // stop leaves nothing behind while ClickHouse answers.
+                let last = tokio::time::timeout(Duration::from_secs(3), async {
+                    while let Ok(n) = self.ship_once(&mut cursor).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                });
+                let _ = last.await;
+                return;
+            }
+            let wait = match self.ship_once(&mut cursor).await {
+                Ok(shipped) => {
+                    if let Some((since, _)) = outage.take() {
+                        info!(
+                            "audit: ClickHouse answers again after {:.1} s; the spooled events are being shipped",
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                    backoff = Duration::from_millis(100);
+                    if self.config.retention_days > 0
+                        && last_retention.is_none_or(|t| t.elapsed() > Duration::from_secs(3600))
+                    {
+                        last_retention = Some(Instant::now());
+                        self.retention().await;
+                    }
+                    if shipped >= self.config.batch_rows {
+                        Duration::ZERO
+                    } else {
+                        self.config.flush_interval
+                    }
+                }
+                Err(e) => {
+                    let now = Instant::now();
+                    match &mut outage {
+                        None => {
+                            error!(
+                                "audit: cannot ship to ClickHouse: {e}; events stay in the spool and are retried"
+                            );
+                            outage = Some((now, now));
+                        }
+                        Some((since, logged)) if logged.elapsed() > REPEAT_ERROR => {
+                            error!(
+                                "audit: ClickHouse still failing after {} s: {e}",
+                                since.elapsed().as_secs()
+                            );
+                            *logged = now;
+                        }
+                        Some(_) => {}
+                    }
+                    if matches!(e, ShipError::Warehouse(WarehouseError::Unreachable { .. })) {
+                        self.warehouse = None;
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    backoff
+                }
+            };
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// Ships one batch; returns how many events it held.
+    async fn ship_once(&mut self, cursor: &mut Cursor) -> Result<usize, ShipError> {
+        if self.warehouse.is_none() {
+            self.connect().await?;
+        }
+        let dir = self.dir.clone();
+        let (from, max) = (*cursor, self.config.batch_rows.max(1));
+        let read = tokio::task::spawn_blocking(move || read_after(&dir, from, max))
+            .await
+            .map_err(|e| ShipError::Spool(std::io::Error::other(e)))?
+            .map_err(ShipError::Spool)?;
+        if read.skipped > 0 {
+            error!(
+                "audit spool: {} bytes of damaged frames skipped in finished segments",
+                read.skipped
+            );
+        }
+        let n = read.events.len();
+        if n > 0 {
+            let batch = Batch::new(read.events, &self.host);
+            if let Some(w) = &self.warehouse {
+                w.insert(&batch).await?;
+            }
+        }
+        if read.next != *cursor {
+            read.next.store(&self.dir).map_err(ShipError::Spool)?;
+            *cursor = read.next;
+        }
+        for path in &read.finished {
+            if let Err(e) = std::fs::remove_file(path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(segment = %path.display(), "audit: cannot delete a shipped segment: {e}");
+            }
+        }
+        Ok(n)
+    }
+
+    async fn retention(&self) {
+        let Some(w) = &self.warehouse else { return };
+        match w.drop_expired(self.config.retention_days).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                partitions = n,
+                days = self.config.retention_days,
+                "audit: dropped partitions past retention"
+            ),
+            Err(e) => warn!("audit: retention: {e}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ShipError {
+    #[error(transparent)]
+    Warehouse(#[from] WarehouseError),
+    #[error("reading the spool: {0}")]
+    Spool(std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::spool::{SpoolWriter, encode_frame};
+
+    fn stop(i: i64) -> Event {
+        Event::DaemonStop {
+            ts_us: i,
+            reason: format!("test {i}"),
+        }
+    }
+
+    fn append(w: &mut SpoolWriter, range: std::ops::Range<i64>) {
+        let mut buf = Vec::new();
+        for i in range {
+            buf.clear();
+            encode_frame(&stop(i), &mut buf);
+            w.append(&buf).unwrap();
+        }
+    }
+
+    fn ts(r: &Unshipped) -> Vec<i64> {
+        r.events.iter().map(Event::ts_us).collect()
+    }
+
+    #[test]
+    fn reads_resume_at_the_cursor_and_finish_segments_only_once_a_later_one_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = SpoolWriter::open(dir.path(), 200).unwrap();
+        append(&mut w, 0..5);
+        let first = read_after(dir.path(), Cursor::default(), 3).unwrap();
+        assert_eq!(ts(&first), [0, 1, 2]);
+        let rest = read_after(dir.path(), first.next, 100).unwrap();
+        assert_eq!(ts(&rest), (3..5).collect::<Vec<_>>());
+        let segments = spool::segments(dir.path()).unwrap();
+        assert!(segments.len() > 1, "rotated at 200 bytes");
+        // Every segment but the newest is finished.
+        assert_eq!(
+            rest.finished.len() + first.finished.len(),
+            segments.len() - 1
+        );
+        // Nothing new: nothing read, and the cursor stays.
+        let again = read_after(dir.path(), rest.next, 100).unwrap();
+        assert!(again.events.is_empty());
+        assert_eq!(again.next, rest.next);
+        // Written after the read: found by the next one.
+        append(&mut w, 5..7);
+        let more = read_after(dir.path(), rest.next, 100).unwrap();
+        assert_eq!(ts(&more), [5, 6]);
+    }
+
+    #[test]
+    fn a_half_written_frame_in_the_newest_segment_waits_for_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = SpoolWriter::open(dir.path(), 1 << 20).unwrap();
+        append(&mut w, 0..2);
+        let mut frame = Vec::new();
+        encode_frame(&stop(2), &mut frame);
+        let (half, rest) = frame.split_at(frame.len() / 2);
+        w.append(half).unwrap();
+        let r = read_after(dir.path(), Cursor::default(), 100).unwrap();
+        assert_eq!(ts(&r), [0, 1]);
+        assert!(r.finished.is_empty());
+        w.append(rest).unwrap();
+        let r = read_after(dir.path(), r.next, 100).unwrap();
+        assert_eq!(ts(&r), [2]);
+    }
+
+    #[test]
+    fn the_cursor_survives_a_round_trip_and_rejects_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Cursor::load(dir.path()).unwrap(), Cursor::default());
+        let c = Cursor {
+            segment: 7,
+            offset: 1234,
+        };
+        c.store(dir.path()).unwrap();
+        assert_eq!(Cursor::load(dir.path()).unwrap(), c);
+        std::fs::write(dir.path().join(CURSOR_FILE), "seven").unwrap();
+        assert!(Cursor::load(dir.path()).is_err());
+    }
+}

@@ -132,7 +132,7 @@ impl Enforcer {
         };
         let check = self.session.check(&policy, &analysis);
         if self.shared.audit.is_some() {
-            self.last = Some(audit_info(sql, &analysis, &check));
+            self.last = Some(audit_info(sql, &analysis, &check, &policy));
         }
         match check {
             Check::Allowed(rules) => {
@@ -217,9 +217,19 @@ fn audit_info(
     sql: &[u8],
     analysis: &policies::analysis::SharedAnalysis,
     check: &Check,
+    policy: &Policy,
 ) -> StatementInfo {
+    let text = String::from_utf8_lossy(sql);
+    let redact = match check {
+        Check::Allowed(rules) => rules.iter().any(|r| policy.redacts(r.as_deref())),
+        Check::Refused(r) => policy.redacts(r.rule.as_deref()),
+    };
     let mut info = StatementInfo {
-        text: String::from_utf8_lossy(sql).into_owned(),
+        text: if redact {
+            policies::redact_literals(&text)
+        } else {
+            text.into_owned()
+        },
         ..Default::default()
     };
     if let Ok(a) = analysis.as_ref() {

@@ -41,6 +41,12 @@ pub struct PolicyFile {
     /// in applies; where several set the same limit, the smallest wins.
     #[serde(default, rename = "limit")]
     pub limits: Vec<LimitSpec>,
+    /// Record statement texts in the audit trail with their literal values
+    /// replaced by `$1`, `$2`...: what ran stays visible, the values (which
+    /// may be personal data or secrets) do not. A rule's own
+    /// `redact_literals` overrides this for the statements it decides.
+    #[serde(default)]
+    pub redact_literals: bool,
 }
 
 /// Limits on what one identity may do.
@@ -172,6 +178,10 @@ pub struct RuleSpec {
     /// What the agent can do instead; shown as the error's HINT.
     #[serde(default)]
     pub hint: Option<String>,
+    /// Redact literals from the audited text of the statements this rule
+    /// decides (default: the policy's `redact_literals`).
+    #[serde(default)]
+    pub redact_literals: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
@@ -282,6 +292,7 @@ pub struct Policy {
     require_token: bool,
     /// Each `[[limit]]` with its groups resolved.
     limits: Vec<(Vec<usize>, LimitSpec)>,
+    redact_literals: bool,
 }
 
 /// Where a session stands: its principal's groups, target and database.
@@ -437,6 +448,7 @@ impl Policy {
             limits.push((ids, l.clone()));
         }
         Ok(Policy {
+            redact_literals: file.redact_literals,
             require_token: file.require_token,
             limits,
             source: origin.to_owned(),
@@ -467,6 +479,14 @@ impl Policy {
     /// Whether sessions must present a verified OIDC token.
     pub fn require_token(&self) -> bool {
         self.require_token
+    }
+
+    /// Whether the audit trail records a statement decided by `rule` (none:
+    /// the default decision) with its literals redacted.
+    pub fn redacts(&self, rule: Option<&str>) -> bool {
+        rule.and_then(|id| self.rules.iter().find(|r| &*r.id == id))
+            .and_then(|r| r.spec.redact_literals)
+            .unwrap_or(self.redact_literals)
     }
 
     /// The per-identity limits for a subject: the smallest of every

@@ -412,3 +412,44 @@ fn with_on_spool_failure_continue_a_full_disk_is_loud_but_statements_run_and_not
             .contains("statements go on (on_spool_failure = \"continue\")")
     );
 }
+
+#[test]
+fn literals_are_redacted_from_audited_text_as_the_policy_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\nredact_literals = true\n\n\
+         [[rule]]\nid = \"session\"\nkinds = [\"session\"]\ndecision = \"allow\"\nredact_literals = false\n\n\
+         [[rule]]\nid = \"reads\"\nkinds = [\"read\", \"transaction\"]\ndecision = \"allow\"\n",
+    )
+    .unwrap();
+    let _ = pg::shared().psql_admin("postgres", "CREATE ROLE agent LOGIN NOSUPERUSER");
+    let proxy = Proxy::start(
+        pg::shared(),
+        ProxyOptions {
+            client_tls: false,
+            policy: Some(policy),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (mut c, _) = RawClient::login(proxy.port, "agent", "postgres").unwrap();
+    c.query("SELECT 'ssn 123-45-6789' AS s, 42").unwrap();
+    c.query("SET application_name = 'visible'").unwrap();
+    // Refused by the default decision: redacted too.
+    let r = c
+        .query("DELETE FROM pg_class WHERE relname = 'secret'")
+        .unwrap();
+    assert!(first_error(&r).is_some());
+    let rows = statements(&spool(&proxy), 3);
+    let texts: Vec<&str> = rows.iter().map(|r| r["text"].as_str().unwrap()).collect();
+    assert_eq!(
+        texts,
+        [
+            "SELECT $1 AS s, $2",
+            "SET application_name = 'visible'",
+            "DELETE FROM pg_class WHERE relname = $1"
+        ]
+    );
+}

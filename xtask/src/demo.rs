@@ -4,6 +4,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use interceptor_tests::clickhouse::ClickHouse;
 use interceptor_tests::intercept::Interception;
 use interceptor_tests::oidc::{GHA_REQUEST_TOKEN, TestIssuer};
 use interceptor_tests::pg::{ADMIN_USER, PgCluster};
@@ -85,7 +86,7 @@ fn show(cmdline: &str, output: &str) {
     }
 }
 
-pub fn run(keep: bool) -> Result<()> {
+pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "the demo loads eBPF programs and moves processes between cgroups: run it as root (sudo -E cargo xtask demo)"
@@ -110,6 +111,20 @@ pub fn run(keep: bool) -> Result<()> {
         issuer.url
     );
 
+    let clickhouse = if with_clickhouse {
+        step("Starting a private ClickHouse (the audit trail's warehouse)");
+        let ch = ClickHouse::start().context("start ClickHouse")?;
+        println!(
+            "ClickHouse {} on 127.0.0.1:{} (HTTP; data in {})",
+            ch.query("SELECT version()")?.trim(),
+            ch.http_port,
+            ch.data_dir().display()
+        );
+        Some(ch)
+    } else {
+        None
+    };
+
     step("Starting interceptor with transparent interception");
     let ic = Interception::named("interceptor-demo");
     // A copy of the reference policy, so the demo can edit it live.
@@ -124,7 +139,14 @@ pub fn run(keep: bool) -> Result<()> {
             databases: vec!["app".into()],
             intercept: Some(ic.config_section()),
             policy: Some(policy_file.clone()),
-            sections: vec![issuer.config_section()],
+            sections: vec![match &clickhouse {
+                Some(ch) => format!(
+                    "{}\n[audit]\n\n{}",
+                    issuer.config_section(),
+                    ch.config_section("interceptor")
+                ),
+                None => issuer.config_section(),
+            }],
             ..Default::default()
         },
     )?;
@@ -442,10 +464,13 @@ pub fn run(keep: bool) -> Result<()> {
         &agent(&ic, &tls, &["-At", "-c", "SELECT 'still serving'"])?,
     );
 
-    step("The audit trail: every session and statement, spooled durably on local disk");
-    let audit = |args: &[&str]| -> Result<String> {
+    step(if clickhouse.is_some() {
+        "The audit trail: spooled durably on local disk, then shipped to ClickHouse"
+    } else {
+        "The audit trail: every session and statement, spooled durably on local disk"
+    });
+    let cli = |args: &[&str]| -> Result<String> {
         let out = Command::new(interceptor_tests::proxy::binary())
-            .arg("audit")
             .args(args)
             .arg("--config")
             .arg(&proxy.config_path)
@@ -458,9 +483,9 @@ pub fn run(keep: bool) -> Result<()> {
     };
     // The writer batches (fsync at most every 10 ms): give it a moment.
     std::thread::sleep(Duration::from_millis(200));
-    let tail = audit(&["tail", "-n", "14"])?;
+    let tail = cli(&["audit", "tail", "-n", "14"])?;
     show("interceptor audit tail -n 14", &tail);
-    let last_session = audit(&["tail", "--json", "-n", "100000"])?
+    let last_session = cli(&["audit", "tail", "--json", "-n", "100000"])?
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|e| {
@@ -470,10 +495,42 @@ pub fn run(keep: bool) -> Result<()> {
                 .map(str::to_owned)
         })
         .next_back();
-    if let Some(session) = last_session {
+    if let Some(ch) = &clickhouse {
+        // Shipped every 200 ms here (flush_interval); wait for the rows.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ch
+            .count("SELECT count() FROM interceptor.statements")
+            .unwrap_or(0)
+            == 0
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    if let Some(session) = &last_session {
         show(
             &format!("interceptor audit verify {session}"),
-            &audit(&["verify", &session])?,
+            &cli(&["audit", "verify", session])?,
+        );
+        show(
+            &format!("interceptor replay {session}"),
+            &cli(&["replay", session])?,
+        );
+    }
+    show(
+        "interceptor audit query --decision deny --limit 5",
+        &cli(&["audit", "query", "--decision", "deny", "--limit", "5"])?,
+    );
+    if clickhouse.is_some() {
+        let sql = "SELECT principal, decision, count() AS statements, sum(rows) AS rows_read \
+                   FROM interceptor.statements WHERE ts > now() - 3600 \
+                   GROUP BY principal, decision ORDER BY principal, decision";
+        show(
+            &format!(
+                "interceptor audit query --sql \"{sql}\"   (an analyst's question: who did what in the last hour)"
+            ),
+            &cli(&["audit", "query", "--sql", sql])?,
         );
     }
 

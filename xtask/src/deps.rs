@@ -260,12 +260,19 @@ fn version_of(pkg: &str) -> Option<String> {
 }
 
 /// What the demo needs: the eBPF toolchain and a PostgreSQL 15 server and
-/// client.
-pub fn ensure_demo() -> Result<()> {
+/// client; with `clickhouse`, a ClickHouse server and client too.
+pub fn ensure_demo(clickhouse: bool) -> Result<()> {
     ensure_bpf()?;
     ensure_libclang()?;
+    let ch: &[&str] = if clickhouse {
+        &["clickhouse-server", "clickhouse-client"]
+    } else {
+        &[]
+    };
     let missing: Vec<&str> = ["postgresql-15", "postgresql-client-15", "openssl"]
-        .into_iter()
+        .iter()
+        .chain(ch)
+        .copied()
         .filter(|p| !installed(p))
         .collect();
     if !missing.is_empty() {

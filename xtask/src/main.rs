@@ -1,6 +1,7 @@
 //! Developer commands. `cargo xtask --help` lists them.
 
 mod bench;
+mod bench_audit;
 mod bench_connect;
 mod bench_policy;
 mod demo;
@@ -39,6 +40,10 @@ enum Cmd {
         /// Keep everything running until Ctrl-C, for trying it by hand.
         #[arg(long)]
         keep: bool,
+        /// Also start a local ClickHouse, ship the audit trail to it, and
+        /// run an analyst query (installs clickhouse-server if missing).
+        #[arg(long)]
+        clickhouse: bool,
     },
     /// Run PostgreSQL 15's own regression suite directly and through the
     /// proxy, and diff the two results folders.
@@ -48,9 +53,11 @@ enum Cmd {
     /// memory, large results. `connect`: connect+first-query latency when
     /// intercepted, and what the eBPF programs cost per connect (root).
     /// `policy`: decision cost with cache hits and misses, and pgbench -S
-    /// with the reference policy on vs off.
+    /// with the reference policy on vs off. `audit`: spool appends/s, rows/s
+    /// into ClickHouse, and pgbench -S with audit off, spooled, and
+    /// shipped to ClickHouse.
     Bench {
-        /// Which benchmark: `proxy`, `connect` or `policy`.
+        /// Which benchmark: `proxy`, `connect`, `policy` or `audit`.
         name: String,
     },
     /// Run a cargo-fuzz target (nightly; installs cargo-fuzz once), seeded
@@ -134,10 +141,10 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Demo { keep } => {
-            deps::ensure_demo()?;
+        Cmd::Demo { keep, clickhouse } => {
+            deps::ensure_demo(clickhouse)?;
             build_daemon(false)?;
-            demo::run(keep)
+            demo::run(keep, clickhouse)
         }
         Cmd::Regress => {
             deps::ensure()?;
@@ -152,7 +159,10 @@ fn main() -> Result<()> {
                 "proxy" => bench::proxy(),
                 "connect" => bench_connect::run(),
                 "policy" => bench_policy::run(),
-                other => bail!("unknown benchmark `{other}`; available: proxy, connect, policy"),
+                "audit" => bench_audit::run(),
+                other => {
+                    bail!("unknown benchmark `{other}`; available: proxy, connect, policy, audit")
+                }
             }
         }
     }

@@ -1,0 +1,175 @@
+//! The audit path's own speed, for `cargo xtask bench audit` (run in a
+//! release build): spool appends per second (encoding and writing frames
+//! as the writer thread does, and end to end through the Auditor's
+//! queue), and, given a ClickHouse URL, rows per second shipped from a
+//! spool into ClickHouse by the real shipper.
+//!
+//! Usage: audit_bench [--clickhouse URL] [--rows N]. Prints one JSON
+//! object.
+
+use std::time::{Duration, Instant};
+
+use interceptor::audit::shipper::{Cursor, Shipper};
+use interceptor::audit::spool::{SpoolWriter, encode_frame, segments};
+use interceptor::audit::warehouse::Warehouse;
+use interceptor::audit::{Auditor, Event, StatementRow};
+use interceptor::config::{AuditConfig, ClickHouseConfig};
+use serde_json::json;
+
+/// A typical statement row: a 90-byte query, one table, sealed.
+fn row(session: uuid::Uuid, seq: u64) -> Event {
+    let mut r = StatementRow {
+        session,
+        seq,
+        ts_us: interceptor::audit::now_us(),
+        principal: "github:repo=acme/app:job=migrate".into(),
+        text: format!(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = {seq} AND bid = 1 -- audit bench"
+        ),
+        fingerprint: 0x1234_5678_9abc_def0,
+        kind: "read".into(),
+        tables: vec!["pgbench_accounts".into()],
+        decision: "allow".into(),
+        rule: "read".into(),
+        approval: String::new(),
+        duration_us: 120,
+        rows: 1,
+        bytes: 30,
+        masked: 0,
+        sqlstate: String::new(),
+        prev_hash: [0; 32],
+        hash: [0; 32],
+    };
+    r.seal([7; 32]);
+    Event::Statement(Box::new(r))
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() -> anyhow::Result<()> {
+    let rows: u64 = arg("--rows").map_or(Ok(1_000_000), |s| s.parse())?;
+    let session = uuid::Uuid::now_v7();
+
+    // Spool appends: encode into a batch and append it, 1 MiB at a time,
+    // as the writer thread does; fsync once at the end.
+    let dir = tempfile::tempdir()?;
+    let (mut w, _) = SpoolWriter::open(dir.path(), 64 << 20)?;
+    let events: Vec<Event> = (1..=rows).map(|i| row(session, i)).collect();
+    let start = Instant::now();
+    let mut buf = Vec::with_capacity(2 << 20);
+    for e in &events {
+        encode_frame(e, &mut buf);
+        if buf.len() >= 1 << 20 {
+            w.append(&buf)?;
+            buf.clear();
+        }
+    }
+    w.append(&buf)?;
+    w.sync()?;
+    let spool_secs = start.elapsed().as_secs_f64();
+    // Encoding alone, for scale.
+    buf.clear();
+    let start = Instant::now();
+    let mut n = 0;
+    for e in &events {
+        encode_frame(e, &mut buf);
+        if buf.len() >= 1 << 20 {
+            n += buf.len();
+            buf.clear();
+        }
+    }
+    let encode_secs = start.elapsed().as_secs_f64();
+    std::hint::black_box(n);
+    let spool_bytes: u64 = segments(dir.path())?
+        .iter()
+        .map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    drop(w);
+
+    // End to end through the bounded queue, from one session task.
+    let queued_dir = tempfile::tempdir()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let copies: Vec<Event> = events.clone();
+    let queued_secs = rt.block_on(async {
+        let auditor = Auditor::start(&AuditConfig::default(), queued_dir.path())?;
+        let start = Instant::now();
+        for e in copies {
+            auditor.record(e).await;
+        }
+        auditor.close().await;
+        anyhow::Ok(start.elapsed().as_secs_f64())
+    })?;
+
+    let mut out = json!({
+        "rows": rows,
+        "spool_appends_per_s": rows as f64 / spool_secs,
+        "encodes_per_s": rows as f64 / encode_secs,
+        "spool_mb_per_s": spool_bytes as f64 / spool_secs / 1e6,
+        "spool_bytes_per_row": spool_bytes as f64 / rows as f64,
+        "queued_appends_per_s": rows as f64 / queued_secs,
+    });
+
+    if let Some(url) = arg("--clickhouse") {
+        let config: ClickHouseConfig = toml::from_str(&format!(
+            "url = \"{url}\"\ndatabase = \"audit_bench\"\nflush_interval = \"50ms\"\n"
+        ))?;
+        let shipped = rt.block_on(async {
+            let shipper = Shipper::prepare(dir.path(), &config, None).await?;
+            let w = Warehouse::connect(&config, None).await?;
+            let cpu = cpu_seconds();
+            let start = Instant::now();
+            let handle = shipper.spawn()?;
+            // Done when the cursor has passed the last frame of the spool.
+            let last = segments(dir.path())?.last().map(|(i, _)| *i).unwrap_or(0);
+            loop {
+                let c = Cursor::load(dir.path()).unwrap_or_default();
+                if c.segment == last && c.offset >= spool_bytes_in(dir.path(), last) {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(600) {
+                    anyhow::bail!("not shipped after 600 s");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            let client_cpu = cpu_seconds() - cpu;
+            drop(handle);
+            let n: u64 = w
+                .text(
+                    "SELECT count() FROM audit_bench.statement_rows",
+                    "TabSeparated",
+                )
+                .await?
+                .trim()
+                .parse()?;
+            anyhow::Ok((secs, client_cpu, n))
+        })?;
+        let (secs, cpu, n) = shipped;
+        out["clickhouse_rows"] = n.into();
+        out["clickhouse_rows_per_s"] = (rows as f64 / secs).into();
+        out["shipper_cpu_s_per_million"] = (cpu * 1e6 / rows as f64).into();
+    }
+    println!("{out}");
+    Ok(())
+}
+
+fn spool_bytes_in(dir: &std::path::Path, index: u64) -> u64 {
+    std::fs::metadata(dir.join(format!("seg-{index:012}.spool"))).map_or(0, |m| m.len())
+}
+
+/// This process's CPU time (user + system), in seconds.
+fn cpu_seconds() -> f64 {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF);
+    usage.map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
+}

@@ -405,9 +405,7 @@ where
         if let (Some(a), Some(auditor)) = (&mut state.audit, auditor)
             && !a.done.is_empty()
         {
-            for event in a.done.drain(..) {
-                auditor.record(event).await;
-            }
+            auditor.record_frames(std::mem::take(&mut a.done)).await;
         }
         if used > 0 {
             let out = edits.output(buf, used);

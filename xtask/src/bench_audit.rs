@@ -54,9 +54,12 @@ pub fn run() -> Result<()> {
     };
     let off = start("[audit]\nenabled = false\n")?;
     let spool = start("[audit]\n")?;
+    // Shipping as configured by default (every second), not the tests'
+    // 200 ms.
     let shipped = start(&format!(
         "[audit]\n\n{}",
         ch.config_section("audit_pgbench")
+            .replace("flush_interval = \"200ms\"", "flush_interval = \"1s\"")
     ))?;
     let routes = [
         ("direct", pg.port, None),
@@ -132,14 +135,17 @@ pub fn run() -> Result<()> {
     );
     let mut rows = Vec::new();
     let mut min_ratio = f64::MAX;
+    let mut min_spool = f64::MAX;
     for mode in ["simple", "prepared"] {
         for clients in [1u32, 10] {
             let off_tps = best((mode, clients, "audit off")).tps;
             for (name, _, _) in routes {
                 let r = best((mode, clients, name));
                 let ratio = r.tps / off_tps;
-                if name == "clickhouse" {
-                    min_ratio = min_ratio.min(ratio);
+                match name {
+                    "clickhouse" => min_ratio = min_ratio.min(ratio),
+                    "spool only" => min_spool = min_spool.min(ratio),
+                    _ => {}
                 }
                 let cpu = cpu_per_txn
                     .get(&(mode, clients, name))
@@ -179,7 +185,13 @@ pub fn run() -> Result<()> {
             spool_rate >= 1_000_000.0,
         ),
         target(
-            "min pgbench -S tps, audit to ClickHouse / off",
+            "min pgbench -S tps, audit spooled / off",
+            min_spool,
+            ">= 0.95",
+            min_spool >= 0.95,
+        ),
+        target(
+            "min pgbench -S tps, audit to local ClickHouse / off",
             min_ratio,
             ">= 0.95",
             min_ratio >= 0.95,

@@ -143,9 +143,15 @@ impl StatementRow {
         // would still hash the same way on both sides.
         let body =
             bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap_or_default();
+        Self::chain_hash(&self.prev_hash, &body)
+    }
+
+    /// The chain hash: SHA-256 over the previous row's hash and this row
+    /// as bincode encodes it with its own `hash` zeroed.
+    pub fn chain_hash(prev: &[u8; 32], encoded: &[u8]) -> [u8; 32] {
         let mut h = Sha256::new();
-        h.update(self.prev_hash);
-        h.update(&body);
+        h.update(prev);
+        h.update(encoded);
         h.finalize().into()
     }
 

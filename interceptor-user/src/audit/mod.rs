@@ -2,8 +2,9 @@
 //! to a durable local spool.
 //!
 //! The data path hands events to a bounded channel and goes on; one
-//! writer thread batches them into the spool, fsyncing per batch at most
-//! every `fsync_interval` (group commit). When the spool cannot be written
+//! writer thread batches them into the spool (every millisecond while
+//! events keep coming), fsyncing per batch at most every
+//! `fsync_interval` (group commit). When the spool cannot be written
 //! (a full disk) the writer keeps the batch and retries, and
 //! [`Auditor::healthy`] says so.
 
@@ -29,11 +30,16 @@ use crate::config::{AuditConfig, Fsync, SpoolFailure};
 
 /// A batch is written once it reaches this size, even if more is queued.
 const BATCH_BYTES: usize = 1 << 20;
+/// How often a busy writer collects queued events. A daemon killed with -9
+/// loses at most what arrived in the last one.
+const LINGER: Duration = Duration::from_millis(1);
 /// Most event bytes held in memory while the spool cannot be written.
 const HOLD_BYTES: usize = 256 << 20;
 
 enum Msg {
     Event(Event),
+    /// Whole frames, encoded by the session (statement rows, sealed).
+    Frames(Vec<u8>),
     Stop,
 }
 
@@ -91,7 +97,26 @@ impl Auditor {
     /// Queues an event; waits only while the queue is full (the spool is
     /// behind), never for ClickHouse.
     pub async fn record(&self, event: Event) {
-        if self.tx.send(Msg::Event(event)).await.is_err() {
+        self.send(Msg::Event(event)).await
+    }
+
+    /// Queues frames already encoded (see `spool::seal_statement_frame`).
+    pub async fn record_frames(&self, frames: Vec<u8>) {
+        self.send(Msg::Frames(frames)).await
+    }
+
+    /// Waits only when the queue is full; the common case takes no trip
+    /// through the scheduler.
+    async fn send(&self, msg: Msg) {
+        let msg = match self.tx.try_send(msg) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(m)) => m,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                error!("audit event after the audit writer stopped; it is not recorded");
+                return;
+            }
+        };
+        if self.tx.send(msg).await.is_err() {
             error!("audit event after the audit writer stopped; it is not recorded");
         }
     }
@@ -151,12 +176,25 @@ impl Writer {
         };
         let mut buf = Vec::with_capacity(BATCH_BYTES + 4096);
         let mut dirty = false;
+        let mut busy = false;
         let mut last_sync = Instant::now();
         loop {
-            // Events are written as soon as they arrive (so a killed
-            // daemon loses only what is still queued); only the fsync
-            // waits, for up to `interval` after the last one.
-            let first = if dirty {
+            let first = if busy {
+                // Under load the writer polls every LINGER instead of
+                // sleeping on the queue: a sender then never has to wake
+                // it, which costs the session more than the event itself.
+                std::thread::sleep(LINGER);
+                match self.rx.try_recv() {
+                    Ok(m) => m,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        busy = false;
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => Msg::Stop,
+                }
+            } else if dirty {
+                // Idle with an fsync due: wait for the next event or the
+                // fsync, whichever comes first.
                 let wait = self.interval.saturating_sub(last_sync.elapsed());
                 let rx = &mut self.rx;
                 match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
@@ -171,9 +209,11 @@ impl Writer {
             } else {
                 self.rx.blocking_recv().unwrap_or(Msg::Stop)
             };
+            busy = true;
             let mut stop = false;
             let mut take = |m: Msg, buf: &mut Vec<u8>| match m {
                 Msg::Event(e) => spool::encode_frame(&e, buf),
+                Msg::Frames(f) => buf.extend_from_slice(&f),
                 Msg::Stop => stop = true,
             };
             take(first, &mut buf);
@@ -256,6 +296,7 @@ impl Writer {
                     while !*stop && frames.len() < HOLD_BYTES {
                         match self.rx.try_recv() {
                             Ok(Msg::Event(ev)) => spool::encode_frame(&ev, frames),
+                            Ok(Msg::Frames(f)) => frames.extend_from_slice(&f),
                             Ok(Msg::Stop) => *stop = true,
                             Err(_) => break,
                         }

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use super::event::{Event, StatementRow, now_us};
+use super::event::{StatementRow, now_us};
+use super::spool::seal_statement_frame;
 
 /// What is known of a statement when it is sent: from its text and the
 /// policy's decision.
@@ -160,8 +161,8 @@ impl FrontendAudit {
 pub struct BackendAudit {
     shared: Arc<SessionAudit>,
     prev: [u8; 32],
-    /// Sealed rows waiting to be handed to the auditor.
-    pub done: Vec<Event>,
+    /// Sealed rows, as spool frames, waiting to be handed to the auditor.
+    pub done: Vec<u8>,
 }
 
 impl BackendAudit {
@@ -285,9 +286,7 @@ impl BackendAudit {
             prev_hash: [0; 32],
             hash: [0; 32],
         };
-        row.seal(self.prev);
-        self.prev = row.hash;
-        self.done.push(Event::Statement(Box::new(row)));
+        self.prev = seal_statement_frame(&mut row, self.prev, &mut self.done);
     }
 }
 
@@ -296,10 +295,14 @@ mod tests {
     use super::*;
 
     fn rows(b: &mut BackendAudit) -> Vec<StatementRow> {
-        b.done
-            .drain(..)
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("seg-000000000001.spool"), &b.done).unwrap();
+        b.done.clear();
+        crate::audit::spool::read_all(dir.path())
+            .unwrap()
+            .into_iter()
             .filter_map(|e| match e {
-                Event::Statement(s) => Some(*s),
+                crate::audit::Event::Statement(s) => Some(*s),
                 _ => None,
             })
             .collect()

@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::event::Event;
+use super::event::{Event, StatementRow};
 
 const HEADER: usize = 8;
 /// Larger frames are corrupt: no event comes near this.
@@ -46,6 +46,34 @@ pub fn encode_frame(event: &Event, out: &mut Vec<u8>) {
     let crc = crc32fast::hash(&out[start + HEADER..]);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// `Event::Statement`'s variant index, as bincode writes it (a one-byte
+/// varint); a test checks it against [`encode_frame`].
+const STATEMENT_TAG: u8 = 5;
+
+/// Links `row` after `prev` in its session's hash chain and encodes it as
+/// the frame of an `Event::Statement`, appended to `out`; returns its hash.
+/// The row is encoded once, for both the hash and the frame.
+pub fn seal_statement_frame(row: &mut StatementRow, prev: [u8; 32], out: &mut Vec<u8>) -> [u8; 32] {
+    row.prev_hash = prev;
+    row.hash = [0; 32];
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    out.push(STATEMENT_TAG);
+    let body = out.len();
+    // Writing into a Vec cannot fail for these types.
+    let _ = bincode::serde::encode_into_std_write(&*row, out, bincode::config::standard());
+    let hash = StatementRow::chain_hash(&prev, &out[body..]);
+    // The hash is the row's last field: 32 raw bytes.
+    let end = out.len();
+    out[end - 32..].copy_from_slice(&hash);
+    row.hash = hash;
+    let len = (end - start - HEADER) as u32;
+    let crc = crc32fast::hash(&out[start + HEADER..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    hash
 }
 
 /// A segment's contents: its whole frames, and what followed the last one.
@@ -259,6 +287,38 @@ mod tests {
         let seg = read_segment(&path).unwrap();
         assert_eq!(seg.events.len(), 2);
         assert!(seg.torn_bytes > 0);
+    }
+
+    #[test]
+    fn a_statement_sealed_into_a_frame_is_the_event_sealed_then_framed() {
+        let mut row = StatementRow {
+            session: uuid::Uuid::now_v7(),
+            seq: 3,
+            ts_us: 1,
+            principal: "p".into(),
+            text: "SELECT 1".into(),
+            fingerprint: 9,
+            kind: "read".into(),
+            tables: vec!["t".into()],
+            decision: "allow".into(),
+            rule: "r".into(),
+            approval: String::new(),
+            duration_us: 5,
+            rows: 1,
+            bytes: 10,
+            masked: 0,
+            sqlstate: String::new(),
+            prev_hash: [0; 32],
+            hash: [0; 32],
+        };
+        let mut slow = row.clone();
+        slow.seal([4; 32]);
+        let mut want = Vec::new();
+        encode_frame(&Event::Statement(Box::new(slow.clone())), &mut want);
+        let mut got = vec![1, 2];
+        let hash = seal_statement_frame(&mut row, [4; 32], &mut got);
+        assert_eq!(&got[2..], &want[..]);
+        assert_eq!((hash, row), (slow.hash, slow));
     }
 
     #[test]

@@ -453,3 +453,123 @@ pub fn run_lengths(rounds: u32) -> (u32, u32) {
         var("BENCH_ROUNDS").unwrap_or(rounds),
     )
 }
+
+/// One route pgbench runs through: a name, a port, and the proxy behind
+/// it (whose CPU time is measured), if any.
+pub type PgbenchRoute<'a> = (&'a str, u16, Option<&'a Proxy>);
+
+/// `pgbench -S` on every route, simple and prepared, 1 and 10 clients,
+/// interleaved round by round so that drift in the machine hits every
+/// route alike.
+pub struct OnOff<'a> {
+    routes: Vec<PgbenchRoute<'a>>,
+    seconds: u32,
+    results: BTreeMap<(&'static str, u32, &'a str), Vec<RunResult>>,
+    /// The proxy's own CPU per transaction: what a feature costs, free of
+    /// the scheduling noise that 10 clients on 2 shared cores put into tps.
+    cpu_per_txn: BTreeMap<(&'static str, u32, &'a str), Vec<f64>>,
+}
+
+const ON_OFF_CASES: [(&str, u32); 4] = [
+    ("simple", 1),
+    ("simple", 10),
+    ("prepared", 1),
+    ("prepared", 10),
+];
+
+impl<'a> OnOff<'a> {
+    pub fn run(routes: &[PgbenchRoute<'a>], rounds: u32, seconds: u32) -> Result<OnOff<'a>> {
+        let logdir = workspace_root().join("target/bench/pgbench-logs");
+        let mut out = OnOff {
+            routes: routes.to_vec(),
+            seconds,
+            results: BTreeMap::new(),
+            cpu_per_txn: BTreeMap::new(),
+        };
+        for round in 0..rounds {
+            for (mode, clients) in ON_OFF_CASES {
+                for &(name, port, proxy) in routes {
+                    eprintln!("bench: round {} {mode} c={clients} {name}", round + 1);
+                    let cpu = proxy.map(|p| p.cpu_time());
+                    let r = pgbench(port, mode, clients, seconds, &logdir)?;
+                    if let (Some(p), Some(before)) = (proxy, cpu) {
+                        let used = p.cpu_time().saturating_sub(before).as_secs_f64();
+                        out.cpu_per_txn
+                            .entry((mode, clients, name))
+                            .or_default()
+                            .push(used * 1e6 / (r.tps * f64::from(seconds)));
+                    }
+                    out.results
+                        .entry((mode, clients, name))
+                        .or_default()
+                        .push(r);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&logdir);
+        Ok(out)
+    }
+
+    fn best(&self, k: (&'static str, u32, &'a str)) -> RunResult {
+        self.results[&k]
+            .iter()
+            .cloned()
+            .max_by(|a, b| a.tps.total_cmp(&b.tps))
+            .unwrap_or_default()
+    }
+
+    /// Transactions run through `route` in all rounds.
+    pub fn transactions(&self, route: &str) -> f64 {
+        self.results
+            .iter()
+            .filter(|((_, _, name), _)| *name == route)
+            .flat_map(|(_, runs)| runs)
+            .map(|r| r.tps * f64::from(self.seconds))
+            .sum()
+    }
+
+    /// Prints the table (best of the rounds, ratio to `baseline`) and
+    /// returns its rows as JSON and each route's smallest ratio.
+    pub fn table(&self, baseline: &str) -> (Vec<serde_json::Value>, BTreeMap<&'a str, f64>) {
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        println!(
+            "\n{:<9} {:>3} {:<11} {:>10} {:>8} {:>8} {:>10} {:>15}",
+            "mode", "c", "path", "tps", "p50 ms", "p99 ms", "ratio", "proxy cpu µs/tx"
+        );
+        let mut rows = Vec::new();
+        let mut min_ratio: BTreeMap<&'a str, f64> = BTreeMap::new();
+        for (mode, clients) in ON_OFF_CASES {
+            let base = self
+                .routes
+                .iter()
+                .find(|r| r.0 == baseline)
+                .map_or(f64::NAN, |r| self.best((mode, clients, r.0)).tps);
+            for &(name, _, _) in &self.routes {
+                let r = self.best((mode, clients, name));
+                let ratio = r.tps / base;
+                let m = min_ratio.entry(name).or_insert(f64::MAX);
+                *m = m.min(ratio);
+                let cpu = self
+                    .cpu_per_txn
+                    .get(&(mode, clients, name))
+                    .map_or(f64::NAN, |v| median(v));
+                println!(
+                    "{:<9} {:>3} {:<11} {:>10.0} {:>8.3} {:>8.3} {:>9.3}x {:>15.2}",
+                    mode, clients, name, r.tps, r.p50_ms, r.p99_ms, ratio, cpu
+                );
+                let every: Vec<f64> = self.results[&(mode, clients, name)]
+                    .iter()
+                    .map(|r| r.tps)
+                    .collect();
+                rows.push(json!({"mode": mode, "clients": clients, "path": name, "tps": r.tps,
+                    "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "baseline": baseline, "ratio_to_baseline": ratio,
+                    "tps_each_round": every, "proxy_cpu_us_per_txn_median": cpu}));
+            }
+        }
+        (rows, min_ratio)
+    }
+}

@@ -7,16 +7,14 @@
 //!
 //! Prints a table and writes target/bench/audit.json.
 
-use std::collections::BTreeMap;
-
 use anyhow::{Context, Result};
 use interceptor_tests::clickhouse::ClickHouse;
 use interceptor_tests::pg::PgCluster;
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
-use interceptor_tests::{run_ok, workspace_root};
+use interceptor_tests::run_ok;
 use serde_json::json;
 
-use crate::bench::{RunResult, pgbench, pgbench_init, run_lengths, target, write_report};
+use crate::bench::{OnOff, pgbench_init, run_lengths, target, write_report};
 
 pub fn run() -> Result<()> {
     let ch = ClickHouse::start()?;
@@ -67,49 +65,11 @@ pub fn run() -> Result<()> {
         ("spool only", spool.port, Some(&spool)),
         ("clickhouse", shipped.port, Some(&shipped)),
     ];
-    let logdir = workspace_root().join("target/bench/pgbench-logs");
-    let mut results: BTreeMap<(&str, u32, &str), Vec<RunResult>> = BTreeMap::new();
-    let mut cpu_per_txn: BTreeMap<(&str, u32, &str), Vec<f64>> = BTreeMap::new();
-    let mut transactions = 0.0;
-    for round in 0..rounds {
-        for mode in ["simple", "prepared"] {
-            for clients in [1u32, 10] {
-                for (name, port, proxy) in routes {
-                    eprintln!("bench: round {} {mode} c={clients} {name}", round + 1);
-                    let cpu = proxy.map(|p| p.cpu_time());
-                    let r = pgbench(port, mode, clients, seconds, &logdir)?;
-                    if name == "clickhouse" {
-                        transactions += r.tps * f64::from(seconds);
-                    }
-                    if let (Some(p), Some(before)) = (proxy, cpu) {
-                        let used = p.cpu_time().saturating_sub(before).as_secs_f64();
-                        cpu_per_txn
-                            .entry((mode, clients, name))
-                            .or_default()
-                            .push(used * 1e6 / (r.tps * f64::from(seconds)));
-                    }
-                    results.entry((mode, clients, name)).or_default().push(r);
-                }
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(&logdir);
+    let runs = OnOff::run(&routes, rounds, seconds)?;
+    let transactions = runs.transactions("clickhouse");
     // Everything pgbench ran through the shipping proxy reached ClickHouse.
     std::thread::sleep(std::time::Duration::from_secs(2));
     let in_clickhouse = ch.count("SELECT count() FROM audit_pgbench.statements")?;
-    let best = |k: (&str, u32, &str)| {
-        results[&k]
-            .iter()
-            .cloned()
-            .max_by(|a, b| a.tps.total_cmp(&b.tps))
-            .unwrap_or_default()
-    };
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-
     println!(
         "\naudit path (release build, 1M statement rows of {:.0} bytes):",
         f("spool_bytes_per_row")
@@ -129,43 +89,9 @@ pub fn run() -> Result<()> {
         f("shipper_cpu_s_per_million"),
         f("clickhouse_rows")
     );
-    println!(
-        "\n{:<9} {:>3} {:<11} {:>10} {:>8} {:>8} {:>10} {:>15}",
-        "mode", "c", "path", "tps", "p50 ms", "p99 ms", "on / off", "proxy cpu µs/tx"
-    );
-    let mut rows = Vec::new();
-    let mut min_ratio = f64::MAX;
-    let mut min_spool = f64::MAX;
-    for mode in ["simple", "prepared"] {
-        for clients in [1u32, 10] {
-            let off_tps = best((mode, clients, "audit off")).tps;
-            for (name, _, _) in routes {
-                let r = best((mode, clients, name));
-                let ratio = r.tps / off_tps;
-                match name {
-                    "clickhouse" => min_ratio = min_ratio.min(ratio),
-                    "spool only" => min_spool = min_spool.min(ratio),
-                    _ => {}
-                }
-                let cpu = cpu_per_txn
-                    .get(&(mode, clients, name))
-                    .map_or(f64::NAN, |v| median(v));
-                println!(
-                    "{:<9} {:>3} {:<11} {:>10.0} {:>8.3} {:>8.3} {:>9.3}x {:>15.2}",
-                    mode, clients, name, r.tps, r.p50_ms, r.p99_ms, ratio, cpu
-                );
-                let every: Vec<f64> = results[&(mode, clients, name)]
-                    .iter()
-                    .map(|r| r.tps)
-                    .collect();
-                rows.push(
-                    json!({"mode": mode, "clients": clients, "path": name, "tps": r.tps,
-                    "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "ratio_to_audit_off": ratio,
-                    "tps_each_round": every, "proxy_cpu_us_per_txn_median": cpu}),
-                );
-            }
-        }
-    }
+    let (rows, min) = runs.table("audit off");
+    let min_ratio = min.get("clickhouse").copied().unwrap_or(f64::NAN);
+    let min_spool = min.get("spool only").copied().unwrap_or(f64::NAN);
     println!(
         "\npgbench through the shipping proxy: about {transactions:.0} statements; {in_clickhouse} rows in ClickHouse"
     );

@@ -5,15 +5,13 @@
 //!
 //! Prints a table and writes target/bench/policy.json.
 
-use std::collections::BTreeMap;
-
 use anyhow::{Context, Result};
 use interceptor_tests::pg::PgCluster;
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
 use interceptor_tests::{run_ok, workspace_root};
 use serde_json::json;
 
-use crate::bench::{RunResult, pgbench, pgbench_init, run_lengths, target, write_report};
+use crate::bench::{OnOff, pgbench_init, run_lengths, target, write_report};
 
 pub fn run() -> Result<()> {
     eprintln!("bench: decision cost (release build of policies/examples/decide_bench.rs)");
@@ -51,38 +49,7 @@ pub fn run() -> Result<()> {
         ("policy off", off.port, Some(&off)),
         ("policy on", on.port, Some(&on)),
     ];
-    let logdir = workspace_root().join("target/bench/pgbench-logs");
-    let mut results: BTreeMap<(&str, u32, &str), Vec<RunResult>> = BTreeMap::new();
-    // The proxy's own CPU per transaction: what policy costs, free of the
-    // scheduling noise that 10 clients on 2 shared cores put into tps.
-    let mut cpu_per_txn: BTreeMap<(&str, u32, &str), Vec<f64>> = BTreeMap::new();
-    for round in 0..rounds {
-        for mode in ["simple", "prepared"] {
-            for clients in [1u32, 10] {
-                for (name, port, proxy) in routes {
-                    eprintln!("bench: round {} {mode} c={clients} {name}", round + 1);
-                    let cpu = proxy.map(|p| p.cpu_time());
-                    let r = pgbench(port, mode, clients, seconds, &logdir)?;
-                    if let (Some(p), Some(before)) = (proxy, cpu) {
-                        let used = p.cpu_time().saturating_sub(before).as_secs_f64();
-                        cpu_per_txn
-                            .entry((mode, clients, name))
-                            .or_default()
-                            .push(used * 1e6 / (r.tps * f64::from(seconds)));
-                    }
-                    results.entry((mode, clients, name)).or_default().push(r);
-                }
-            }
-        }
-    }
-    let _ = std::fs::remove_dir_all(&logdir);
-    let best = |k: (&str, u32, &str)| {
-        results[&k]
-            .iter()
-            .cloned()
-            .max_by(|a, b| a.tps.total_cmp(&b.tps))
-            .unwrap_or_default()
-    };
+    let runs = OnOff::run(&routes, rounds, seconds)?;
 
     println!("\ndecisions (reference policy, one core):");
     println!(
@@ -107,45 +74,8 @@ pub fn run() -> Result<()> {
         f("shape_hit_p99_ns"),
         f("shape_hit_decisions_per_s"),
     );
-    println!(
-        "\n{:<9} {:>3} {:<11} {:>10} {:>8} {:>8} {:>10} {:>14}",
-        "mode", "c", "path", "tps", "p50 ms", "p99 ms", "on / off", "proxy cpu µs/tx"
-    );
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
-    let mut rows = Vec::new();
-    let mut min_ratio = f64::MAX;
-    for mode in ["simple", "prepared"] {
-        for clients in [1u32, 10] {
-            let off_tps = best((mode, clients, "policy off")).tps;
-            for (name, _, _) in routes {
-                let r = best((mode, clients, name));
-                let ratio = r.tps / off_tps;
-                if name == "policy on" {
-                    min_ratio = min_ratio.min(ratio);
-                }
-                let cpu = cpu_per_txn
-                    .get(&(mode, clients, name))
-                    .map_or(f64::NAN, |v| median(v));
-                println!(
-                    "{:<9} {:>3} {:<11} {:>10.0} {:>8.3} {:>8.3} {:>9.3}x {:>14.2}",
-                    mode, clients, name, r.tps, r.p50_ms, r.p99_ms, ratio, cpu
-                );
-                let every: Vec<f64> = results[&(mode, clients, name)]
-                    .iter()
-                    .map(|r| r.tps)
-                    .collect();
-                rows.push(
-                    json!({"mode": mode, "clients": clients, "path": name, "tps": r.tps,
-                    "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "ratio_to_policy_off": ratio,
-                    "tps_each_round": every, "proxy_cpu_us_per_txn_median": cpu}),
-                );
-            }
-        }
-    }
+    let (rows, min_ratio) = runs.table("policy off");
+    let min_ratio = min_ratio.get("policy on").copied().unwrap_or(f64::NAN);
     let hit_us = f("hit_mean_ns") / 1000.0;
     let miss_us = f("miss_mean_ns") / 1000.0;
     let targets = vec![

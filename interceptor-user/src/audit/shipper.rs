@@ -391,14 +391,7 @@ enum ShipError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::spool::{SpoolWriter, encode_frame};
-
-    fn stop(i: i64) -> Event {
-        Event::DaemonStop {
-            ts_us: i,
-            reason: format!("test {i}"),
-        }
-    }
+    use crate::audit::spool::{SpoolWriter, encode_frame, test_event as stop};
 
     fn append(w: &mut SpoolWriter, range: std::ops::Range<i64>) {
         let mut buf = Vec::new();

@@ -58,6 +58,9 @@ const STATEMENT_TAG: u8 = 5;
 pub fn seal_statement_frame(row: &mut StatementRow, prev: [u8; 32], out: &mut Vec<u8>) -> [u8; 32] {
     row.prev_hash = prev;
     row.hash = [0; 32];
+    // Room for the whole frame at once: the fixed fields, the principal
+    // and the text take ~200 bytes more than the strings themselves.
+    out.reserve(HEADER + 256 + row.text.len() + row.principal.len());
     let start = out.len();
     out.extend_from_slice(&[0; HEADER]);
     out.push(STATEMENT_TAG);
@@ -223,15 +226,21 @@ impl SpoolWriter {
     }
 }
 
+/// A small event, numbered by its timestamp, for tests.
+#[cfg(test)]
+pub(crate) fn test_event(i: i64) -> Event {
+    Event::DaemonStop {
+        ts_us: i,
+        reason: format!("test {i}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn stop(i: i64) -> Event {
-        Event::DaemonStop {
-            ts_us: i,
-            reason: format!("test {i}"),
-        }
+        test_event(i)
     }
 
     #[test]

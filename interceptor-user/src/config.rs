@@ -152,6 +152,14 @@ impl ClickHouseConfig {
             env: self.password_env.clone(),
         })
     }
+
+    /// The password's value, if one is configured.
+    pub fn load_password(&self) -> Result<Option<Secret>, String> {
+        self.password()
+            .map(|r| r.load())
+            .transpose()
+            .map_err(|e| format!("[audit.clickhouse] password: {e}"))
+    }
 }
 
 fn default_clickhouse_database() -> String {

@@ -142,13 +142,7 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
     };
     let shipper = match (&audit, &runtime.config.audit.clickhouse) {
         (Some(_), Some(ch)) => {
-            let password = match ch.password() {
-                Some(r) => Some(
-                    r.load()
-                        .map_err(|e| anyhow::anyhow!("[audit.clickhouse] password: {e}"))?,
-                ),
-                None => None,
-            };
+            let password = ch.load_password().map_err(anyhow::Error::msg)?;
             let shipper = Shipper::prepare(&runtime.config.audit_dir(), ch, password)
                 .await
                 .context("cannot ship the audit trail to ClickHouse")?;

@@ -218,10 +218,7 @@ fn audit_source(
 fn clickhouse_password(
     ch: &interceptor::config::ClickHouseConfig,
 ) -> anyhow::Result<Option<interceptor::config::Secret>> {
-    ch.password()
-        .map(|r| r.load())
-        .transpose()
-        .map_err(|e| anyhow::anyhow!("[audit.clickhouse] password: {e}"))
+    ch.load_password().map_err(anyhow::Error::msg)
 }
 
 fn audit(command: interceptor::cli::AuditCommand) -> anyhow::Result<()> {

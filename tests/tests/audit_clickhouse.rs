@@ -386,3 +386,44 @@ fn a_daemon_killed_with_9_mid_load_ships_each_spooled_row_exactly_once_after_res
     );
     drop(proxy);
 }
+
+#[test]
+fn a_clickhouse_that_never_answers_does_not_hold_the_daemon_start() {
+    // Accepts connections (the kernel completes the handshake) and never
+    // replies.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let started = Instant::now();
+    let mut proxy = Proxy::start(
+        pg::shared(),
+        ProxyOptions {
+            client_tls: false,
+            sections: vec![format!(
+                "[audit]\n\n[audit.clickhouse]\nurl = \"{url}\"\ndatabase = \"silent\"\n"
+            )],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        proxy.log().contains("did not answer within 5s"),
+        "{}",
+        proxy.log()
+    );
+    // Statements are served and spooled meanwhile.
+    let (mut c, _) = RawClient::login(proxy.port, "postgres", "postgres").unwrap();
+    let r = c.query("SELECT 1").unwrap();
+    assert!(first_error(&r).is_none());
+    assert!(proxy.is_running());
+    // Nor its stop.
+    let stopping = Instant::now();
+    proxy.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        proxy.wait_exit(Duration::from_secs(20)).is_some(),
+        "{}",
+        proxy.log()
+    );
+    assert!(stopping.elapsed() < Duration::from_secs(15));
+    drop(silent);
+}

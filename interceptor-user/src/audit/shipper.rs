@@ -31,6 +31,11 @@ const CURSOR_FILE: &str = "shipped";
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often a continuing outage is logged again.
 const REPEAT_ERROR: Duration = Duration::from_secs(30);
+/// Longest a connection check may take at start-up: a server that
+/// swallows packets must not hold the daemon's start.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one batch may take before it is abandoned and sent again.
+const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How far the spool has been shipped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -203,12 +208,16 @@ impl Shipper {
                 .and_then(|h| h.into_string().ok())
                 .unwrap_or_default(),
         };
-        match shipper.connect().await {
-            Ok(()) => {}
-            Err(e @ WarehouseError::Unreachable { .. }) => {
+        match tokio::time::timeout(CONNECT_TIMEOUT, shipper.connect()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e @ WarehouseError::Unreachable { .. })) => {
                 warn!("audit: {e}; events stay in the spool until it answers")
             }
-            Err(e) => return Err(e),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => warn!(
+                url = %config.url,
+                "audit: ClickHouse did not answer within {CONNECT_TIMEOUT:?}; events stay in the spool until it does"
+            ),
         }
         Ok(shipper)
     }
@@ -273,7 +282,15 @@ impl Shipper {
                 let _ = last.await;
                 return;
             }
-            let wait = match self.ship_once(&mut cursor).await {
+            // A stop abandons a batch in flight (it is sent again: the
+            // cursor moves only after an acknowledgement).
+            let shipped = tokio::select! {
+                r = tokio::time::timeout(BATCH_TIMEOUT, self.ship_once(&mut cursor)) => {
+                    r.unwrap_or(Err(ShipError::Timeout))
+                }
+                _ = stop.changed() => continue,
+            };
+            let wait = match shipped {
                 Ok(shipped) => {
                     if let Some((since, _)) = outage.take() {
                         info!(
@@ -312,7 +329,11 @@ impl Shipper {
                         }
                         Some(_) => {}
                     }
-                    if matches!(e, ShipError::Warehouse(WarehouseError::Unreachable { .. })) {
+                    if matches!(
+                        e,
+                        ShipError::Warehouse(WarehouseError::Unreachable { .. })
+                            | ShipError::Timeout
+                    ) {
                         self.warehouse = None;
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -386,6 +407,8 @@ enum ShipError {
     Warehouse(#[from] WarehouseError),
     #[error("reading the spool: {0}")]
     Spool(std::io::Error),
+    #[error("no answer within {BATCH_TIMEOUT:?}")]
+    Timeout,
 }
 
 #[cfg(test)]

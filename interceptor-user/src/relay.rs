@@ -81,14 +81,14 @@ impl FrontendState {
     /// Fails closed while the spool cannot be written: a Query or Parse
     /// becomes one that raises 53100, so nothing runs unaudited.
     fn gate(&mut self, msg: &FrontendMessage<'_>) -> Option<BytesMut> {
-        if self.spool_gate.as_ref().is_none_or(SpoolGate::open) {
-            return None;
-        }
         let (sql, replaced) = match msg {
             FrontendMessage::Query { sql } => (*sql, None),
             FrontendMessage::Parse(p) => (p.sql, Some(p.name)),
             _ => return None,
         };
+        if self.spool_gate.as_ref().is_none_or(SpoolGate::open) {
+            return None;
+        }
         let refusal = policies::Refusal {
             sqlstate: "53100",
             message: "interceptor: statement refused: the audit spool cannot be written (disk full?), and statements that cannot be audited do not run".into(),

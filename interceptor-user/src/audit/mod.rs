@@ -15,7 +15,7 @@ pub mod shipper;
 pub mod spool;
 pub mod warehouse;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -48,7 +48,6 @@ pub struct Auditor {
     healthy: Arc<AtomicBool>,
     on_failure: SpoolFailure,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
-    dir: PathBuf,
 }
 
 impl Auditor {
@@ -86,12 +85,7 @@ impl Auditor {
             healthy,
             on_failure: config.on_spool_failure,
             writer: std::sync::Mutex::new(Some(handle)),
-            dir: dir.to_owned(),
         })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Queues an event; waits only while the queue is full (the spool is
@@ -119,11 +113,6 @@ impl Auditor {
         if self.tx.send(msg).await.is_err() {
             error!("audit event after the audit writer stopped; it is not recorded");
         }
-    }
-
-    /// False while the spool cannot be written.
-    pub fn healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
     }
 
     /// What sessions check before each statement, when they are to refuse

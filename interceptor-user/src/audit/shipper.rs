@@ -13,7 +13,7 @@
 //! already knew to be finished is all there is.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -104,7 +104,7 @@ pub fn read_after(dir: &Path, from: Cursor, max: usize) -> std::io::Result<Unshi
                 offset: 0,
             };
         }
-        let (end, len) = read_frames(
+        let (end, len) = spool::read_frames(
             path,
             out.next.offset,
             max - out.events.len(),
@@ -128,42 +128,6 @@ pub fn read_after(dir: &Path, from: Cursor, max: usize) -> std::io::Result<Unshi
         }
     }
     Ok(out)
-}
-
-/// Appends whole frames from `offset` (at most `max`) to `out`; returns
-/// the offset after the last one read and the file's length.
-fn read_frames(
-    path: &Path,
-    offset: u64,
-    max: usize,
-    out: &mut Vec<Event>,
-) -> std::io::Result<(u64, u64)> {
-    let mut file = File::open(path)?;
-    let len = file.metadata()?.len();
-    file.seek(SeekFrom::Start(offset))?;
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    let mut at = offset;
-    let mut body = Vec::new();
-    for _ in 0..max {
-        let mut header = [0u8; 8];
-        if at + 8 > len || r.read_exact(&mut header).is_err() {
-            break;
-        }
-        let (n, crc) = spool::frame_header(&header);
-        if n > spool::MAX_FRAME || at + 8 + n as u64 > len {
-            break;
-        }
-        body.resize(n, 0);
-        if r.read_exact(&mut body).is_err() {
-            break;
-        }
-        match spool::decode_frame(&body, crc) {
-            Some(e) => out.push(e),
-            None => break,
-        }
-        at += 8 + n as u64;
-    }
-    Ok((at, len))
 }
 
 /// The shipping thread; stopped when dropped.

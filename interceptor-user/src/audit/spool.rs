@@ -8,17 +8,17 @@
 //! in write order; a new writer never appends to an old segment.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::event::{Event, StatementRow};
 
 const HEADER: usize = 8;
 /// Larger frames are corrupt: no event comes near this.
-pub const MAX_FRAME: usize = 64 << 20;
+const MAX_FRAME: usize = 64 << 20;
 
 /// A frame header's (payload length, CRC).
-pub fn frame_header(h: &[u8; HEADER]) -> (usize, u32) {
+fn frame_header(h: &[u8; HEADER]) -> (usize, u32) {
     let [a, b, c, d, e, f, g, k] = *h;
     (
         u32::from_le_bytes([a, b, c, d]) as usize,
@@ -27,7 +27,7 @@ pub fn frame_header(h: &[u8; HEADER]) -> (usize, u32) {
 }
 
 /// The event in a frame's payload, if its CRC matches and it decodes.
-pub fn decode_frame(body: &[u8], crc: u32) -> Option<Event> {
+fn decode_frame(body: &[u8], crc: u32) -> Option<Event> {
     if crc32fast::hash(body) != crc {
         return None;
     }
@@ -42,6 +42,12 @@ pub fn encode_frame(event: &Event, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0; HEADER]);
     // Writing into a Vec cannot fail for these types.
     let _ = bincode::serde::encode_into_std_write(event, out, bincode::config::standard());
+    finish_frame(out, start);
+}
+
+/// Fills in the header of the frame that starts at `start` and runs to
+/// the end of `out`, once its payload is final.
+fn finish_frame(out: &mut [u8], start: usize) {
     let len = (out.len() - start - HEADER) as u32;
     let crc = crc32fast::hash(&out[start + HEADER..]);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -72,10 +78,7 @@ pub fn seal_statement_frame(row: &mut StatementRow, prev: [u8; 32], out: &mut Ve
     let end = out.len();
     out[end - 32..].copy_from_slice(&hash);
     row.hash = hash;
-    let len = (end - start - HEADER) as u32;
-    let crc = crc32fast::hash(&out[start + HEADER..]);
-    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    finish_frame(out, start);
     hash
 }
 
@@ -92,25 +95,49 @@ pub struct Segment {
 /// Reads one segment file, stopping at the first frame that is incomplete,
 /// fails its checksum or does not decode.
 pub fn read_segment(path: &Path) -> std::io::Result<Segment> {
-    let mut data = Vec::new();
-    File::open(path)?.read_to_end(&mut data)?;
     let mut seg = Segment::default();
-    let mut off = 0;
-    while let Some(header) = data.get(off..off + HEADER) {
-        let (len, crc) = frame_header(header.try_into().expect("HEADER bytes"));
-        let body_end = off + HEADER + len;
-        if len > MAX_FRAME || body_end > data.len() {
+    let (end, len) = read_frames(path, 0, usize::MAX, &mut seg.events)?;
+    seg.good_len = end;
+    seg.torn_bytes = len - end;
+    Ok(seg)
+}
+
+/// Appends whole frames from `offset` (at most `max`) to `out`, stopping
+/// at the first that is incomplete, fails its checksum or does not
+/// decode; returns the offset after the last one read and the file's
+/// length.
+pub fn read_frames(
+    path: &Path,
+    offset: u64,
+    max: usize,
+    out: &mut Vec<Event>,
+) -> std::io::Result<(u64, u64)> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(offset))?;
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut at = offset;
+    let mut body = Vec::new();
+    for _ in 0..max {
+        let mut header = [0u8; HEADER];
+        if at + HEADER as u64 > len || r.read_exact(&mut header).is_err() {
             break;
         }
-        match decode_frame(&data[off + HEADER..body_end], crc) {
-            Some(event) => seg.events.push(event),
+        let (n, crc) = frame_header(&header);
+        if n > MAX_FRAME || at + (HEADER + n) as u64 > len {
+            break;
+        }
+        body.resize(n, 0);
+        if r.read_exact(&mut body).is_err() {
+            break;
+        }
+        match decode_frame(&body, crc) {
+            Some(e) => out.push(e),
             None => break,
         }
-        off = body_end;
+        at += (HEADER + n) as u64;
     }
-    seg.good_len = off as u64;
-    seg.torn_bytes = (data.len() - off) as u64;
-    Ok(seg)
+    Ok((at, len))
 }
 
 /// The spool's segment files, oldest first.

@@ -417,14 +417,6 @@ impl Batch {
             )),
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.statements.len() + self.sessions.len() + self.session_ends.len() + self.daemon.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A connection to the audit database.

@@ -150,7 +150,13 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
         }
         _ => None,
     };
-    let shared = Arc::new(Shared::new(runtime, phase_rx, audit));
+    let mask_key = crate::masking::load_key(&runtime.config.state_dir).with_context(|| {
+        format!(
+            "cannot read or make the masking key under {}",
+            runtime.config.state_dir.display()
+        )
+    })?;
+    let shared = Arc::new(Shared::new(runtime, phase_rx, audit, mask_key));
     let sessions =
         Arc::new(SessionThreads::start(threads).context("cannot start session threads")?);
     info!(threads = sessions.len(), "session threads started");

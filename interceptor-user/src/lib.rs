@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod enforce;
 pub mod intercept;
 pub mod limits;
+pub mod masking;
 pub mod oidc;
 pub mod policy_cli;
 pub mod protocol;

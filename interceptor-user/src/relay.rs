@@ -20,6 +20,7 @@ use crate::audit::{Auditor, SpoolGate};
 use crate::config::Limits;
 use crate::enforce::{Action, Enforcer};
 use crate::limits::{CapAction, ResultCap};
+use crate::masking::{BackMask, FrontMask, Step};
 use crate::protocol::backend::{BackendMessage, TransactionStatus};
 use crate::protocol::build::{self, ProxyError};
 use crate::protocol::frontend::{FrontendMessage, Target};
@@ -65,6 +66,7 @@ struct FrontendState {
     spool_gate: Option<SpoolGate>,
     /// How the spool gate decided the current message, for its audit row.
     gated: Option<StatementInfo>,
+    mask: Option<FrontMask>,
 }
 
 impl FrontendState {
@@ -157,6 +159,7 @@ struct BackendState {
     /// The identity's cap on rows and bytes per result.
     cap: Option<ResultCap>,
     audit: Option<BackendAudit>,
+    mask: Option<BackMask>,
 }
 
 /// Changes to a run of complete frames in a read buffer. Changes are rare:
@@ -290,25 +293,37 @@ fn reserve_for_next(buf: &mut BytesMut) {
     }
 }
 
+/// What to do after one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Continue,
+    /// The frame was the last (Terminate).
+    Stop,
+    /// The frame is not taken yet: something must be awaited first, and
+    /// then the frame offered again.
+    Pause,
+}
+
 /// Splits off the complete frames at the front of `buf`, calling `each` on
 /// every one. Returns how many bytes they span.
 fn complete_frames(
     buf: &[u8],
     max: usize,
-    mut each: impl FnMut(&[u8]) -> Result<bool, ProtocolError>,
-) -> (usize, Result<bool, ProtocolError>) {
+    mut each: impl FnMut(&[u8]) -> Result<Next, ProtocolError>,
+) -> (usize, Result<Next, ProtocolError>) {
     let mut off = 0;
     loop {
         match next_frame(&buf[off..], max) {
             Ok(Some(FrameHeader { wire_len, .. })) => {
                 let frame = &buf[off..off + wire_len];
                 match each(frame) {
-                    Ok(true) => off += wire_len,
-                    Ok(false) => return (off + wire_len, Ok(false)),
+                    Ok(Next::Continue) => off += wire_len,
+                    Ok(Next::Stop) => return (off + wire_len, Ok(Next::Stop)),
+                    Ok(Next::Pause) => return (off, Ok(Next::Pause)),
                     Err(e) => return (off, Err(e)),
                 }
             }
-            Ok(None) => return (off, Ok(true)),
+            Ok(None) => return (off, Ok(Next::Continue)),
             Err(e) => return (off, Err(e)),
         }
     }
@@ -331,19 +346,29 @@ where
         let (used, verdict) = complete_frames(buf, max, |frame| {
             let msg = FrontendMessage::parse(frame)?;
             state.observe(&msg);
-            if let Some(bytes) = state.gate(&msg) {
-                edits.replace(buf, frame.len(), Some(&bytes));
-            } else {
-                match &mut state.enforcer {
-                    Some(enforcer) => match enforcer.inspect(&msg) {
-                        Action::Replace(bytes) => edits.replace(buf, frame.len(), Some(&bytes)),
-                        Action::Forward => edits.keep(frame.len()),
-                    },
-                    None => edits.keep(frame.len()),
+            let replaced = match state.gate(&msg) {
+                Some(bytes) => Some(bytes),
+                None => match state.enforcer.as_mut().map(|e| e.inspect(&msg)) {
+                    Some(Action::Replace(bytes)) => Some(bytes),
+                    Some(Action::Forward) | None => None,
+                },
+            };
+            // Masking's own Describe goes just before the message.
+            let before = state.mask.as_mut().and_then(|m| m.inspect(&msg));
+            match (before, replaced) {
+                (None, None) => edits.keep(frame.len()),
+                (None, Some(bytes)) => edits.replace(buf, frame.len(), Some(&bytes)),
+                (Some(mut before), bytes) => {
+                    before.extend_from_slice(bytes.as_deref().unwrap_or(frame));
+                    edits.replace(buf, frame.len(), Some(&before));
                 }
             }
             state.audit(&msg);
-            Ok(!matches!(msg, FrontendMessage::Terminate))
+            Ok(if matches!(msg, FrontendMessage::Terminate) {
+                Next::Stop
+            } else {
+                Next::Continue
+            })
         });
         if used > 0 {
             // Within the identity's statement rate: hold the batch until
@@ -361,8 +386,8 @@ where
             buf.advance(used);
         }
         match verdict {
-            Ok(true) => {}
-            Ok(false) => return FrontEnd::Terminated,
+            Ok(Next::Continue | Next::Pause) => {}
+            Ok(Next::Stop) => return FrontEnd::Terminated,
             Err(e) => return FrontEnd::Violation(e),
         }
         reserve_for_next(buf);
@@ -391,14 +416,36 @@ where
         let mut edits = Edits::default();
         let (used, verdict) = complete_frames(buf, BACKEND_MAX_MESSAGE, |frame| {
             let msg = BackendMessage::parse(frame)?;
+            let masked = match &mut state.mask {
+                Some(m) => {
+                    let before = m.counts.values;
+                    let step = m.on(frame).map_err(|e| ProtocolError::Malformed {
+                        tag: frame[0],
+                        what: e.0,
+                    })?;
+                    if let (Some(a), n) = (&mut state.audit, m.counts.values - before)
+                        && n > 0
+                    {
+                        a.masked(n);
+                    }
+                    step
+                }
+                None => Step::Keep,
+            };
+            if matches!(masked, Step::Pause) {
+                return Ok(Next::Pause);
+            }
             let action = state.cap.as_mut().map(|c| c.on(frame[0], frame.len()));
             state.observe(&msg, frame.len(), action.as_ref());
-            match action {
-                Some(CapAction::Drop) => edits.replace(buf, frame.len(), None),
-                Some(CapAction::Replace(err)) => edits.replace(buf, frame.len(), Some(&err)),
-                Some(CapAction::Forward) | None => edits.keep(frame.len()),
+            match (action, masked) {
+                (Some(CapAction::Drop), _) | (_, Step::Drop) => {
+                    edits.replace(buf, frame.len(), None)
+                }
+                (Some(CapAction::Replace(err)), _) => edits.replace(buf, frame.len(), Some(&err)),
+                (_, Step::Replace(bytes)) => edits.replace(buf, frame.len(), Some(&bytes)),
+                _ => edits.keep(frame.len()),
             }
-            Ok(true)
+            Ok(Next::Continue)
         });
         // Queued before the client sees the replies: a statement the
         // client saw finish is already on its way to the spool.
@@ -415,8 +462,15 @@ where
             }
             buf.advance(used);
         }
-        if let Err(e) = verdict {
-            return BackEnd::Violation(e);
+        match verdict {
+            Err(e) => return BackEnd::Violation(e),
+            Ok(Next::Pause) => {
+                if let Some(m) = &mut state.mask {
+                    m.resolve().await;
+                }
+                continue;
+            }
+            Ok(_) => {}
         }
         reserve_for_next(buf);
         tokio::select! {
@@ -467,6 +521,7 @@ pub async fn run(
     limits: &Limits,
     enforcer: Option<Enforcer>,
     audit: Option<Arc<SessionAudit>>,
+    masking: Option<(FrontMask, BackMask)>,
 ) -> RelayEnd {
     let Conn {
         io: client_io,
@@ -480,7 +535,12 @@ pub async fn run(
     let (mut upstream_rd, mut upstream_wr) = split(upstream_io);
     let (inject, mut injected) = mpsc::channel::<ProxyError>(1);
     let activity = Activity::default();
+    let (front_mask, back_mask) = match masking {
+        Some((f, b)) => (Some(f), Some(b)),
+        None => (None, None),
+    };
     let mut back_state = BackendState {
+        mask: back_mask,
         status: TransactionStatus::Idle,
         stats: Stats::default(),
         cap: enforcer.as_ref().and_then(Enforcer::result_cap),
@@ -493,6 +553,7 @@ pub async fn run(
         spool_gate: audit.as_ref().and(auditor).and_then(Auditor::refusal_gate),
         audit: audit.map(FrontendAudit::new),
         gated: None,
+        mask: front_mask,
     };
     let max = limits.max_message_size as usize;
 

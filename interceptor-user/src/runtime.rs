@@ -147,6 +147,12 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// The audit trail's spool writer; `None` when audit is off.
     pub audit: Option<crate::audit::Auditor>,
+    /// Output-column lineages by statement text, for masking.
+    pub lineages: Arc<policies::analysis::lineage::LineageCache>,
+    /// Catalog lookups for masking, per target and database.
+    pub catalogs: crate::masking::catalog::Catalogs,
+    /// The key of keyed masking strategies.
+    pub mask_key: policies::masking::MaskKey,
     pub phase: watch::Receiver<Phase>,
     active: AtomicUsize,
     idle: Notify,
@@ -157,6 +163,7 @@ impl Shared {
         runtime: Runtime,
         phase: watch::Receiver<Phase>,
         audit: Option<crate::audit::Auditor>,
+        mask_key: policies::masking::MaskKey,
     ) -> Self {
         let cache = runtime
             .config
@@ -165,6 +172,9 @@ impl Shared {
             .map_or(1, |p| p.analysis_cache);
         Shared {
             analyzer: policies::Analyzer::new(cache),
+            lineages: Arc::new(policies::analysis::lineage::LineageCache::new(cache)),
+            catalogs: Default::default(),
+            mask_key,
             rate_limiter: Default::default(),
             runtime: ArcSwap::from_pointee(runtime),
             cancels: CancelRegistry::default(),

@@ -81,6 +81,19 @@ pub async fn serve(
         }
         None => None,
     };
+    // Masks are fixed at login, as the result cap is.
+    let masking = session.policy.as_ref().and_then(|p| {
+        let masks = p.policy.masks_for(&p.subject, shared.mask_key.clone());
+        (!masks.is_empty()).then(|| {
+            let catalog = shared.catalogs.get(
+                &session.target,
+                &session.database,
+                runtime.config.limits.connect_timeout,
+                runtime.upstream_mark,
+            );
+            crate::masking::session(Arc::new(masks), shared.lineages.clone(), catalog)
+        })
+    });
     let enforcer = session
         .policy
         .map(|p| Enforcer::new(shared.clone(), p.policy, p.principal, p.subject, id));
@@ -91,6 +104,7 @@ pub async fn serve(
         &runtime.config.limits,
         enforcer,
         audit.clone(),
+        masking,
     )
     .await;
     span.in_scope(|| match &end {

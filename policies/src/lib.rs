@@ -2,6 +2,7 @@
 //! statement, an identity and a target, and returns a decision.
 
 pub mod analysis;
+pub mod masking;
 
 use serde::{Deserialize, Serialize};
 

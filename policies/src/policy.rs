@@ -47,6 +47,10 @@ pub struct PolicyFile {
     /// `redact_literals` overrides this for the statements it decides.
     #[serde(default)]
     pub redact_literals: bool,
+    /// Masking: values the identity may read but not see in clear. Every
+    /// `[[mask]]` that applies to a session masks what it matches.
+    #[serde(default, rename = "mask")]
+    pub masks: Vec<crate::masking::MaskSpec>,
 }
 
 /// Limits on what one identity may do.
@@ -293,6 +297,7 @@ pub struct Policy {
     /// Each `[[limit]]` with its groups resolved.
     limits: Vec<(Vec<usize>, LimitSpec)>,
     redact_literals: bool,
+    masks: Vec<Arc<crate::masking::MaskRule>>,
 }
 
 /// Where a session stands: its principal's groups, target and database.
@@ -447,7 +452,35 @@ impl Policy {
             }
             limits.push((ids, l.clone()));
         }
+        let mut masks: Vec<Arc<crate::masking::MaskRule>> = Vec::new();
+        if file.masks.len() > crate::masking::MAX_RULES {
+            return Err(at(
+                find("[[mask]]"),
+                format!(
+                    "{} masks; a policy may have at most {}",
+                    file.masks.len(),
+                    crate::masking::MAX_RULES
+                ),
+            ));
+        }
+        for m in &file.masks {
+            let err = |e: String| {
+                at(
+                    find(&format!("\"{}\"", m.id)),
+                    format!("mask {:?}: {e}", m.id),
+                )
+            };
+            if masks.iter().any(|x| *x.id == *m.id) {
+                return Err(err("the id is used twice".into()));
+            }
+            let rule = crate::masking::MaskRule::compile(m, |name| {
+                groups.iter().position(|g| g.name == name)
+            })
+            .map_err(err)?;
+            masks.push(Arc::new(rule));
+        }
         Ok(Policy {
+            masks,
             redact_literals: file.redact_literals,
             require_token: file.require_token,
             limits,
@@ -474,6 +507,23 @@ impl Policy {
             target: target.to_owned(),
             database: database.to_owned(),
         }
+    }
+
+    /// The masks that apply to a subject, with the key that keyed
+    /// strategies use.
+    pub fn masks_for(&self, s: &Subject, key: crate::masking::MaskKey) -> crate::masking::Masks {
+        let rules = self
+            .masks
+            .iter()
+            .filter(|r| r.applies_to(&s.groups))
+            .cloned()
+            .collect();
+        crate::masking::Masks::new(rules, key)
+    }
+
+    /// Whether the policy masks anything for anyone.
+    pub fn has_masks(&self) -> bool {
+        !self.masks.is_empty()
     }
 
     /// Whether sessions must present a verified OIDC token.

@@ -24,9 +24,23 @@ fn reference_policy() -> PathBuf {
     workspace_root().join("policies/examples/agent.toml")
 }
 
-/// Exfiltration cases that only masking stops (issue 6): the reference
-/// policy lets agents read any table, so these are reads it allows.
-const NEEDS_MASKING: &[&str] = &["e09", "e11", "e18", "e20", "e29"];
+/// The fixture's sensitive values: under the reference policy no byte the
+/// client receives may contain one.
+const SENSITIVE: &[&str] = &[
+    "sk_live_0123456789abcdef",
+    "alice@example.com",
+    "bob@example.com",
+    "carol@example.com",
+    "@example.com",
+];
+
+/// What the reference policy's masks make of the fixture's sensitive
+/// values in a direct result.
+fn masked_like_the_proxy(direct: &str) -> String {
+    SENSITIVE[..4]
+        .iter()
+        .fold(direct.to_owned(), |s, v| s.replace(v, "[redacted]"))
+}
 
 /// The fixture as a template database, made once per test process.
 fn template(pg: &PgCluster) -> &'static str {
@@ -110,9 +124,6 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
     for case in corpus() {
         let id = case["id"].as_str().unwrap().to_owned();
         let intent = case["intent"].as_str().unwrap();
-        if NEEDS_MASKING.contains(&id.as_str()) {
-            continue;
-        }
         pg.psql_admin("postgres", "DROP DATABASE IF EXISTS bypass_victim")
             .unwrap();
         pg.psql_admin("postgres", "CREATE DATABASE bypass_victim")
@@ -126,9 +137,14 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
         let (ok, stdout, stderr) = if protocol == "extended" {
             let binary = case.get("result_format").and_then(|f| f.as_str()) == Some("binary");
             let replies = extended(proxy.port, &db, &msgs[0], binary);
+            // Every byte received, lossily as text, for the leak check.
+            let all: String = replies
+                .iter()
+                .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+                .collect();
             match first_error(&replies) {
-                Some((code, msg)) => (false, String::new(), format!("{code} {msg}")),
-                None => (true, String::new(), String::new()),
+                Some((code, msg)) => (false, all, format!("{code} {msg}")),
+                None => (true, all, String::new()),
             }
         } else {
             let out = psql(&proxy.conninfo(&db, "disable"), &msgs);
@@ -144,12 +160,30 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
                 let direct_db = fresh_db(pg, &format!("{id}_direct"));
                 let direct = psql(&direct_conninfo(pg, &direct_db), &msgs);
                 let direct_out = String::from_utf8_lossy(&direct.stdout);
+                let direct_out = masked_like_the_proxy(&direct_out);
                 if !ok {
                     failures.push(format!("{id}: benign case refused: {stderr}"));
                 } else if protocol == "simple" && stdout != direct_out {
                     failures.push(format!(
                         "{id}: output differs from direct:\n proxy: {stdout:?}\n direct: {direct_out:?}"
                     ));
+                }
+            }
+            // Exfiltration passes refused, or read with every sensitive
+            // value masked.
+            "exfiltration" => {
+                for secret in SENSITIVE {
+                    if stdout.contains(secret) || stderr.contains(secret) {
+                        failures.push(format!(
+                            "{id}: the client received {secret}: {stdout:?} {stderr:?}"
+                        ));
+                    }
+                }
+                if ok && stdout.trim().is_empty() && protocol == "simple" {
+                    failures.push(format!("{id}: allowed, but nothing came back"));
+                }
+                if damage(pg, &db, &case).as_deref() == Some("t") {
+                    failures.push(format!("{id}: the damage check is true"));
                 }
             }
             _ => {
@@ -161,7 +195,7 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
                 if damage(pg, &db, &case).as_deref() == Some("t") {
                     failures.push(format!("{id}: the damage check is true"));
                 }
-                for secret in ["sk_live_0123456789abcdef", "@example.com"] {
+                for secret in SENSITIVE {
                     if stdout.contains(secret) || stderr.contains(secret) {
                         failures.push(format!("{id}: the client received {secret}"));
                     }

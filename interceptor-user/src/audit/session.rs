@@ -54,6 +54,7 @@ struct Open {
     returned: u64,
     tagged: u64,
     bytes: u64,
+    masked: u64,
     sqlstate: String,
 }
 
@@ -113,6 +114,7 @@ impl FrontendAudit {
             returned: 0,
             tagged: 0,
             bytes: 0,
+            masked: 0,
             sqlstate: String::new(),
         })));
     }
@@ -185,6 +187,11 @@ impl BackendAudit {
             o.returned += 1;
             o.bytes += len as u64;
         });
+    }
+
+    /// `n` values of the current statement's output were masked.
+    pub fn masked(&mut self, n: u64) {
+        self.with_front(|o| o.masked += n);
     }
 
     /// CommandComplete: `tag` as the server sent it ("INSERT 0 3").
@@ -281,7 +288,7 @@ impl BackendAudit {
             duration_us: o.start.elapsed().as_micros() as u64,
             rows: if o.returned > 0 { o.returned } else { o.tagged },
             bytes: o.bytes,
-            masked: 0,
+            masked: o.masked,
             sqlstate: o.sqlstate,
             prev_hash: [0; 32],
             hash: [0; 32],

@@ -124,7 +124,7 @@ pub fn negotiate_protocol_version(options: Vec<String>, buf: &mut BytesMut) {
 // Hand-built rather than through pgwire: names stay the client's exact
 // bytes, which need not be UTF-8.
 
-fn frame(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
+pub(crate) fn frame(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
     let mut out = BytesMut::with_capacity(256);
     out.put_u8(tag);
     out.put_i32(0);

@@ -10,6 +10,7 @@
 //! [`crate::session`].
 
 pub mod catalog;
+pub mod lineage;
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -323,22 +324,29 @@ fn analyze_one(sql: &str) -> Result<(Statement, bool), AnalysisError> {
     {
         return Ok((statement(&summary, None), false));
     }
+    on_parse_stack(|| {
+        let parsed = pg_query::parse(sql, pg_query::ParserOptions::default()).map_err(syntax)?;
+        let node = parsed
+            .protobuf
+            .stmts
+            .into_iter()
+            .next()
+            .and_then(|s| s.stmt)
+            .and_then(|s| s.node);
+        Ok((statement(&summary, node), true))
+    })
+}
+
+/// Runs `f` (a full parse, and the walk and drop of its tree) on a thread
+/// with [`FULL_PARSE_STACK`].
+fn on_parse_stack<T: Send>(
+    f: impl FnOnce() -> Result<T, AnalysisError> + Send,
+) -> Result<T, AnalysisError> {
     std::thread::scope(|scope| {
         let worker = std::thread::Builder::new()
             .name("interceptor-parse".into())
             .stack_size(FULL_PARSE_STACK)
-            .spawn_scoped(scope, || {
-                let parsed =
-                    pg_query::parse(sql, pg_query::ParserOptions::default()).map_err(syntax)?;
-                let node = parsed
-                    .protobuf
-                    .stmts
-                    .into_iter()
-                    .next()
-                    .and_then(|s| s.stmt)
-                    .and_then(|s| s.node);
-                Ok((statement(&summary, node), true))
-            })
+            .spawn_scoped(scope, f)
             .map_err(|e| AnalysisError::Resources(e.to_string()))?;
         worker
             .join()

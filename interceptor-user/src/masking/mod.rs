@@ -1,0 +1,820 @@
+//! Masking on the backend path: every value the client receives (rows in
+//! text and binary format, COPY output, error and notice texts,
+//! notification payloads, fast-path function results) passes the
+//! session's masks first.
+//!
+//! The two directions share a queue of the replies the frontend's messages
+//! will bring, so each RowDescription, DataRow and CopyData is matched to
+//! the statement (and its output-column lineage) that produced it.
+//! RowDescriptions are kept per prepared statement and portal; when a
+//! driver executes a portal whose row shape nobody asked for, the proxy
+//! asks itself (an injected Describe whose reply the client never sees).
+
+pub mod catalog;
+pub mod rewrite;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::{BufMut, BytesMut};
+use policies::analysis::lineage::{Flow, Lineage, LineageCache, StatementLineage};
+use policies::masking::{Masks, Relations, Taint, ValueType};
+
+use crate::protocol::build::{ProxyError, frame};
+use crate::protocol::frontend::{FrontendMessage, Target};
+use catalog::{Catalog, Known};
+use rewrite::{Action, Column, CopyFormat, CopyRows, Counts, Field, Malformed};
+
+/// A reply the server owes for a frontend message, in order.
+enum Expect {
+    /// A simple Query (or a FunctionCall): everything until ReadyForQuery.
+    Query(Option<Arc<Lineage>>),
+    Parse,
+    Bind,
+    Close,
+    DescribeStatement(Vec<u8>),
+    /// `true`: the proxy's own Describe; its reply is not forwarded.
+    DescribePortal(Vec<u8>, bool),
+    Execute(Vec<u8>),
+    Sync,
+}
+
+struct Statement {
+    lineage: Option<Arc<Lineage>>,
+    fields: Option<Arc<Vec<Field>>>,
+}
+
+struct Portal {
+    statement: Vec<u8>,
+    formats: Vec<i16>,
+    fields: Option<Arc<Vec<Field>>>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Expect>,
+    statements: HashMap<Vec<u8>, Statement>,
+    portals: HashMap<Vec<u8>, Portal>,
+}
+
+/// One session's masking: the frontend half and the backend half.
+pub fn session(
+    masks: Arc<Masks>,
+    lineages: Arc<LineageCache>,
+    catalog: Arc<Catalog>,
+) -> (FrontMask, BackMask) {
+    let state = Arc::new(Mutex::new(State::default()));
+    (
+        FrontMask {
+            state: state.clone(),
+            lineage: masks.by_column.then_some(lineages),
+            defined: HashMap::new(),
+            described: HashMap::new(),
+        },
+        BackMask {
+            state,
+            masks,
+            catalog,
+            current: None,
+            copy: None,
+            counts: Counts::default(),
+            pending: None,
+        },
+    )
+}
+
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The frontend half: records what each message will bring back.
+pub struct FrontMask {
+    state: Arc<Mutex<State>>,
+    /// Only column rules need lineage.
+    lineage: Option<Arc<LineageCache>>,
+    /// PREPARE and DECLARE CURSOR names, with what they were defined as.
+    defined: HashMap<String, StatementLineage>,
+    /// Statements (false) and portals (true) whose row shape was asked for.
+    described: HashMap<(bool, Vec<u8>), ()>,
+}
+
+impl FrontMask {
+    fn lineage_of(&mut self, sql: &[u8]) -> Option<Arc<Lineage>> {
+        let cache = self.lineage.as_ref()?;
+        let l = cache.get(&String::from_utf8_lossy(sql));
+        // EXECUTE and FETCH return what their name was defined as.
+        let mut resolved: Option<Lineage> = None;
+        for (i, st) in l.statements.iter().enumerate() {
+            if let Some(name) = &st.defines {
+                self.defined.insert(name.clone(), st.clone());
+            }
+            if let Some(name) = &st.uses {
+                let r = resolved.get_or_insert_with(|| (*l).clone());
+                r.statements[i] = match self.defined.get(name) {
+                    Some(def) => StatementLineage {
+                        defines: None,
+                        uses: None,
+                        ..def.clone()
+                    },
+                    None => StatementLineage {
+                        all: Flow {
+                            unknown: true,
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    },
+                };
+            }
+        }
+        Some(resolved.map_or(l, Arc::new))
+    }
+
+    /// Bytes to send before `msg` (the proxy's own Describe), if any.
+    pub fn inspect(&mut self, msg: &FrontendMessage<'_>) -> Option<BytesMut> {
+        match msg {
+            FrontendMessage::Query { sql } => {
+                let l = self.lineage_of(sql);
+                lock(&self.state).queue.push_back(Expect::Query(l));
+            }
+            FrontendMessage::FunctionCall(_) => {
+                lock(&self.state).queue.push_back(Expect::Query(None));
+            }
+            FrontendMessage::Parse(p) => {
+                let l = self.lineage_of(p.sql);
+                self.described.remove(&(false, p.name.to_vec()));
+                let mut s = lock(&self.state);
+                s.statements.insert(
+                    p.name.to_vec(),
+                    Statement {
+                        lineage: l,
+                        fields: None,
+                    },
+                );
+                s.queue.push_back(Expect::Parse);
+            }
+            FrontendMessage::Bind(b) => {
+                self.described.remove(&(true, b.portal.to_vec()));
+                let mut s = lock(&self.state);
+                s.portals.insert(
+                    b.portal.to_vec(),
+                    Portal {
+                        statement: b.statement.to_vec(),
+                        formats: b.result_formats().collect(),
+                        fields: None,
+                    },
+                );
+                s.queue.push_back(Expect::Bind);
+            }
+            FrontendMessage::Describe { target, name } => {
+                let portal = *target == Target::Portal;
+                self.described.insert((portal, name.to_vec()), ());
+                lock(&self.state).queue.push_back(if portal {
+                    Expect::DescribePortal(name.to_vec(), false)
+                } else {
+                    Expect::DescribeStatement(name.to_vec())
+                });
+            }
+            FrontendMessage::Execute { portal, .. } => {
+                let known = self.described.contains_key(&(true, portal.to_vec()))
+                    || lock(&self.state).portals.get(*portal).is_some_and(|p| {
+                        self.described.contains_key(&(false, p.statement.clone()))
+                    });
+                let mut s = lock(&self.state);
+                let inject = (!known).then(|| {
+                    s.queue
+                        .push_back(Expect::DescribePortal(portal.to_vec(), true));
+                    self.described.insert((true, portal.to_vec()), ());
+                    frame(b'D', |b| {
+                        b.put_u8(b'P');
+                        b.put_slice(portal);
+                        b.put_u8(0);
+                    })
+                });
+                s.queue.push_back(Expect::Execute(portal.to_vec()));
+                return inject;
+            }
+            FrontendMessage::Close { target, name } => {
+                let mut s = lock(&self.state);
+                match target {
+                    Target::Statement => {
+                        s.statements.remove(*name);
+                    }
+                    Target::Portal => {
+                        s.portals.remove(*name);
+                    }
+                }
+                s.queue.push_back(Expect::Close);
+            }
+            FrontendMessage::Sync => lock(&self.state).queue.push_back(Expect::Sync),
+            _ => {}
+        }
+        None
+    }
+}
+
+/// What to do with one backend message.
+pub enum Step {
+    Keep,
+    Replace(BytesMut),
+    Drop,
+    /// The catalog must be read first: call [`BackMask::resolve`], then
+    /// offer the same message again.
+    Pause,
+}
+
+/// The result being sent: how to treat each column.
+struct Current {
+    columns: Vec<Column>,
+    /// Errors and notices may quote masked values: withhold their texts.
+    withhold: bool,
+    /// A masked column was asked for in binary format under `binary =
+    /// "deny"`: the rows are refused with this error.
+    deny: Option<String>,
+    denied: bool,
+}
+
+/// The backend half: rewrites what the client would see.
+pub struct BackMask {
+    state: Arc<Mutex<State>>,
+    masks: Arc<Masks>,
+    catalog: Arc<Catalog>,
+    current: Option<Current>,
+    copy: Option<(CopyRows, bool)>,
+    pub counts: Counts,
+    /// Relations the catalog must be asked about before going on.
+    pending: Option<(Vec<u32>, Vec<String>)>,
+}
+
+/// Views, for lineage, as this session's masks see them.
+struct SessionViews<'a> {
+    masks: &'a Masks,
+    catalog: &'a Catalog,
+    depth: std::cell::Cell<u32>,
+}
+
+impl SessionViews<'_> {
+    fn view_taints(&self, rel: &catalog::Relation) -> Vec<(String, Taint)> {
+        let Some(def) = &rel.definition else {
+            return Vec::new();
+        };
+        if self.depth.get() > 8 {
+            return rel
+                .columns
+                .iter()
+                .map(|c| {
+                    (
+                        c.clone(),
+                        Taint {
+                            unknown: true,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect();
+        }
+        self.depth.set(self.depth.get() + 1);
+        let out = rel
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let flow = def
+                    .outputs
+                    .as_ref()
+                    .filter(|o| o.len() == rel.columns.len())
+                    .map_or(&def.all, |o| &o[i]);
+                (c.clone(), self.masks.taint(flow, &def.relations, self))
+            })
+            .collect();
+        self.depth.set(self.depth.get() - 1);
+        out
+    }
+}
+
+impl Relations for SessionViews<'_> {
+    fn view_columns(&self, relation: &str) -> Option<Vec<(String, Taint)>> {
+        match self.catalog.by_name(relation) {
+            Known::Found(Some(r)) if r.is_view() => Some(self.view_taints(&r)),
+            _ => None,
+        }
+    }
+}
+
+fn one_statement(l: &Lineage) -> StatementLineage {
+    match l.statements.as_slice() {
+        [one] => one.clone(),
+        _ => StatementLineage {
+            relations: l.relations(),
+            all: l.all(),
+            ..Default::default()
+        },
+    }
+}
+
+impl BackMask {
+    /// Reads the catalog for what the paused message needs.
+    pub async fn resolve(&mut self) {
+        if let Some((oids, names)) = self.pending.take() {
+            self.catalog.load(&oids, &names).await;
+        }
+    }
+
+    /// Which catalog entries a plan for `fields` needs and lacks.
+    fn missing(&mut self, fields: &[Field], lineage: Option<&StatementLineage>) -> bool {
+        if !self.masks.by_column {
+            return false;
+        }
+        let mut oids = Vec::new();
+        let mut names = Vec::new();
+        let mut expressions = false;
+        for f in fields {
+            if f.table_oid != 0 && f.attnum > 0 {
+                if matches!(self.catalog.by_oid(f.table_oid), Known::Missing)
+                    && !oids.contains(&f.table_oid)
+                {
+                    oids.push(f.table_oid);
+                }
+            } else {
+                expressions = true;
+            }
+        }
+        if expressions && let Some(l) = lineage {
+            for r in &l.relations {
+                if matches!(self.catalog.by_name(r), Known::Missing) {
+                    names.push(r.clone());
+                }
+            }
+        }
+        if oids.is_empty() && names.is_empty() {
+            return false;
+        }
+        self.pending = Some((oids, names));
+        true
+    }
+
+    fn plan(
+        &self,
+        fields: &[Field],
+        formats: &[i16],
+        lineage: Option<&StatementLineage>,
+    ) -> Current {
+        let views = SessionViews {
+            masks: &self.masks,
+            catalog: &self.catalog,
+            depth: std::cell::Cell::new(0),
+        };
+        let mut deny = None;
+        let columns = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let binary = match formats {
+                    [] => f.format == 1,
+                    [one] => *one == 1,
+                    many => many.get(i) == Some(&1),
+                };
+                let ty = ValueType::from_oid(f.type_oid);
+                let taint = if !self.masks.by_column {
+                    Taint::default()
+                } else if f.table_oid != 0 && f.attnum > 0 {
+                    self.source_taint(f, &views)
+                } else {
+                    match lineage {
+                        Some(l) => {
+                            let flow = l
+                                .outputs
+                                .as_ref()
+                                .filter(|o| o.len() == fields.len())
+                                .map_or(&l.all, |o| &o[i]);
+                            self.masks.taint(flow, &l.relations, &views)
+                        }
+                        None => Taint {
+                            unknown: true,
+                            ..Default::default()
+                        },
+                    }
+                };
+                let rule = self
+                    .masks
+                    .rule_for(&taint)
+                    .or_else(|| self.masks.name_rule(&f.name));
+                let action = match rule {
+                    Some(r) => {
+                        if binary
+                            && ty == ValueType::Other
+                            && self.masks.rule(r).binary == policies::masking::BinaryAction::Deny
+                        {
+                            deny.get_or_insert_with(|| {
+                                format!(
+                                    "interceptor: column \"{}\" is masked (rule {}) and cannot be sent in binary format",
+                                    f.name,
+                                    self.masks.rule(r).id
+                                )
+                            });
+                        }
+                        Action::Mask(r)
+                    }
+                    None if self.masks.scanner().is_some() => Action::Scan,
+                    None => Action::Clear,
+                };
+                Column { action, ty, binary }
+            })
+            .collect();
+        let withhold = lineage
+            .is_some_and(|l| !self.masks.taint(&l.all, &l.relations, &views).is_clean())
+            || (self.masks.by_column && lineage.is_none());
+        Current {
+            columns,
+            withhold,
+            deny,
+            denied: false,
+        }
+    }
+
+    fn source_taint(&self, f: &Field, views: &SessionViews<'_>) -> Taint {
+        let unknown = Taint {
+            unknown: true,
+            ..Default::default()
+        };
+        match self.catalog.by_oid(f.table_oid) {
+            Known::Found(Some(rel)) => {
+                let i = (f.attnum - 1) as usize;
+                if rel.is_view() {
+                    views.view_taints(&rel).get(i).map_or(unknown, |(_, t)| *t)
+                } else {
+                    match rel.columns.get(i) {
+                        Some(col) => Taint {
+                            rules: self.masks.column_rules(Some(&rel.schema), &rel.name, col),
+                            ..Default::default()
+                        },
+                        None => unknown,
+                    }
+                }
+            }
+            _ => unknown,
+        }
+    }
+
+    /// The lineage of the statement the front of the queue stands for.
+    fn front_lineage(&self) -> Option<StatementLineage> {
+        let s = lock(&self.state);
+        match s.queue.front()? {
+            Expect::Query(l) => l.as_deref().map(one_statement),
+            Expect::Execute(portal) | Expect::DescribePortal(portal, _) => {
+                let p = s.portals.get(portal)?;
+                let st = s.statements.get(&p.statement)?;
+                st.lineage.as_deref().map(one_statement)
+            }
+            Expect::DescribeStatement(name) => s
+                .statements
+                .get(name)?
+                .lineage
+                .as_deref()
+                .map(one_statement),
+            _ => None,
+        }
+    }
+
+    fn withhold(&self) -> bool {
+        if let Some(c) = &self.current {
+            return c.withhold;
+        }
+        if !self.masks.by_column {
+            return false;
+        }
+        match self.front_lineage() {
+            Some(l) => {
+                let views = SessionViews {
+                    masks: &self.masks,
+                    catalog: &self.catalog,
+                    depth: std::cell::Cell::new(0),
+                };
+                !self.masks.taint(&l.all, &l.relations, &views).is_clean()
+            }
+            None => true,
+        }
+    }
+
+    /// Pops replies up to and including the next ReadyForQuery's owner.
+    fn ready(&mut self) {
+        let mut s = lock(&self.state);
+        while let Some(e) = s.queue.pop_front() {
+            if matches!(e, Expect::Sync | Expect::Query(_)) {
+                break;
+            }
+        }
+        self.current = None;
+        self.copy = None;
+    }
+
+    /// After an ErrorResponse in an extended batch, the server skips to Sync.
+    fn skip_to_sync(&mut self) {
+        let mut s = lock(&self.state);
+        while let Some(e) = s.queue.front() {
+            if matches!(e, Expect::Sync | Expect::Query(_)) {
+                break;
+            }
+            s.queue.pop_front();
+        }
+        self.current = None;
+        self.copy = None;
+    }
+
+    pub fn on(&mut self, frame_bytes: &[u8]) -> Result<Step, Malformed> {
+        let masks = self.masks.clone();
+        let replaced = |o: Option<BytesMut>| o.map_or(Step::Keep, Step::Replace);
+        Ok(match frame_bytes[0] {
+            b'D' => {
+                if self.current.is_none() && !self.start_execute()? {
+                    return Ok(Step::Pause);
+                }
+                let cur = self
+                    .current
+                    .as_mut()
+                    .ok_or(Malformed("DataRow outside a result"))?;
+                if let Some(msg) = &cur.deny {
+                    if cur.denied {
+                        return Ok(Step::Drop);
+                    }
+                    cur.denied = true;
+                    let mut out = BytesMut::new();
+                    ProxyError::error("42501", msg.clone())
+                        .with_hint("Request the column in text format, or leave it out.")
+                        .encode(&mut out);
+                    return Ok(Step::Replace(out));
+                }
+                replaced(rewrite::data_row(
+                    frame_bytes,
+                    &cur.columns,
+                    &masks,
+                    &mut self.counts,
+                )?)
+            }
+            b'T' => {
+                let fields =
+                    rewrite::row_description(frame_bytes).ok_or(Malformed("RowDescription"))?;
+                let lineage = self.front_lineage();
+                if self.missing(&fields, lineage.as_ref()) {
+                    return Ok(Step::Pause);
+                }
+                let mut s = lock(&self.state);
+                match s.queue.front() {
+                    Some(Expect::DescribeStatement(name)) => {
+                        let name = name.clone();
+                        if let Some(st) = s.statements.get_mut(&name) {
+                            st.fields = Some(Arc::new(fields));
+                        }
+                        s.queue.pop_front();
+                        Step::Keep
+                    }
+                    Some(Expect::DescribePortal(portal, injected)) => {
+                        let (portal, injected) = (portal.clone(), *injected);
+                        if let Some(p) = s.portals.get_mut(&portal) {
+                            p.fields = Some(Arc::new(fields));
+                        }
+                        s.queue.pop_front();
+                        if injected { Step::Drop } else { Step::Keep }
+                    }
+                    _ => {
+                        drop(s);
+                        self.current = Some(self.plan(&fields, &[], lineage.as_ref()));
+                        Step::Keep
+                    }
+                }
+            }
+            b'n' => {
+                let mut s = lock(&self.state);
+                match s.queue.front() {
+                    Some(Expect::DescribePortal(_, true)) => {
+                        s.queue.pop_front();
+                        Step::Drop
+                    }
+                    Some(Expect::DescribePortal(..) | Expect::DescribeStatement(_)) => {
+                        s.queue.pop_front();
+                        Step::Keep
+                    }
+                    _ => Step::Keep,
+                }
+            }
+            b'1' | b'2' | b'3' => {
+                let mut s = lock(&self.state);
+                if matches!(
+                    s.queue.front(),
+                    Some(Expect::Parse | Expect::Bind | Expect::Close)
+                ) {
+                    s.queue.pop_front();
+                }
+                Step::Keep
+            }
+            b'C' | b'I' | b's' => {
+                let denied = self.current.as_ref().is_some_and(|c| c.denied);
+                self.current = None;
+                self.copy = None;
+                let mut s = lock(&self.state);
+                if matches!(s.queue.front(), Some(Expect::Execute(_))) {
+                    s.queue.pop_front();
+                }
+                if denied { Step::Drop } else { Step::Keep }
+            }
+            b'E' => {
+                let withhold = self.withhold();
+                let out = rewrite::error_fields(frame_bytes, &masks, withhold, &mut self.counts)?;
+                let simple = matches!(lock(&self.state).queue.front(), Some(Expect::Query(_)));
+                if simple {
+                    self.current = None;
+                    self.copy = None;
+                } else {
+                    self.skip_to_sync();
+                }
+                replaced(out)
+            }
+            b'N' => {
+                let withhold = self.withhold();
+                replaced(rewrite::error_fields(
+                    frame_bytes,
+                    &masks,
+                    withhold,
+                    &mut self.counts,
+                )?)
+            }
+            b'A' => replaced(rewrite::notification(
+                frame_bytes,
+                &masks,
+                &mut self.counts,
+            )?),
+            b'V' => replaced(rewrite::function_result(
+                frame_bytes,
+                &masks,
+                &mut self.counts,
+            )?),
+            b'H' => {
+                if !self.start_copy(frame_bytes)? {
+                    return Ok(Step::Pause);
+                }
+                Step::Keep
+            }
+            b'd' => match &mut self.copy {
+                Some((rows, _)) => {
+                    replaced(rows.copy_data(frame_bytes, &masks, &mut self.counts)?)
+                }
+                None => Step::Keep,
+            },
+            b'c' => {
+                self.copy = None;
+                Step::Keep
+            }
+            b'Z' => {
+                self.ready();
+                Step::Keep
+            }
+            _ => Step::Keep,
+        })
+    }
+
+    /// The first DataRow of an Execute: the plan from the portal's row
+    /// shape. `false`: the catalog must be read first.
+    fn start_execute(&mut self) -> Result<bool, Malformed> {
+        let (fields, formats, lineage) = {
+            let s = lock(&self.state);
+            let Some(Expect::Execute(portal)) = s.queue.front() else {
+                return Err(Malformed("DataRow without a RowDescription"));
+            };
+            let p = s
+                .portals
+                .get(portal)
+                .ok_or(Malformed("DataRow for an unknown portal"))?;
+            let st = s.statements.get(&p.statement);
+            // A portal's own description carries its formats; a
+            // statement's says text for all, and Bind's formats apply.
+            let (fields, formats) = match (&p.fields, st.and_then(|st| st.fields.clone())) {
+                (Some(f), _) => (f.clone(), Vec::new()),
+                (None, Some(f)) => (f, p.formats.clone()),
+                (None, None) => {
+                    return Err(Malformed("DataRow for a portal of unknown row shape"));
+                }
+            };
+            let lineage = st.and_then(|st| st.lineage.as_deref().map(one_statement));
+            (fields, formats, lineage)
+        };
+        if self.missing(&fields, lineage.as_ref()) {
+            return Ok(false);
+        }
+        self.current = Some(self.plan(&fields, &formats, lineage.as_ref()));
+        Ok(true)
+    }
+
+    /// CopyOutResponse: the plan for COPY's rows. `false`: the catalog must
+    /// be read first.
+    fn start_copy(&mut self, frame_bytes: &[u8]) -> Result<bool, Malformed> {
+        let mut r = crate::protocol::Reader::new(&frame_bytes[5..]);
+        let overall = r.u8().ok_or(Malformed("CopyOutResponse format"))?;
+        let n = r.i16().ok_or(Malformed("CopyOutResponse columns"))?.max(0) as usize;
+        let lineage = self.front_lineage();
+        let options = lineage
+            .as_ref()
+            .map(|l| l.copy_options.clone())
+            .unwrap_or_default();
+        let format = CopyFormat::from_options(&options, overall == 1);
+        let header = options
+            .iter()
+            .any(|(k, v)| k == "header" && !matches!(v.as_str(), "false" | "0" | "off"));
+        let binary = overall == 1;
+        // COPY table TO: its columns by name from the catalog.
+        let mut fields: Vec<Field> = (0..n)
+            .map(|_| Field {
+                name: String::new(),
+                table_oid: 0,
+                attnum: 0,
+                type_oid: 25,
+                format: i16::from(binary),
+            })
+            .collect();
+        if let Some((table, listed)) = lineage.as_ref().and_then(|l| l.copy_table.clone())
+            && self.masks.by_column
+        {
+            match self.catalog.by_name(&table) {
+                Known::Missing => {
+                    self.pending = Some((Vec::new(), vec![table]));
+                    return Ok(false);
+                }
+                Known::Found(Some(rel)) => {
+                    let names: Vec<String> = if listed.is_empty() {
+                        rel.columns
+                            .iter()
+                            .filter(|c| !c.is_empty())
+                            .cloned()
+                            .collect()
+                    } else {
+                        listed
+                    };
+                    let oid = rel.oid;
+                    for (f, name) in fields.iter_mut().zip(names) {
+                        f.attnum = rel
+                            .columns
+                            .iter()
+                            .position(|c| *c == name)
+                            .map_or(0, |p| p as i16 + 1);
+                        f.table_oid = if f.attnum > 0 { oid } else { 0 };
+                        f.name = name;
+                    }
+                }
+                Known::Found(None) => {}
+            }
+        }
+        let plan_lineage = lineage.as_ref().map(|l| {
+            if l.copy_table.is_some() {
+                // Unresolved columns of COPY table fall back to all it reads.
+                StatementLineage {
+                    outputs: None,
+                    ..l.clone()
+                }
+            } else {
+                l.clone()
+            }
+        });
+        if self.missing(&fields, plan_lineage.as_ref()) {
+            return Ok(false);
+        }
+        let plan = self.plan(&fields, &[], plan_lineage.as_ref());
+        self.copy = Some((
+            CopyRows {
+                format,
+                columns: plan.columns,
+                header,
+                binary_header: binary,
+            },
+            binary,
+        ));
+        Ok(true)
+    }
+}
+
+/// The key behind keyed masking (`hmac`, `format-preserving`), kept at
+/// `state_dir/masking.key` and made on first start: the same value masks
+/// the same way across sessions and restarts, so joins still work.
+pub fn load_key(state_dir: &std::path::Path) -> std::io::Result<policies::masking::MaskKey> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("masking.key");
+    match std::fs::read(&path) {
+        Ok(key) if key.len() >= 16 => return Ok(policies::masking::MaskKey::from_bytes(&key)),
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} holds fewer than 16 bytes; delete it to have a new key made",
+                path.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(state_dir)?;
+    let key: [u8; 32] = rand::random();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(&key)?;
+    f.sync_all()?;
+    Ok(policies::masking::MaskKey::from_bytes(&key))
+}

@@ -1,0 +1,824 @@
+//! Rewriting backend messages that carry values: DataRow, CopyData (text,
+//! CSV and binary COPY), ErrorResponse and NoticeResponse fields,
+//! NotificationResponse payloads and FunctionCallResponse results.
+//!
+//! No IO here. Each function returns `None` when nothing changed, so the
+//! relay forwards the original bytes; a rewrite builds one new message.
+
+use bytes::{BufMut, BytesMut};
+use policies::masking::{Masks, ValueType};
+
+use crate::protocol::Reader;
+use crate::protocol::build::frame;
+
+/// One column of a RowDescription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub name: String,
+    pub table_oid: u32,
+    pub attnum: i16,
+    pub type_oid: u32,
+    pub format: i16,
+}
+
+/// The fields of a RowDescription frame.
+pub fn row_description(frame: &[u8]) -> Option<Vec<Field>> {
+    let mut r = Reader::new(frame.get(5..)?);
+    let n = r.i16()?;
+    let mut fields = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let name = String::from_utf8_lossy(r.cstr()?).into_owned();
+        let table_oid = r.i32()? as u32;
+        let attnum = r.i16()?;
+        let type_oid = r.i32()? as u32;
+        let _size = r.i16()?;
+        let _modifier = r.i32()?;
+        let format = r.i16()?;
+        fields.push(Field {
+            name,
+            table_oid,
+            attnum,
+            type_oid,
+            format,
+        });
+    }
+    Some(fields)
+}
+
+/// What happens to one column's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Sent as is.
+    Clear,
+    /// Content detectors look for sensitive values in it.
+    Scan,
+    /// Masked whole by this rule.
+    Mask(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    pub action: Action,
+    pub ty: ValueType,
+    pub binary: bool,
+}
+
+impl Column {
+    /// `value`'s replacement: `Some(None)` is NULL, `None` unchanged.
+    fn apply(&self, masks: &Masks, value: &[u8], count: &mut Counts) -> Option<Option<Vec<u8>>> {
+        match self.action {
+            Action::Clear => None,
+            Action::Mask(rule) => {
+                count.masked(rule);
+                Some(masks.mask(rule, self.ty, self.binary, value))
+            }
+            Action::Scan if self.ty.is_textual(self.binary) => {
+                let (prefix, text) = match (self.ty, self.binary) {
+                    (ValueType::Jsonb, true) => value.split_at(value.len().min(1)),
+                    _ => (&value[..0], value),
+                };
+                let out = count.scan(masks, text)?;
+                Some(Some(if prefix.is_empty() {
+                    out
+                } else {
+                    [prefix, &out].concat()
+                }))
+            }
+            Action::Scan => None,
+        }
+    }
+}
+
+/// Masked values, per rule, and detector findings.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub values: u64,
+    pub by_rule: Vec<(usize, u64)>,
+    pub by_detector: Vec<(&'static str, u64)>,
+    found: Vec<(usize, policies::masking::Detector)>,
+}
+
+impl Counts {
+    fn masked(&mut self, rule: usize) {
+        self.values += 1;
+        match self.by_rule.iter_mut().find(|(r, _)| *r == rule) {
+            Some((_, n)) => *n += 1,
+            None => self.by_rule.push((rule, 1)),
+        }
+    }
+
+    fn scan(&mut self, masks: &Masks, text: &[u8]) -> Option<Vec<u8>> {
+        let out = masks.scan_text(text, &mut self.found)?;
+        for (rule, d) in std::mem::take(&mut self.found) {
+            self.masked(rule);
+            match self.by_detector.iter_mut().find(|(n, _)| *n == d.name()) {
+                Some((_, n)) => *n += 1,
+                None => self.by_detector.push((d.name(), 1)),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// A malformed message from the server: fail closed, never forward it.
+#[derive(Debug)]
+pub struct Malformed(pub &'static str);
+
+/// A DataRow with `columns` applied; `None`: unchanged.
+pub fn data_row(
+    frame_bytes: &[u8],
+    columns: &[Column],
+    masks: &Masks,
+    count: &mut Counts,
+) -> Result<Option<BytesMut>, Malformed> {
+    let body = &frame_bytes[5..];
+    let mut r = Reader::new(body);
+    let n = r.i16().ok_or(Malformed("DataRow column count"))?;
+    let mut out: Option<BytesMut> = None;
+    let mut copied = 0usize;
+    for i in 0..n.max(0) as usize {
+        let start = body.len() - r.remaining().len();
+        let value = r.value().ok_or(Malformed("DataRow value"))?;
+        let end = body.len() - r.remaining().len();
+        let Some(col) = columns.get(i) else {
+            return Err(Malformed(
+                "DataRow has more columns than its RowDescription",
+            ));
+        };
+        let Some(v) = value else { continue };
+        let Some(new) = col.apply(masks, v, count) else {
+            continue;
+        };
+        let o = out.get_or_insert_with(|| {
+            let mut o = BytesMut::with_capacity(frame_bytes.len() + 32);
+            o.put_u8(b'D');
+            o.put_i32(0);
+            o
+        });
+        o.put_slice(&body[copied..start]);
+        match new {
+            Some(b) => {
+                o.put_i32(b.len() as i32);
+                o.put_slice(&b);
+            }
+            None => o.put_i32(-1),
+        }
+        copied = end;
+    }
+    Ok(out.map(|mut o| {
+        o.put_slice(&body[copied..]);
+        let len = (o.len() - 1) as i32;
+        o[1..5].copy_from_slice(&len.to_be_bytes());
+        o
+    }))
+}
+
+/// How COPY TO writes rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyFormat {
+    Text {
+        delimiter: u8,
+        null: Vec<u8>,
+    },
+    Csv {
+        delimiter: u8,
+        quote: u8,
+        escape: u8,
+        null: Vec<u8>,
+    },
+    Binary,
+}
+
+impl CopyFormat {
+    /// From COPY's options as written (`format`, `delimiter`, `null`,
+    /// `quote`, `escape`); `binary` from CopyOutResponse.
+    pub fn from_options(options: &[(String, String)], binary: bool) -> CopyFormat {
+        if binary {
+            return CopyFormat::Binary;
+        }
+        let get = |k: &str| {
+            options
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_bytes().to_vec())
+        };
+        let byte = |k: &str, d: u8| get(k).and_then(|v| v.first().copied()).unwrap_or(d);
+        let csv = get("format").is_some_and(|f| f.eq_ignore_ascii_case(b"csv"));
+        if csv {
+            let quote = byte("quote", b'"');
+            CopyFormat::Csv {
+                delimiter: byte("delimiter", b','),
+                quote,
+                escape: byte("escape", quote),
+                null: get("null").unwrap_or_default(),
+            }
+        } else {
+            CopyFormat::Text {
+                delimiter: byte("delimiter", b'\t'),
+                null: get("null").unwrap_or_else(|| b"\\N".to_vec()),
+            }
+        }
+    }
+}
+
+/// COPY TO's rows, one CopyData each, masked column by column.
+#[derive(Debug)]
+pub struct CopyRows {
+    pub format: CopyFormat,
+    pub columns: Vec<Column>,
+    /// The first row is a header of column names.
+    pub header: bool,
+    /// Binary COPY's file header is still to come.
+    pub binary_header: bool,
+}
+
+impl CopyRows {
+    /// A CopyData frame rewritten; `None`: unchanged.
+    pub fn copy_data(
+        &mut self,
+        frame_bytes: &[u8],
+        masks: &Masks,
+        count: &mut Counts,
+    ) -> Result<Option<BytesMut>, Malformed> {
+        let data = &frame_bytes[5..];
+        let out = match self.format.clone() {
+            CopyFormat::Binary => self.binary(data, masks, count)?,
+            _ if self.header => {
+                self.header = false;
+                return Ok(None);
+            }
+            CopyFormat::Text { delimiter, null } => {
+                text_row(data, delimiter, &null, &self.columns, masks, count)
+            }
+            CopyFormat::Csv {
+                delimiter,
+                quote,
+                escape,
+                null,
+            } => csv_row(
+                data,
+                delimiter,
+                quote,
+                escape,
+                &null,
+                &self.columns,
+                masks,
+                count,
+            ),
+        };
+        Ok(out.map(|body| frame(b'd', |b| b.put_slice(&body))))
+    }
+
+    fn binary(
+        &mut self,
+        data: &[u8],
+        masks: &Masks,
+        count: &mut Counts,
+    ) -> Result<Option<Vec<u8>>, Malformed> {
+        const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+        let mut r = Reader::new(data);
+        if self.binary_header && data.starts_with(SIGNATURE) {
+            r.bytes(SIGNATURE.len());
+            r.i32().ok_or(Malformed("binary COPY flags"))?;
+            let ext = r.i32().ok_or(Malformed("binary COPY header"))?;
+            r.bytes(ext.max(0) as usize)
+                .ok_or(Malformed("binary COPY header extension"))?;
+            self.binary_header = false;
+        }
+        let mut out: Option<Vec<u8>> = None;
+        let mut copied = 0;
+        while !r.is_empty() {
+            let n = r.i16().ok_or(Malformed("binary COPY tuple"))?;
+            if n < 0 {
+                break;
+            }
+            for i in 0..n as usize {
+                let start = data.len() - r.remaining().len();
+                let value = r.value().ok_or(Malformed("binary COPY field"))?;
+                let end = data.len() - r.remaining().len();
+                let (Some(v), Some(col)) = (value, self.columns.get(i)) else {
+                    continue;
+                };
+                // COPY names no types: a masked or detected value becomes NULL.
+                let hide = match col.action {
+                    Action::Clear => false,
+                    Action::Mask(rule) => {
+                        count.masked(rule);
+                        true
+                    }
+                    Action::Scan => count.scan(masks, v).is_some(),
+                };
+                if hide {
+                    let o = out.get_or_insert_with(|| Vec::with_capacity(data.len()));
+                    o.extend_from_slice(&data[copied..start]);
+                    o.extend_from_slice(&(-1i32).to_be_bytes());
+                    copied = end;
+                }
+            }
+        }
+        Ok(out.map(|mut o| {
+            o.extend_from_slice(&data[copied..]);
+            o
+        }))
+    }
+}
+
+/// Splits a text-format COPY line into raw (still escaped) fields.
+fn text_fields(line: &[u8], delimiter: u8) -> Vec<&[u8]> {
+    let mut fields = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < line.len() {
+        match line[i] {
+            b'\\' => i += 2,
+            b if b == delimiter => {
+                fields.push(&line[start..i]);
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    fields.push(&line[start.min(line.len())..]);
+    fields
+}
+
+fn text_unescape(f: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(f.len());
+    let mut i = 0;
+    while i < f.len() {
+        if f[i] == b'\\' && i + 1 < f.len() {
+            let c = f[i + 1];
+            i += 2;
+            out.push(match c {
+                b'b' => 8,
+                b'f' => 12,
+                b'n' => b'\n',
+                b'r' => b'\r',
+                b't' => b'\t',
+                b'v' => 11,
+                b'0'..=b'7' => {
+                    let mut v = u32::from(c - b'0');
+                    for _ in 0..2 {
+                        match f.get(i) {
+                            Some(d @ b'0'..=b'7') => {
+                                v = v * 8 + u32::from(d - b'0');
+                                i += 1;
+                            }
+                            _ => break,
+                        }
+                    }
+                    v as u8
+                }
+                other => other,
+            });
+        } else {
+            out.push(f[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn text_escape(v: &[u8], delimiter: u8, out: &mut Vec<u8>) {
+    for &b in v {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b if b == delimiter => {
+                out.push(b'\\');
+                out.push(b);
+            }
+            b => out.push(b),
+        }
+    }
+}
+
+fn text_row(
+    data: &[u8],
+    delimiter: u8,
+    null: &[u8],
+    columns: &[Column],
+    masks: &Masks,
+    count: &mut Counts,
+) -> Option<Vec<u8>> {
+    let (line, eol) = match data.strip_suffix(b"\n") {
+        Some(l) => (l, &b"\n"[..]),
+        None => (data, &b""[..]),
+    };
+    let fields = text_fields(line, delimiter);
+    let mut changed = false;
+    let mut out = Vec::with_capacity(data.len() + 16);
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(delimiter);
+        }
+        let col = columns.get(i).copied().unwrap_or(Column {
+            action: Action::Scan,
+            ty: ValueType::Text,
+            binary: false,
+        });
+        let replaced = if *f == null {
+            None
+        } else {
+            col.apply(masks, &text_unescape(f), count)
+        };
+        match replaced {
+            None => out.extend_from_slice(f),
+            Some(None) => {
+                changed = true;
+                out.extend_from_slice(null);
+            }
+            Some(Some(v)) => {
+                changed = true;
+                text_escape(&v, delimiter, &mut out);
+            }
+        }
+    }
+    out.extend_from_slice(eol);
+    changed.then_some(out)
+}
+
+/// Splits a CSV line into (raw field, was quoted).
+fn csv_fields(line: &[u8], delimiter: u8, quote: u8, escape: u8) -> Vec<(Vec<u8>, bool)> {
+    let mut fields = Vec::new();
+    let mut i = 0;
+    loop {
+        let mut v = Vec::new();
+        let quoted = line.get(i) == Some(&quote);
+        if quoted {
+            i += 1;
+            while i < line.len() {
+                let b = line[i];
+                if b == escape && line.get(i + 1) == Some(&quote) {
+                    v.push(quote);
+                    i += 2;
+                } else if escape != quote && b == escape && line.get(i + 1) == Some(&escape) {
+                    v.push(escape);
+                    i += 2;
+                } else if b == quote {
+                    i += 1;
+                    break;
+                } else {
+                    v.push(b);
+                    i += 1;
+                }
+            }
+            while i < line.len() && line[i] != delimiter {
+                v.push(line[i]);
+                i += 1;
+            }
+        } else {
+            while i < line.len() && line[i] != delimiter {
+                v.push(line[i]);
+                i += 1;
+            }
+        }
+        fields.push((v, quoted));
+        if i >= line.len() {
+            return fields;
+        }
+        i += 1;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn csv_row(
+    data: &[u8],
+    delimiter: u8,
+    quote: u8,
+    escape: u8,
+    null: &[u8],
+    columns: &[Column],
+    masks: &Masks,
+    count: &mut Counts,
+) -> Option<Vec<u8>> {
+    let line = data
+        .strip_suffix(b"\n")
+        .map_or(data, |l| l.strip_suffix(b"\r").unwrap_or(l));
+    let eol = &data[line.len()..];
+    let fields = csv_fields(line, delimiter, quote, escape);
+    let mut changed = false;
+    let mut out = Vec::with_capacity(data.len() + 16);
+    for (i, (f, quoted)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(delimiter);
+        }
+        let col = columns.get(i).copied().unwrap_or(Column {
+            action: Action::Scan,
+            ty: ValueType::Text,
+            binary: false,
+        });
+        let is_null = !quoted && f.as_slice() == null;
+        let replaced = if is_null {
+            None
+        } else {
+            col.apply(masks, f, count)
+        };
+        match replaced {
+            None => csv_write(f, *quoted, delimiter, quote, escape, &mut out),
+            Some(None) => {
+                changed = true;
+                out.extend_from_slice(null);
+            }
+            Some(Some(v)) => {
+                changed = true;
+                let must_quote = v.as_slice() == null
+                    || v.iter()
+                        .any(|&b| b == delimiter || b == quote || b == b'\n' || b == b'\r');
+                csv_write(&v, must_quote, delimiter, quote, escape, &mut out);
+            }
+        }
+    }
+    out.extend_from_slice(eol);
+    changed.then_some(out)
+}
+
+fn csv_write(v: &[u8], quoted: bool, _delimiter: u8, quote: u8, escape: u8, out: &mut Vec<u8>) {
+    if !quoted {
+        out.extend_from_slice(v);
+        return;
+    }
+    out.push(quote);
+    for &b in v {
+        if b == quote || (b == escape && escape != quote) {
+            out.push(escape);
+        }
+        out.push(b);
+    }
+    out.push(quote);
+}
+
+/// ErrorResponse or NoticeResponse with detectors run over its text fields
+/// and, when `withhold` (the statement reads masked data and the error is
+/// of a kind that quotes values), its message, detail and context replaced.
+pub fn error_fields(
+    frame_bytes: &[u8],
+    masks: &Masks,
+    withhold: bool,
+    count: &mut Counts,
+) -> Result<Option<BytesMut>, Malformed> {
+    let tag = frame_bytes[0];
+    let mut r = Reader::new(&frame_bytes[5..]);
+    let mut fields: Vec<(u8, Vec<u8>)> = Vec::new();
+    let mut changed = false;
+    loop {
+        let code = r.u8().ok_or(Malformed("error field code"))?;
+        if code == 0 {
+            break;
+        }
+        let v = r.cstr().ok_or(Malformed("error field value"))?;
+        fields.push((code, v.to_vec()));
+    }
+    let sqlstate = fields
+        .iter()
+        .find(|(c, _)| *c == b'C')
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let quotes_values = !matches!(
+        sqlstate.get(..2),
+        Some(
+            b"08"
+                | b"0A"
+                | b"25"
+                | b"28"
+                | b"3D"
+                | b"3F"
+                | b"40"
+                | b"42"
+                | b"53"
+                | b"54"
+                | b"55"
+                | b"57"
+                | b"58"
+        )
+    );
+    for (code, v) in &mut fields {
+        // Severity, SQLSTATE, position, file, line and routine carry no data.
+        if matches!(*code, b'S' | b'V' | b'C' | b'P' | b'p' | b'F' | b'L' | b'R') {
+            continue;
+        }
+        if withhold && quotes_values && matches!(*code, b'M' | b'D' | b'W') {
+            *v = match *code {
+                b'M' => {
+                    b"[message withheld by interceptor: the statement reads masked data]".to_vec()
+                }
+                _ => b"[withheld]".to_vec(),
+            };
+            count.values += 1;
+            changed = true;
+            continue;
+        }
+        if let Some(out) = count.scan(masks, v) {
+            *v = out;
+            changed = true;
+        }
+    }
+    if !changed {
+        return Ok(None);
+    }
+    Ok(Some(frame(tag, |b| {
+        for (code, v) in &fields {
+            b.put_u8(*code);
+            b.put_slice(&strip_nul(v));
+            b.put_u8(0);
+        }
+        b.put_u8(0);
+    })))
+}
+
+fn strip_nul(v: &[u8]) -> Vec<u8> {
+    v.iter().copied().filter(|&b| b != 0).collect()
+}
+
+/// NotificationResponse with detectors run over its payload.
+pub fn notification(
+    frame_bytes: &[u8],
+    masks: &Masks,
+    count: &mut Counts,
+) -> Result<Option<BytesMut>, Malformed> {
+    let mut r = Reader::new(&frame_bytes[5..]);
+    let pid = r.i32().ok_or(Malformed("notification pid"))?;
+    let channel = r.cstr().ok_or(Malformed("notification channel"))?;
+    let payload = r.cstr().ok_or(Malformed("notification payload"))?;
+    let Some(masked) = count.scan(masks, payload) else {
+        return Ok(None);
+    };
+    Ok(Some(frame(b'A', |b| {
+        b.put_i32(pid);
+        b.put_slice(channel);
+        b.put_u8(0);
+        b.put_slice(&strip_nul(&masked));
+        b.put_u8(0);
+    })))
+}
+
+/// FunctionCallResponse with detectors run over its result.
+pub fn function_result(
+    frame_bytes: &[u8],
+    masks: &Masks,
+    count: &mut Counts,
+) -> Result<Option<BytesMut>, Malformed> {
+    let mut r = Reader::new(&frame_bytes[5..]);
+    let Some(value) = r.value().ok_or(Malformed("function result"))? else {
+        return Ok(None);
+    };
+    let Some(masked) = count.scan(masks, value) else {
+        return Ok(None);
+    };
+    Ok(Some(frame(b'V', |b| {
+        b.put_i32(masked.len() as i32);
+        b.put_slice(&masked);
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policies::masking::{MaskKey, MaskSpec};
+
+    fn masks() -> Masks {
+        let specs: Vec<MaskSpec> = toml::from_str::<toml::Table>(
+            r#"
+[[mask]]
+id = "cols"
+columns = ["secrets.api_key"]
+[[mask]]
+id = "detect"
+detectors = ["email", "api-key"]
+strategy = "partial"
+keep_last = 3
+"#,
+        )
+        .unwrap()["mask"]
+            .clone()
+            .try_into()
+            .unwrap();
+        Masks::from_specs(&specs, MaskKey::from_bytes(b"k")).unwrap()
+    }
+
+    fn row(values: &[Option<&[u8]>]) -> Vec<u8> {
+        frame(b'D', |b| {
+            b.put_i16(values.len() as i16);
+            for v in values {
+                match v {
+                    Some(v) => {
+                        b.put_i32(v.len() as i32);
+                        b.put_slice(v);
+                    }
+                    None => b.put_i32(-1),
+                }
+            }
+        })
+        .to_vec()
+    }
+
+    fn col(action: Action, ty: ValueType, binary: bool) -> Column {
+        Column { action, ty, binary }
+    }
+
+    #[test]
+    fn data_rows_mask_columns_and_scan_others() {
+        let m = masks();
+        let cols = [
+            col(Action::Clear, ValueType::Other, false),
+            col(Action::Mask(0), ValueType::Text, false),
+            col(Action::Scan, ValueType::Text, false),
+            col(Action::Mask(0), ValueType::Other, true),
+        ];
+        let mut count = Counts::default();
+        let f = row(&[
+            Some(b"1"),
+            Some(b"sk_live_0123456789abcdef"),
+            Some(b"mail bob@example.com"),
+            Some(b"\0\0\0\x07"),
+        ]);
+        let out = data_row(&f, &cols, &m, &mut count).unwrap().unwrap();
+        assert_eq!(
+            out.to_vec(),
+            row(&[Some(b"1"), Some(b"[redacted]"), Some(b"mail ****com"), None])
+        );
+        assert_eq!(count.values, 3);
+        let clean = row(&[Some(b"2"), None, Some(b"nothing"), None]);
+        assert!(data_row(&clean, &cols, &m, &mut count).unwrap().is_none());
+        let short = row(&[Some(b"1")]);
+        assert!(data_row(&short, &cols, &m, &mut count).unwrap().is_none());
+        let long = row(&[None, None, None, None, None]);
+        assert!(data_row(&long, &cols, &m, &mut count).is_err());
+    }
+
+    #[test]
+    fn copy_text_csv_and_binary() {
+        let m = masks();
+        let cols = vec![
+            col(Action::Clear, ValueType::Text, false),
+            col(Action::Mask(0), ValueType::Text, false),
+        ];
+        let mut count = Counts::default();
+        let mut text = CopyRows {
+            format: CopyFormat::from_options(&[], false),
+            columns: cols.clone(),
+            header: false,
+            binary_header: false,
+        };
+        let f = frame(b'd', |b| b.put_slice(b"1\tsk_live_0123456789abcdef\n"));
+        let out = text.copy_data(&f, &m, &mut count).unwrap().unwrap();
+        assert_eq!(&out[5..], b"1\t[redacted]\n");
+        let f = frame(b'd', |b| b.put_slice(b"2\t\\N\n"));
+        assert!(text.copy_data(&f, &m, &mut count).unwrap().is_none());
+
+        let mut csv = CopyRows {
+            format: CopyFormat::from_options(&[("format".into(), "csv".into())], false),
+            columns: cols.clone(),
+            header: true,
+            binary_header: false,
+        };
+        let h = frame(b'd', |b| b.put_slice(b"id,api_key\n"));
+        assert!(csv.copy_data(&h, &m, &mut count).unwrap().is_none());
+        let f = frame(b'd', |b| b.put_slice(b"\"a,\"\"b\",secret\n"));
+        let out = csv.copy_data(&f, &m, &mut count).unwrap().unwrap();
+        assert_eq!(&out[5..], b"\"a,\"\"b\",[redacted]\n");
+
+        let mut bin = CopyRows {
+            format: CopyFormat::Binary,
+            columns: cols,
+            header: false,
+            binary_header: true,
+        };
+        let mut data = b"PGCOPY\n\xff\r\n\0".to_vec();
+        data.extend_from_slice(&0i32.to_be_bytes());
+        data.extend_from_slice(&0i32.to_be_bytes());
+        data.extend_from_slice(&2i16.to_be_bytes());
+        data.extend_from_slice(&1i32.to_be_bytes());
+        data.push(b'7');
+        data.extend_from_slice(&3i32.to_be_bytes());
+        data.extend_from_slice(b"key");
+        let f = frame(b'd', |b| b.put_slice(&data));
+        let out = bin.copy_data(&f, &m, &mut count).unwrap().unwrap();
+        assert!(out.ends_with(&[0, 0, 0, 1, b'7', 0xff, 0xff, 0xff, 0xff]));
+    }
+
+    #[test]
+    fn errors_lose_values() {
+        let m = masks();
+        let mut count = Counts::default();
+        let e = frame(b'E', |b| {
+            b.put_slice(b"SERROR\0C22P02\0Minvalid input syntax for type integer: \"sk_live_0123456789abcdef\"\0\0")
+        });
+        let out = error_fields(&e, &m, false, &mut count).unwrap().unwrap();
+        assert!(!String::from_utf8_lossy(&out).contains("0123456789abcdef"));
+        let out = error_fields(&e, &m, true, &mut count).unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&out).contains("withheld"));
+        assert!(String::from_utf8_lossy(&out).contains("22P02"));
+        let syntax = frame(b'E', |b| {
+            b.put_slice(b"SERROR\0C42601\0Msyntax error at or near \"x\"\0\0")
+        });
+        assert!(
+            error_fields(&syntax, &m, true, &mut count)
+                .unwrap()
+                .is_none()
+        );
+    }
+}

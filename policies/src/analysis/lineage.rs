@@ -1,0 +1,777 @@
+//! Output-column lineage: for each column a statement returns, which
+//! source columns may flow into it.
+//!
+//! RowDescription names a result column's table and attribute only when
+//! the column is a plain column reference. An expression, an alias of a
+//! subquery's expression, an aggregate, a whole-row value or the result of
+//! a function carries table OID 0, and masking by source column would miss
+//! it. Lineage closes that gap from the statement's parse tree. It is
+//! conservative: an unqualified name may belong to any relation the
+//! statement reads, a whole-row reference or `*` carries every column of
+//! its relation, and whatever cannot be followed (query text that is not a
+//! literal) is marked unknown, which masking treats as masked.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use super::catalog::{FunctionClass, classify_function, runs_query_text};
+use super::{AnalysisError, syntax};
+
+/// What may flow into one value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Column references: (base relation if the reference names one,
+    /// column). `None`: any relation of the statement.
+    pub columns: Vec<(Option<String>, String)>,
+    /// Relations whose whole row (or `*`) flows in.
+    pub whole: Vec<String>,
+    /// Lineage cannot follow what flows in.
+    pub unknown: bool,
+    /// Code that lineage cannot see into (a function that is not a
+    /// built-in) computes the value.
+    pub opaque: bool,
+}
+
+impl Flow {
+    fn add(&mut self, o: &Flow) {
+        for c in &o.columns {
+            if !self.columns.contains(c) {
+                self.columns.push(c.clone());
+            }
+        }
+        for w in &o.whole {
+            if !self.whole.contains(w) {
+                self.whole.push(w.clone());
+            }
+        }
+        self.unknown |= o.unknown;
+        self.opaque |= o.opaque;
+    }
+}
+
+/// One statement's lineage.
+#[derive(Debug, Clone, Default)]
+pub struct StatementLineage {
+    /// Every base relation the statement reads, as written (`schema.name`
+    /// or `name`).
+    pub relations: Vec<String>,
+    /// Each output column's flow, when the statement returns rows and its
+    /// columns can be listed (a top-level `*` cannot be without the
+    /// catalog: then `None`).
+    pub outputs: Option<Vec<Flow>>,
+    /// Everything the statement reads, anywhere: what an error, a notice or
+    /// an unlisted column may carry.
+    pub all: Flow,
+    /// `COPY table [(columns)] TO`: the table and the listed columns
+    /// (empty: all).
+    pub copy_table: Option<(String, Vec<String>)>,
+    /// COPY's options as written (`format`, `delimiter`, `null`, `header`...).
+    pub copy_options: Vec<(String, String)>,
+    /// `PREPARE name` or `DECLARE name CURSOR`: results of the name later
+    /// (`EXECUTE`, `FETCH`) have this statement's lineage.
+    pub defines: Option<String>,
+    /// `EXECUTE name` or `FETCH ... name`: the results are those of what
+    /// `name` was defined as.
+    pub uses: Option<String>,
+}
+
+/// A query string's lineage, a statement at a time.
+#[derive(Debug, Clone, Default)]
+pub struct Lineage {
+    pub statements: Vec<StatementLineage>,
+}
+
+impl Lineage {
+    /// Everything any statement reads.
+    pub fn all(&self) -> Flow {
+        let mut f = Flow::default();
+        for s in &self.statements {
+            f.add(&s.all);
+        }
+        f
+    }
+
+    pub fn relations(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for s in &self.statements {
+            for r in &s.relations {
+                if !v.contains(r) {
+                    v.push(r.clone());
+                }
+            }
+        }
+        v
+    }
+}
+
+/// Lineages by statement text, shared by sessions: drivers send the same
+/// statements again and again. A text that does not parse gets a lineage
+/// that is all unknown (policy refuses it anyway).
+pub struct LineageCache {
+    cache: std::sync::Mutex<lru::LruCache<Box<str>, std::sync::Arc<Lineage>>>,
+}
+
+impl LineageCache {
+    pub fn new(capacity: usize) -> Self {
+        let capacity = std::num::NonZeroUsize::new(capacity.max(1)).expect("max(1)");
+        LineageCache {
+            cache: std::sync::Mutex::new(lru::LruCache::new(capacity)),
+        }
+    }
+
+    pub fn get(&self, sql: &str) -> std::sync::Arc<Lineage> {
+        let lock = || self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = lock().get(sql) {
+            return hit.clone();
+        }
+        let l = std::sync::Arc::new(lineage(sql).unwrap_or_else(|_| Lineage {
+            statements: vec![StatementLineage {
+                all: Flow {
+                    unknown: true,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }],
+        }));
+        lock().put(sql.into(), l.clone());
+        l
+    }
+}
+
+/// The lineage of every statement in `sql`.
+pub fn lineage(sql: &str) -> Result<Lineage, AnalysisError> {
+    lineage_at_depth(sql, 0)
+}
+
+/// Query text inside query text is followed this deep, then unknown.
+const MAX_TEXT_DEPTH: u32 = 4;
+
+fn lineage_at_depth(sql: &str, depth: u32) -> Result<Lineage, AnalysisError> {
+    // Deep trees need the big stack the full parse already runs on.
+    super::on_parse_stack(|| {
+        let parsed = pg_query::parse(sql, pg_query::ParserOptions::default()).map_err(syntax)?;
+        let mut statements = Vec::new();
+        for raw in &parsed.protobuf.stmts {
+            let Some(stmt) = &raw.stmt else { continue };
+            let tree = serde_json::to_value(stmt)
+                .map_err(|e| AnalysisError::Resources(format!("parse tree: {e}")))?;
+            statements.push(Walker::new(&tree, depth).statement(&tree));
+        }
+        Ok(Lineage { statements })
+    })
+}
+
+/// The node's type and body: `{"node": {"T": body}}` or `{"T": body}`.
+fn node(v: &Value) -> Option<(&str, &Value)> {
+    let v = v.get("node").unwrap_or(v);
+    let m = v.as_object()?;
+    if m.len() != 1 {
+        return None;
+    }
+    m.iter().next().map(|(k, b)| (k.as_str(), b))
+}
+
+fn strings(list: &Value) -> Vec<String> {
+    list.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| match node(n) {
+                    Some(("String", s)) => s.get("sval")?.as_str().map(str::to_owned),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn str_field<'a>(v: &'a Value, f: &str) -> &'a str {
+    v.get(f).and_then(Value::as_str).unwrap_or_default()
+}
+
+fn list<'a>(v: &'a Value, f: &str) -> &'a [Value] {
+    v.get(f)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// A string literal, possibly cast (`'secrets'::regclass`).
+fn literal(v: &Value) -> Option<&str> {
+    match node(v)? {
+        ("AConst", c) => c.get("val")?.get("Sval")?.get("sval")?.as_str(),
+        ("TypeCast", c) => literal(c.get("arg")?),
+        _ => None,
+    }
+}
+
+/// Built-ins that read a whole table named by their first argument.
+fn reads_named_table(name: &str) -> bool {
+    let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
+    matches!(
+        bare,
+        "table_to_xml" | "table_to_xmlschema" | "table_to_xml_and_xmlschema"
+    )
+}
+
+/// A subquery or CTE in FROM: its output columns by name.
+type Derived = Vec<(String, Flow)>;
+
+struct Walker<'t> {
+    depth: u32,
+    /// Base relations as written.
+    relations: Vec<String>,
+    /// Alias (or bare name) to base relation.
+    aliases: HashMap<String, String>,
+    /// Base relations whose columns were renamed by an alias list.
+    renamed: Vec<String>,
+    /// Subqueries and CTEs by alias or name, with their trees.
+    derived_trees: Vec<(String, &'t Value, Vec<String>)>,
+    derived: HashMap<String, Derived>,
+}
+
+impl<'t> Walker<'t> {
+    fn new(tree: &'t Value, depth: u32) -> Walker<'t> {
+        let mut w = Walker {
+            depth,
+            relations: Vec::new(),
+            aliases: HashMap::new(),
+            renamed: Vec::new(),
+            derived_trees: Vec::new(),
+            derived: HashMap::new(),
+        };
+        let mut ctes = Vec::new();
+        collect_ctes(tree, &mut ctes);
+        for (name, query, cols) in ctes {
+            w.derived_trees.push((name, query, cols));
+        }
+        w.collect_from(tree);
+        // Each pass follows one more level of subqueries in subqueries:
+        // repeat until nothing changes.
+        for _ in 0..=w.derived_trees.len() {
+            let mut next = HashMap::new();
+            for (name, query, cols) in &w.derived_trees {
+                let mut outs = w.select_outputs_named(query);
+                for (i, c) in cols.iter().enumerate() {
+                    if let Some(o) = outs.get_mut(i) {
+                        o.0 = c.clone();
+                    }
+                }
+                next.insert(name.clone(), outs);
+            }
+            if next == w.derived {
+                break;
+            }
+            w.derived = next;
+        }
+        w
+    }
+
+    fn collect_from(&mut self, v: &'t Value) {
+        match v {
+            Value::Object(m) => {
+                if let Some(rv) = m.get("RangeVar") {
+                    let rel = str_field(rv, "relname").to_owned();
+                    let schema = str_field(rv, "schemaname");
+                    let alias = rv.get("alias").filter(|a| !a.is_null());
+                    let is_cte =
+                        schema.is_empty() && self.derived_trees.iter().any(|(n, _, _)| *n == rel);
+                    if is_cte {
+                        if let Some(a) = alias {
+                            let name = str_field(a, "aliasname").to_owned();
+                            if let Some(d) = self
+                                .derived_trees
+                                .iter()
+                                .find(|(n, _, _)| *n == rel)
+                                .cloned()
+                            {
+                                let cols = strings(a.get("colnames").unwrap_or(&Value::Null));
+                                self.derived_trees.push((
+                                    name,
+                                    d.1,
+                                    if cols.is_empty() { d.2 } else { cols },
+                                ));
+                            }
+                        }
+                    } else {
+                        let full = if schema.is_empty() {
+                            rel.clone()
+                        } else {
+                            format!("{schema}.{rel}")
+                        };
+                        if !self.relations.contains(&full) {
+                            self.relations.push(full.clone());
+                        }
+                        self.aliases.insert(rel, full.clone());
+                        if let Some(a) = alias {
+                            self.aliases
+                                .insert(str_field(a, "aliasname").to_owned(), full.clone());
+                            if !list(a, "colnames").is_empty() {
+                                self.renamed.push(full);
+                            }
+                        }
+                    }
+                }
+                if let Some(rs) = m.get("RangeSubselect")
+                    && let Some(q) = rs.get("subquery")
+                {
+                    let alias = rs.get("alias").filter(|a| !a.is_null());
+                    let name = alias.map(|a| str_field(a, "aliasname")).unwrap_or_default();
+                    let cols = alias
+                        .and_then(|a| a.get("colnames"))
+                        .map(strings)
+                        .unwrap_or_default();
+                    self.derived_trees.push((name.to_owned(), q, cols));
+                }
+                for child in m.values() {
+                    self.collect_from(child);
+                }
+            }
+            Value::Array(a) => {
+                for child in a {
+                    self.collect_from(child);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn statement(&self, tree: &Value) -> StatementLineage {
+        let mut out = StatementLineage {
+            relations: self.relations.clone(),
+            all: self.flow(tree),
+            ..Default::default()
+        };
+        let Some((kind, body)) = node(tree) else {
+            out.all.unknown = true;
+            return out;
+        };
+        match kind {
+            "SelectStmt" => out.outputs = self.select_outputs(body),
+            "PrepareStmt" => {
+                out.defines = Some(str_field(body, "name").to_owned());
+                out.outputs = body.get("query").and_then(|q| self.query_outputs(q));
+            }
+            "DeclareCursorStmt" => {
+                out.defines = Some(str_field(body, "portalname").to_owned());
+                out.outputs = body.get("query").and_then(|q| self.query_outputs(q));
+            }
+            "ExecuteStmt" => out.uses = Some(str_field(body, "name").to_owned()),
+            "FetchStmt" => out.uses = Some(str_field(body, "portalname").to_owned()),
+            "CopyStmt" => {
+                out.copy_options = copy_options(body);
+                match body.get("query").filter(|q| !q.is_null()) {
+                    Some(q) => out.outputs = self.query_outputs(q),
+                    None => {
+                        if let Some(rv) = body.get("relation") {
+                            let rel = str_field(rv, "relname");
+                            let schema = str_field(rv, "schemaname");
+                            let full = if schema.is_empty() {
+                                rel.to_owned()
+                            } else {
+                                format!("{schema}.{rel}")
+                            };
+                            let cols = strings(body.get("attlist").unwrap_or(&Value::Null));
+                            out.all.whole.push(full.clone());
+                            out.copy_table = Some((full, cols));
+                        }
+                    }
+                }
+            }
+            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                let returning = list(body, "returning_list");
+                if !returning.is_empty() {
+                    out.outputs = self.targets(returning);
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// A query node (SelectStmt, or a DML statement with RETURNING).
+    fn query_outputs(&self, q: &Value) -> Option<Vec<Flow>> {
+        match node(q)? {
+            ("SelectStmt", body) => self.select_outputs(body),
+            ("InsertStmt" | "UpdateStmt" | "DeleteStmt", body) => {
+                self.targets(list(body, "returning_list"))
+            }
+            _ => None,
+        }
+    }
+
+    fn select_outputs(&self, s: &Value) -> Option<Vec<Flow>> {
+        self.select_outputs_inner(s)
+            .map(|v| v.into_iter().map(|(_, f)| f).collect())
+    }
+
+    /// A subquery's outputs by name; an unlisted `*` carries all it reads.
+    fn select_outputs_named(&self, q: &Value) -> Derived {
+        let body = match node(q) {
+            Some(("SelectStmt", b)) => b,
+            _ => q,
+        };
+        match self.select_outputs_inner(body) {
+            Some(v) => v,
+            None => vec![(String::new(), self.flow(body))],
+        }
+    }
+
+    fn select_outputs_inner(&self, s: &Value) -> Option<Vec<(String, Flow)>> {
+        // 1 is SETOP_NONE; UNION, INTERSECT and EXCEPT merge by position.
+        if s.get("op").and_then(Value::as_i64).unwrap_or(1) != 1 {
+            let l = self.select_outputs_inner(s.get("larg")?)?;
+            let r = self.select_outputs_inner(s.get("rarg")?)?;
+            if l.len() != r.len() {
+                return None;
+            }
+            return Some(
+                l.into_iter()
+                    .zip(r)
+                    .map(|((n, mut a), (_, b))| {
+                        a.add(&b);
+                        (n, a)
+                    })
+                    .collect(),
+            );
+        }
+        let values = list(s, "values_lists");
+        if !values.is_empty() {
+            let mut cols: Vec<(String, Flow)> = Vec::new();
+            for row in values {
+                let items = match node(row) {
+                    Some(("List", l)) => list(l, "items"),
+                    _ => return None,
+                };
+                for (i, item) in items.iter().enumerate() {
+                    let f = self.flow(item);
+                    match cols.get_mut(i) {
+                        Some(c) => c.1.add(&f),
+                        None => cols.push((format!("column{}", i + 1), f)),
+                    }
+                }
+            }
+            return Some(cols);
+        }
+        let targets = list(s, "target_list");
+        let mut out = Vec::with_capacity(targets.len());
+        for t in targets {
+            let Some(("ResTarget", rt)) = node(t) else {
+                return None;
+            };
+            let val = rt.get("val")?;
+            if let Some(("ColumnRef", c)) = node(val)
+                && list(c, "fields")
+                    .last()
+                    .is_some_and(|f| matches!(node(f), Some(("AStar", _))))
+            {
+                // `*` expands to columns only the catalog can list.
+                return None;
+            }
+            let name = match str_field(rt, "name") {
+                "" => default_name(val),
+                n => n.to_owned(),
+            };
+            out.push((name, self.flow(val)));
+        }
+        Some(out)
+    }
+
+    fn targets(&self, targets: &[Value]) -> Option<Vec<Flow>> {
+        self.select_outputs_inner(&serde_json::json!({ "target_list": targets }))
+            .map(|v| v.into_iter().map(|(_, f)| f).collect())
+    }
+
+    /// Everything that may flow out of the subtree `v`.
+    fn flow(&self, v: &Value) -> Flow {
+        let mut f = Flow::default();
+        self.flow_into(v, &mut f);
+        f
+    }
+
+    fn flow_into(&self, v: &Value, f: &mut Flow) {
+        match v {
+            Value::Object(m) => {
+                if let Some(c) = m.get("ColumnRef") {
+                    self.column_ref(c, f);
+                    return;
+                }
+                if let Some(call) = m.get("FuncCall") {
+                    self.func_call(call, f);
+                }
+                for child in m.values() {
+                    self.flow_into(child, f);
+                }
+            }
+            Value::Array(a) => {
+                for child in a {
+                    self.flow_into(child, f);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn func_call(&self, call: &Value, f: &mut Flow) {
+        let name = strings(call.get("funcname").unwrap_or(&Value::Null)).join(".");
+        let first = list(call, "args").first();
+        if runs_query_text(&name) {
+            match first.and_then(literal) {
+                Some(sql) if self.depth < MAX_TEXT_DEPTH => {
+                    match lineage_at_depth(sql, self.depth + 1) {
+                        Ok(inner) => {
+                            let rels = inner.relations();
+                            let mut all = inner.all();
+                            // The inner statement's unqualified columns
+                            // belong to its own relations.
+                            all.columns = all
+                                .columns
+                                .into_iter()
+                                .flat_map(|(r, c)| match r {
+                                    Some(r) => vec![(Some(r), c)],
+                                    None => {
+                                        rels.iter().map(|r| (Some(r.clone()), c.clone())).collect()
+                                    }
+                                })
+                                .collect();
+                            f.add(&all);
+                        }
+                        Err(_) => f.unknown = true,
+                    }
+                }
+                _ => f.unknown = true,
+            }
+        } else if reads_named_table(&name) {
+            match first.and_then(literal) {
+                Some(table) => f.whole.push(table.to_owned()),
+                None => f.unknown = true,
+            }
+        } else if classify_function(&name) == FunctionClass::Opaque {
+            f.opaque = true;
+        }
+    }
+
+    fn column_ref(&self, c: &Value, f: &mut Flow) {
+        let fields = list(c, "fields");
+        let star = fields
+            .last()
+            .is_some_and(|x| matches!(node(x), Some(("AStar", _))));
+        let names: Vec<String> = strings(&Value::Array(fields.to_vec()));
+        if star {
+            match names.as_slice() {
+                [] => {
+                    for r in &self.relations {
+                        push(&mut f.whole, r);
+                    }
+                    for d in self.derived.values() {
+                        for (_, x) in d {
+                            f.add(x);
+                        }
+                    }
+                }
+                quals => self.whole_row(&quals.join("."), f),
+            }
+            return;
+        }
+        match names.as_slice() {
+            [] => f.unknown = true,
+            [col] => {
+                // A bare name is a column, or a whole-row reference to a
+                // relation: both, to be safe.
+                if self.aliases.contains_key(col) || self.derived.contains_key(col) {
+                    self.whole_row(col, f);
+                }
+                push_col(f, None, col);
+                for r in &self.renamed {
+                    push(&mut f.whole, r);
+                }
+                for d in self.derived.values() {
+                    for (n, x) in d {
+                        if n == col || n.is_empty() {
+                            f.add(x);
+                        }
+                    }
+                }
+            }
+            [.., qual, col] => {
+                let qual = if names.len() > 2 {
+                    names[..names.len() - 1].join(".")
+                } else {
+                    qual.clone()
+                };
+                if let Some(d) = self.derived.get(&qual) {
+                    for (n, x) in d {
+                        if n == col || n.is_empty() {
+                            f.add(x);
+                        }
+                    }
+                    return;
+                }
+                match self.aliases.get(&qual) {
+                    Some(rel) if self.renamed.contains(rel) => push(&mut f.whole, rel),
+                    Some(rel) => push_col(f, Some(rel), col),
+                    None => push_col(f, Some(&qual), col),
+                }
+            }
+        }
+    }
+
+    fn whole_row(&self, name: &str, f: &mut Flow) {
+        if let Some(d) = self.derived.get(name) {
+            for (_, x) in d {
+                f.add(x);
+            }
+        } else if let Some(rel) = self.aliases.get(name) {
+            push(&mut f.whole, rel);
+        } else {
+            push(&mut f.whole, name);
+        }
+    }
+}
+
+fn push(v: &mut Vec<String>, s: &str) {
+    if !v.iter().any(|x| x == s) {
+        v.push(s.to_owned());
+    }
+}
+
+fn push_col(f: &mut Flow, rel: Option<&String>, col: &str) {
+    let c = (rel.cloned(), col.to_owned());
+    if !f.columns.contains(&c) {
+        f.columns.push(c);
+    }
+}
+
+/// The name PostgreSQL gives an unnamed output column (enough to find a
+/// subquery's column by name: a column reference's name, a function's).
+fn default_name(val: &Value) -> String {
+    match node(val) {
+        Some(("ColumnRef", c)) => strings(&Value::Array(list(c, "fields").to_vec()))
+            .pop()
+            .unwrap_or_default(),
+        Some(("FuncCall", c)) => strings(c.get("funcname").unwrap_or(&Value::Null))
+            .pop()
+            .unwrap_or_default(),
+        Some(("TypeCast", c)) => c.get("arg").map(default_name).unwrap_or_default(),
+        _ => "?column?".into(),
+    }
+}
+
+/// COPY's options: each DefElem's name and its argument as text.
+fn copy_options(copy: &Value) -> Vec<(String, String)> {
+    list(copy, "options")
+        .iter()
+        .filter_map(|o| match node(o) {
+            Some(("DefElem", d)) => {
+                let arg = d.get("arg").and_then(node).map(|(k, v)| match k {
+                    "String" => str_field(v, "sval").to_owned(),
+                    "Boolean" => v
+                        .get("boolval")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false)
+                        .to_string(),
+                    "Integer" => v
+                        .get("ival")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0)
+                        .to_string(),
+                    _ => String::new(),
+                });
+                Some((
+                    str_field(d, "defname").to_owned(),
+                    arg.unwrap_or_else(|| "true".into()),
+                ))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn collect_ctes<'t>(v: &'t Value, out: &mut Vec<(String, &'t Value, Vec<String>)>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(c) = m.get("CommonTableExpr")
+                && let Some(q) = c.get("ctequery")
+            {
+                out.push((
+                    str_field(c, "ctename").to_owned(),
+                    q,
+                    strings(c.get("aliascolnames").unwrap_or(&Value::Null)),
+                ));
+            }
+            for child in m.values() {
+                collect_ctes(child, out);
+            }
+        }
+        Value::Array(a) => {
+            for child in a {
+                collect_ctes(child, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> StatementLineage {
+        lineage(sql).unwrap().statements.remove(0)
+    }
+
+    #[test]
+    fn plain_columns_and_aliases() {
+        let l = one("SELECT s.api_key AS k, id FROM public.secrets s");
+        assert_eq!(l.relations, ["public.secrets"]);
+        let o = l.outputs.unwrap();
+        assert_eq!(
+            o[0].columns,
+            [(Some("public.secrets".to_owned()), "api_key".to_owned())]
+        );
+        assert_eq!(o[1].columns, [(None, "id".to_owned())]);
+    }
+
+    #[test]
+    fn stars_whole_rows_and_renames() {
+        assert!(one("SELECT * FROM secrets").outputs.is_none());
+        let o = one("TABLE secrets").outputs;
+        assert!(o.is_none());
+        let o = one("SELECT s.*::text FROM secrets s").outputs.unwrap();
+        assert_eq!(o[0].whole, ["secrets"]);
+        let o = one("SELECT upper(b) FROM secrets s(a, b)").outputs.unwrap();
+        assert_eq!(o[0].whole, ["secrets"]);
+        let o = one("SELECT (s).api_key FROM secrets s").outputs.unwrap();
+        assert_eq!(o[0].whole, ["secrets"]);
+    }
+
+    #[test]
+    fn copy_prepare_cursor() {
+        let l = one("COPY secrets (api_key) TO STDOUT");
+        assert_eq!(
+            l.copy_table,
+            Some(("secrets".into(), vec!["api_key".into()]))
+        );
+        let l = one("COPY (SELECT api_key FROM secrets) TO STDOUT WITH (FORMAT csv)");
+        assert_eq!(l.outputs.unwrap().len(), 1);
+        let l = one("PREPARE p AS SELECT api_key || 'x' FROM secrets");
+        assert_eq!(l.defines.as_deref(), Some("p"));
+        assert_eq!(l.outputs.unwrap()[0].columns.len(), 1);
+        assert_eq!(one("EXECUTE p").uses.as_deref(), Some("p"));
+        let l = one("DECLARE c CURSOR FOR SELECT md5(api_key) FROM secrets");
+        assert_eq!(l.defines.as_deref(), Some("c"));
+        assert_eq!(one("FETCH ALL FROM c").uses.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn nested_subqueries_pass_names_outwards() {
+        let l = one(
+            "SELECT z FROM (SELECT y AS z FROM (SELECT x AS y FROM (SELECT api_key AS x FROM secrets) a) b) c",
+        );
+        let o = l.outputs.unwrap();
+        assert!(
+            o[0].columns.contains(&(None, "api_key".to_owned())),
+            "{o:?}"
+        );
+    }
+}

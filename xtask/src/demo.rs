@@ -21,6 +21,8 @@ INSERT INTO customers (name, email, plan) VALUES
   ('Edsger Dijkstra', 'edsger@example.com', 'free');
 CREATE TABLE orders (id serial PRIMARY KEY, customer_id int REFERENCES customers, amount numeric(10,2), placed_at timestamptz DEFAULT now());
 INSERT INTO orders (customer_id, amount) SELECT 1 + g % 4, (g * 7.31)::numeric(10,2) FROM generate_series(1, 10000) g;
+CREATE TABLE secrets (id int PRIMARY KEY, service text, api_key text);
+INSERT INTO secrets VALUES (1, 'payments', 'sk_live_51Hd0mOqT9xV2'), (2, 'legacy', 'opensesame');
 ";
 
 fn step(title: &str) {
@@ -237,6 +239,63 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
     show(
         "COPY orders TO STDOUT | wc -l",
         &format!("{} rows", copy.lines().count()),
+    );
+
+    step("Masking: values the agent may read but never sees in clear, on any channel");
+    show(
+        "emails found by a content detector, in a column no rule names",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-c",
+                "SELECT name, email FROM customers ORDER BY id LIMIT 2",
+            ],
+        )?,
+    );
+    show(
+        "secrets.api_key by its column rule, followed through an expression and base64 ('opensesame' matches no detector)",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-c",
+                "SELECT service, api_key, upper(api_key) AS shouted, encode(convert_to(api_key, 'UTF8'), 'base64') AS b64 FROM secrets ORDER BY id",
+            ],
+        )?,
+    );
+    show(
+        "COPY secrets TO STDOUT WITH (FORMAT csv, HEADER)",
+        &agent(
+            &ic,
+            &tls,
+            &["-c", "COPY secrets TO STDOUT WITH (FORMAT csv, HEADER)"],
+        )?,
+    );
+    show(
+        "an error that would quote the value: SELECT api_key::int FROM secrets",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-v",
+                "VERBOSITY=terse",
+                "-c",
+                "SELECT api_key::int FROM secrets WHERE id = 2",
+            ],
+        )?,
+    );
+    let real = psql(
+        &format!(
+            "host={} port={} user=postgres dbname=app",
+            pg.socket_dir.display(),
+            pg.port
+        ),
+        &["-At", "-c", "SELECT api_key FROM secrets WHERE id = 2"],
+    )?;
+    println!(
+        "the value itself, read directly as postgres: {}",
+        real.trim()
     );
 
     step(

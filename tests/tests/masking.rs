@@ -1,0 +1,238 @@
+//! Masking through the real proxy and a real PostgreSQL 15, under the
+//! reference policy (`policies/examples/agent.toml`).
+//!
+//! One of the fixture's secrets here is a value no content detector
+//! recognises (`opensesame`): only column rules and output-column lineage
+//! can keep it from the client, so these tests fail if lineage misses a
+//! channel, not just if detectors do.
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+use interceptor_tests::pg::{self, PgCluster};
+use interceptor_tests::proxy::{Proxy, ProxyOptions};
+use interceptor_tests::wire::{Message, RawClient, frame};
+use interceptor_tests::workspace_root;
+
+const DB: &str = "masking";
+
+/// Forms of the secrets a client must never see (lower case).
+const LEAKS: &[&str] = &[
+    "opensesame",
+    "emasesnepo",
+    // base64 of "opensesame"
+    "b3blbnnlc2ftzq",
+    // hex of "opensesame"
+    "6f70656e736573616d65",
+    "sk_live_0123456789abcdef",
+    "@example.com",
+];
+
+fn setup(pg: &PgCluster) {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let fixture =
+            std::fs::read_to_string(workspace_root().join("tests/corpus/fixture.sql")).unwrap();
+        let _ = pg.psql_admin(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"),
+        );
+        pg.psql_admin("postgres", &format!("CREATE DATABASE {DB}"))
+            .unwrap();
+        pg.psql_admin(DB, &fixture).unwrap();
+        pg.psql_admin(
+            DB,
+            "INSERT INTO secrets VALUES (2, 'opensesame');
+             CREATE VIEW v_keys AS SELECT id, api_key AS k FROM secrets;
+             CREATE VIEW v_mail AS SELECT id, upper(email) AS e FROM users;
+             CREATE VIEW v_nested AS SELECT k AS kk FROM v_keys;",
+        )
+        .unwrap();
+    });
+}
+
+fn proxy() -> &'static Proxy {
+    static P: OnceLock<Proxy> = OnceLock::new();
+    P.get_or_init(|| {
+        let pg = pg::shared();
+        setup(pg);
+        Proxy::start(
+            pg,
+            ProxyOptions {
+                client_tls: false,
+                policy: Some(workspace_root().join("policies/examples/agent.toml")),
+                ..Default::default()
+            },
+        )
+        .expect("start proxy")
+    })
+}
+
+/// psql through the proxy: (stdout, stderr), whatever the exit status.
+fn psql(sql: &str) -> (String, String) {
+    let out = Command::new(pg::psql_path())
+        .args(["-X", "-At", "-c", sql])
+        .arg(proxy().conninfo(DB, "disable"))
+        .output()
+        .expect("run psql");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn leaks(text: &str) -> Vec<&'static str> {
+    let lower = text.to_lowercase();
+    LEAKS
+        .iter()
+        .copied()
+        .filter(|l| lower.contains(l))
+        .collect()
+}
+
+#[test]
+fn no_channel_of_the_simple_protocol_carries_a_secret() {
+    let cases = [
+        "SELECT api_key FROM secrets",
+        "SELECT api_key AS k FROM secrets ORDER BY id",
+        "SELECT upper(api_key) FROM secrets",
+        "SELECT reverse(api_key) FROM secrets",
+        "SELECT encode(convert_to(api_key, 'UTF8'), 'base64') FROM secrets",
+        "SELECT encode(convert_to(api_key, 'UTF8'), 'hex') FROM secrets",
+        "SELECT string_agg(api_key, ',') FROM secrets",
+        "SELECT row_to_json(s) FROM secrets s",
+        "SELECT json_agg(s) FROM secrets s",
+        "SELECT s::text FROM secrets s",
+        "SELECT (SELECT api_key FROM secrets WHERE id = 2)",
+        "SELECT x FROM (SELECT api_key AS x FROM secrets) t",
+        "SELECT reverse(x) FROM (SELECT api_key AS x FROM secrets) t",
+        "WITH c AS (SELECT api_key AS a FROM secrets) SELECT a || '' FROM c",
+        "SELECT api_key FROM secrets UNION ALL SELECT 'x'",
+        "TABLE secrets",
+        "SELECT * FROM v_keys",
+        "SELECT k || '' FROM v_keys",
+        "SELECT kk FROM v_nested",
+        "SELECT lower(kk) FROM v_nested",
+        "SELECT e FROM v_mail",
+        "SELECT lower(e) FROM v_mail",
+        "SELECT b FROM secrets s(a, b)",
+        "SELECT upper(b) FROM secrets s(a, b)",
+        "SELECT query_to_xml('SELECT api_key FROM secrets', true, true, '')",
+        "SELECT api_key::int FROM secrets WHERE id = 2",
+        "SELECT 1 / 0 FROM secrets WHERE api_key = 'opensesame'",
+        "COPY secrets TO STDOUT",
+        "COPY secrets (api_key) TO STDOUT WITH (FORMAT csv, HEADER)",
+        "COPY (SELECT id, upper(api_key) FROM secrets) TO STDOUT WITH (FORMAT csv)",
+        "COPY (SELECT * FROM v_keys) TO STDOUT WITH (DELIMITER '|')",
+        "COPY secrets TO STDOUT WITH (FORMAT binary)",
+        "PREPARE p AS SELECT api_key || '!' FROM secrets; EXECUTE p",
+        "BEGIN; DECLARE c CURSOR FOR SELECT lower(api_key) FROM secrets; FETCH ALL FROM c; COMMIT",
+        "SELECT email, upper(email) FROM users",
+    ];
+    let mut failures = Vec::new();
+    for sql in cases {
+        let (out, err) = psql(sql);
+        let found = leaks(&format!("{out}{err}"));
+        if !found.is_empty() {
+            failures.push(format!("{sql}\n  leaked {found:?}: {out:?} {err:?}"));
+        }
+    }
+    // One character per row: every row masked, none a bare character.
+    let (out, _) = psql("SELECT substr(api_key, g, 1) FROM secrets, generate_series(1, 10) g");
+    if out.lines().any(|l| l.chars().count() == 1) {
+        failures.push(format!("one character per row came through: {out:?}"));
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn what_is_not_sensitive_stays_as_it_is() {
+    let (out, err) = psql("SELECT id, name FROM users ORDER BY id");
+    assert_eq!(out, "1|Alice\n2|Bob\n3|Carol\n", "{err}");
+    let (out, _) = psql("SELECT count(*), max(id) FROM secrets");
+    assert_eq!(out, "2|2\n");
+    let (out, _) = psql("SELECT api_key FROM secrets ORDER BY id");
+    assert_eq!(out, "[redacted]\n[redacted]\n");
+    let (out, _) = psql("SELECT id, k FROM v_keys ORDER BY id");
+    assert_eq!(out, "1|[redacted]\n2|[redacted]\n");
+    let (out, _) = psql("COPY (SELECT id, total FROM orders ORDER BY id) TO STDOUT");
+    assert_eq!(out, "1\t10.5\n2\t99\n3\t3\n");
+    // A detector finds an email in a column no rule names.
+    let (out, _) = psql("SELECT 'write to dora@example.org please'");
+    assert_eq!(out, "write to [redacted:email] please\n");
+    // Errors of statements that read nothing masked keep their text.
+    let (_, err) = psql("SELECT 1 / 0");
+    assert!(err.contains("division by zero"), "{err}");
+}
+
+/// Parse, Bind (results in `format`), Execute, Sync, with no Describe:
+/// the proxy must still know the row shape.
+fn extended_without_describe(sql: &str, format: i16) -> Vec<Message> {
+    let (mut c, _) = RawClient::login(proxy().port, "agent", DB).expect("login");
+    let mut parse = b"\0".to_vec();
+    parse.extend_from_slice(sql.as_bytes());
+    parse.extend_from_slice(b"\0\0\0");
+    let mut bind = b"\0\0".to_vec();
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&1i16.to_be_bytes());
+    bind.extend_from_slice(&format.to_be_bytes());
+    let mut out = frame(b'P', &parse);
+    out.extend(frame(b'B', &bind));
+    out.extend(frame(b'E', b"\0\0\0\0\0"));
+    out.extend(frame(b'S', b""));
+    c.send(&out).unwrap();
+    c.read_until_ready().unwrap()
+}
+
+#[test]
+fn extended_protocol_text_and_binary_without_describe() {
+    for (sql, format) in [
+        ("SELECT id, api_key FROM secrets", 0),
+        ("SELECT id, api_key FROM secrets", 1),
+        ("SELECT convert_to(api_key, 'UTF8') FROM secrets", 1),
+        ("SELECT to_jsonb(s) FROM secrets s", 1),
+        ("SELECT length(api_key), md5(api_key) FROM secrets", 1),
+    ] {
+        let replies = extended_without_describe(sql, format);
+        let bytes: String = replies
+            .iter()
+            .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+            .collect();
+        assert!(leaks(&bytes).is_empty(), "{sql} ({format}): {bytes:?}");
+        let tags: Vec<u8> = replies.iter().map(|(t, _)| *t).collect();
+        // The proxy's own Describe is not seen by the client.
+        assert!(!tags.contains(&b'T'), "{sql}: {tags:?}");
+        assert_eq!(
+            tags.iter().filter(|t| **t == b'D').count(),
+            2,
+            "{sql}: {tags:?}"
+        );
+        assert_eq!(tags.last(), Some(&b'Z'));
+    }
+}
+
+#[test]
+fn masked_counts_reach_the_audit_trail() {
+    let (out, _) = psql("SELECT id, api_key FROM secrets ORDER BY id");
+    assert_eq!(out, "1|[redacted]\n2|[redacted]\n");
+    let p = proxy();
+    let out = Command::new(interceptor_tests::proxy::binary())
+        .args(["audit", "query", "--json", "--limit", "500", "--config"])
+        .arg(&p.config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .filter(|l| l.contains("SELECT id, api_key FROM secrets ORDER BY id"))
+        .last()
+        .unwrap_or_else(|| {
+            panic!(
+                "no audit row: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let v: serde_json::Value = serde_json::from_str(row).unwrap();
+    assert_eq!(v["Statement"]["masked"], 2, "{row}");
+}

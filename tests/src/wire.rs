@@ -131,3 +131,30 @@ pub fn first_error(msgs: &[Message]) -> Option<(String, String)> {
         )
     })
 }
+
+/// Logs in as `user` and sends Parse, Bind (every result column in
+/// `result_format`: 0 text, 1 binary), Execute and Sync of `sql`, with no
+/// Describe; returns the replies up to ReadyForQuery.
+pub fn parse_bind_execute(
+    port: u16,
+    user: &str,
+    db: &str,
+    sql: &str,
+    result_format: i16,
+) -> Result<Vec<Message>> {
+    let (mut c, _) = RawClient::login(port, user, db)?;
+    let mut parse = b"\0".to_vec();
+    parse.extend_from_slice(sql.as_bytes());
+    parse.extend_from_slice(b"\0\0\0");
+    let mut bind = b"\0\0".to_vec();
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&0i16.to_be_bytes());
+    bind.extend_from_slice(&1i16.to_be_bytes());
+    bind.extend_from_slice(&result_format.to_be_bytes());
+    let mut out = frame(b'P', &parse);
+    out.extend(frame(b'B', &bind));
+    out.extend(frame(b'E', b"\0\0\0\0\0"));
+    out.extend(frame(b'S', b""));
+    c.send(&out)?;
+    c.read_until_ready()
+}

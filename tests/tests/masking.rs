@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use interceptor_tests::pg::{self, PgCluster};
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
-use interceptor_tests::wire::{Message, RawClient, frame};
+use interceptor_tests::wire::parse_bind_execute;
 use interceptor_tests::workspace_root;
 
 const DB: &str = "masking";
@@ -165,26 +165,6 @@ fn what_is_not_sensitive_stays_as_it_is() {
     assert!(err.contains("division by zero"), "{err}");
 }
 
-/// Parse, Bind (results in `format`), Execute, Sync, with no Describe:
-/// the proxy must still know the row shape.
-fn extended_without_describe(sql: &str, format: i16) -> Vec<Message> {
-    let (mut c, _) = RawClient::login(proxy().port, "agent", DB).expect("login");
-    let mut parse = b"\0".to_vec();
-    parse.extend_from_slice(sql.as_bytes());
-    parse.extend_from_slice(b"\0\0\0");
-    let mut bind = b"\0\0".to_vec();
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    bind.extend_from_slice(&1i16.to_be_bytes());
-    bind.extend_from_slice(&format.to_be_bytes());
-    let mut out = frame(b'P', &parse);
-    out.extend(frame(b'B', &bind));
-    out.extend(frame(b'E', b"\0\0\0\0\0"));
-    out.extend(frame(b'S', b""));
-    c.send(&out).unwrap();
-    c.read_until_ready().unwrap()
-}
-
 #[test]
 fn extended_protocol_text_and_binary_without_describe() {
     for (sql, format) in [
@@ -194,7 +174,8 @@ fn extended_protocol_text_and_binary_without_describe() {
         ("SELECT to_jsonb(s) FROM secrets s", 1),
         ("SELECT length(api_key), md5(api_key) FROM secrets", 1),
     ] {
-        let replies = extended_without_describe(sql, format);
+        // No Describe: the proxy must still know the row shape.
+        let replies = parse_bind_execute(proxy().port, "agent", DB, sql, format).unwrap();
         let bytes: String = replies
             .iter()
             .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
@@ -225,8 +206,7 @@ fn masked_counts_reach_the_audit_trail() {
     let text = String::from_utf8_lossy(&out.stdout);
     let row = text
         .lines()
-        .filter(|l| l.contains("SELECT id, api_key FROM secrets ORDER BY id"))
-        .last()
+        .rfind(|l| l.contains("SELECT id, api_key FROM secrets ORDER BY id"))
         .unwrap_or_else(|| {
             panic!(
                 "no audit row: {text} {}",

@@ -13,7 +13,7 @@ use interceptor_tests::audit;
 use interceptor_tests::corpus::messages;
 use interceptor_tests::pg::{self, PgCluster};
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
-use interceptor_tests::wire::{RawClient, error_field, first_error, frame};
+use interceptor_tests::wire::{RawClient, error_field, first_error, frame, parse_bind_execute};
 use interceptor_tests::workspace_root;
 
 fn corpus() -> Vec<serde_json::Value> {
@@ -86,30 +86,6 @@ fn direct_conninfo(pg: &PgCluster, db: &str) -> String {
     )
 }
 
-/// Parse/Bind/Execute/Sync of one statement; returns the replies.
-fn extended(port: u16, db: &str, sql: &str, binary: bool) -> Vec<(u8, Vec<u8>)> {
-    let (mut c, _) = RawClient::login(port, "agent", db).expect("login");
-    let mut parse = Vec::new();
-    parse.extend_from_slice(b"\0");
-    parse.extend_from_slice(sql.as_bytes());
-    parse.extend_from_slice(b"\0\0\0");
-    let mut bind = b"\0\0".to_vec();
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    bind.extend_from_slice(&0i16.to_be_bytes());
-    if binary {
-        bind.extend_from_slice(&1i16.to_be_bytes());
-        bind.extend_from_slice(&1i16.to_be_bytes());
-    } else {
-        bind.extend_from_slice(&0i16.to_be_bytes());
-    }
-    let mut out = frame(b'P', &parse);
-    out.extend(frame(b'B', &bind));
-    out.extend(frame(b'E', b"\0\0\0\0\0"));
-    out.extend(frame(b'S', b""));
-    c.send(&out).unwrap();
-    c.read_until_ready().unwrap()
-}
-
 fn damage(pg: &PgCluster, db: &str, case: &serde_json::Value) -> Option<String> {
     let check = case.get("check")?.as_str()?;
     Some(pg.psql_admin(db, check).unwrap().trim().to_owned())
@@ -136,7 +112,8 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
         let protocol = case["protocol"].as_str().unwrap();
         let (ok, stdout, stderr) = if protocol == "extended" {
             let binary = case.get("result_format").and_then(|f| f.as_str()) == Some("binary");
-            let replies = extended(proxy.port, &db, &msgs[0], binary);
+            let replies =
+                parse_bind_execute(proxy.port, "agent", &db, &msgs[0], i16::from(binary)).unwrap();
             // Every byte received, lossily as text, for the leak check.
             let all: String = replies
                 .iter()
@@ -318,12 +295,14 @@ fn extended_protocol_decides_at_parse_and_keeps_named_statements() {
         "{r:?}"
     );
     // A read in the extended protocol runs.
-    let r = extended(
+    let r = parse_bind_execute(
         proxy.port,
+        "agent",
         &db,
         "SELECT total FROM orders WHERE id = 2",
-        false,
-    );
+        0,
+    )
+    .unwrap();
     assert!(first_error(&r).is_none(), "{r:?}");
     assert!(
         r.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"99")),
@@ -480,12 +459,14 @@ fn results_over_the_identitys_row_and_byte_caps_are_cut_with_54000() {
     assert_eq!(got, [(5, "54000"), (5, ""), (5, "54000"), (1, "")]);
     // The extended protocol, in text and binary.
     for binary in [false, true] {
-        let r = extended(
+        let r = parse_bind_execute(
             proxy.port,
+            "agent",
             "postgres",
             "SELECT generate_series(1, 50)",
-            binary,
-        );
+            i16::from(binary),
+        )
+        .unwrap();
         assert_eq!(rows(&r), 5);
         assert_eq!(first_error(&r).map(|e| e.0), Some("54000".into()));
     }

@@ -38,6 +38,18 @@ fn psql(conninfo: &str, args: &[&str]) -> Result<String> {
 }
 
 /// psql as an agent's CI step runs it: unmodified, wrapped in `interceptor run`.
+/// `sql` run directly as postgres, unaligned: what is really there.
+fn direct(pg: &PgCluster, sql: &str) -> Result<String> {
+    psql(
+        &format!(
+            "host={} port={} user=postgres dbname=app",
+            pg.socket_dir.display(),
+            pg.port
+        ),
+        &["-At", "-c", sql],
+    )
+}
+
 fn agent_cmd(ic: &Interception, conninfo: &str, args: &[&str]) -> Command {
     let mut cmd = ic.run("demo-agent", &pg_bin("psql").to_string_lossy());
     cmd.args(["-X", "-d", conninfo])
@@ -285,14 +297,7 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
             ],
         )?,
     );
-    let real = psql(
-        &format!(
-            "host={} port={} user=postgres dbname=app",
-            pg.socket_dir.display(),
-            pg.port
-        ),
-        &["-At", "-c", "SELECT api_key FROM secrets WHERE id = 2"],
-    )?;
+    let real = direct(&pg, "SELECT api_key FROM secrets WHERE id = 2")?;
     println!(
         "the value itself, read directly as postgres: {}",
         real.trim()
@@ -356,14 +361,7 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
         "interceptor policy explain --identity job=demo-agent --sql 'CREATE TEMP TABLE ...; DROP TABLE scratch; TRUNCATE orders'",
         &explain,
     );
-    let left = psql(
-        &format!(
-            "host={} port={} user=postgres dbname=app",
-            pg.socket_dir.display(),
-            pg.port
-        ),
-        &["-At", "-c", "SELECT count(*) FROM orders"],
-    )?;
+    let left = direct(&pg, "SELECT count(*) FROM orders")?;
     println!(
         "orders still in the table (checked directly as postgres): {}",
         left.trim()

@@ -323,6 +323,13 @@ impl CopyRows {
     }
 }
 
+/// A COPY column beyond those planned: scanned as text.
+const UNLISTED: Column = Column {
+    action: Action::Scan,
+    ty: ValueType::Text,
+    binary: false,
+};
+
 /// Splits a text-format COPY line into raw (still escaped) fields.
 fn text_fields(line: &[u8], delimiter: u8) -> Vec<&[u8]> {
     let mut fields = Vec::new();
@@ -415,11 +422,7 @@ fn text_row(
         if i > 0 {
             out.push(delimiter);
         }
-        let col = columns.get(i).copied().unwrap_or(Column {
-            action: Action::Scan,
-            ty: ValueType::Text,
-            binary: false,
-        });
+        let col = columns.get(i).copied().unwrap_or(UNLISTED);
         let replaced = if *f == null {
             None
         } else {
@@ -506,11 +509,7 @@ fn csv_row(
         if i > 0 {
             out.push(delimiter);
         }
-        let col = columns.get(i).copied().unwrap_or(Column {
-            action: Action::Scan,
-            ty: ValueType::Text,
-            binary: false,
-        });
+        let col = columns.get(i).copied().unwrap_or(UNLISTED);
         let is_null = !quoted && f.as_slice() == null;
         let replaced = if is_null {
             None

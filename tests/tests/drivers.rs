@@ -4,7 +4,7 @@
 //!
 //! The drivers are installed by `cargo xtask setup` (which `cargo xtask
 //! test` and `.ci/run` call); a missing driver fails the test, it is never
-//! skipped.
+//! skipped. The last test runs each driver against a masking policy.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -151,5 +151,93 @@ fn pgjdbc_plain_and_tls() {
             .arg(tls)
             .arg("tls"),
         "pgjdbc OK",
+    );
+}
+
+const MASKING_POLICY: &str = r#"
+version = 1
+
+[[rule]]
+id = "all"
+decision = "allow"
+
+[[mask]]
+id = "cards"
+columns = ["masked_t.card"]
+strategy = "partial"
+keep_last = 4
+
+[[mask]]
+id = "others"
+columns = ["masked_t.profile", "masked_t.pin", "masked_t.raw"]
+"#;
+
+/// A proxy whose policy masks the columns of `masked_t` (made here).
+fn masking_proxy() -> (Proxy, tempfile::TempDir) {
+    let pg = pg::shared();
+    pg.psql_admin(
+        "app",
+        "DROP TABLE IF EXISTS masked_t;
+         CREATE TABLE masked_t (id int PRIMARY KEY, card text, profile jsonb, pin int, raw bytea);
+         INSERT INTO masked_t VALUES (1, '4111 1111 1111 1111', '{\"ssn\": \"123-45-6789\"}', 4321, '\\x0102');",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("masking.toml");
+    std::fs::write(&policy, MASKING_POLICY).unwrap();
+    let p = Proxy::start(
+        pg,
+        ProxyOptions {
+            client_tls: false,
+            policy: Some(policy),
+            ..Default::default()
+        },
+    )
+    .expect("start proxy");
+    (p, dir)
+}
+
+/// Every driver decodes masked values as values of the column's type: the
+/// card as text, the jsonb as JSON, the int as NULL, the bytea as bytes.
+#[test]
+fn masked_values_keep_their_types_in_every_driver() {
+    let (p, _dir) = masking_proxy();
+    let dsn = format!("postgresql://agent@localhost:{}/app", p.port);
+    run(
+        Command::new(python())
+            .arg(drivers_dir().join("masking_check.py"))
+            .arg(p.conninfo("app", "disable"))
+            .arg(&dsn),
+        "asyncpg masking OK",
+    );
+    let modules = workspace_root().join("target/node/node_modules");
+    run(
+        Command::new("node")
+            .env("NODE_PATH", &modules)
+            .arg(drivers_dir().join("masking_check.js"))
+            .arg(&dsn),
+        "node pg masking OK",
+    );
+    let jar = require(Path::new("/usr/share/java/postgresql.jar")).to_owned();
+    let classes = tempfile::tempdir().unwrap();
+    run(
+        Command::new("javac")
+            .arg("-cp")
+            .arg(&jar)
+            .arg("-d")
+            .arg(classes.path())
+            .arg(drivers_dir().join("MaskingCheck.java"))
+            .env("JAVA_TOOL_OPTIONS", ""),
+        "",
+    );
+    let cp = format!("{}:{}", jar.display(), classes.path().display());
+    run(
+        Command::new("java")
+            .args(["-cp", &cp, "MaskingCheck"])
+            .arg(format!(
+                "jdbc:postgresql://localhost:{}/app?user=agent&prepareThreshold=1&binaryTransfer=true&sslmode=disable",
+                p.port
+            )),
+        "pgjdbc masking OK",
     );
 }

@@ -187,8 +187,55 @@ fn million_row_select_and_copy_stream_in_bounded_memory() {
     );
 }
 
+/// A million masked rows (a name rule on one column, a detector on
+/// another) stream through, every one masked, in bounded memory.
+#[test]
+fn million_masked_rows_stream_in_bounded_memory() {
+    let pg = pg::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("masking.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[[rule]]\nid = \"all\"\ndecision = \"allow\"\n\
+         [[mask]]\nid = \"cards\"\nnames = [\"card\"]\nstrategy = \"partial\"\nkeep_last = 4\n\
+         [[mask]]\nid = \"emails\"\ndetectors = [\"email\"]\n",
+    )
+    .unwrap();
+    let proxy = Proxy::start(
+        pg,
+        ProxyOptions {
+            client_tls: false,
+            policy: Some(policy),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let sql = "SELECT g, '4111 1111 1111 ' || lpad((g % 10000)::text, 4, '0') AS card, \
+               'user' || g || '@example.com' AS contact FROM generate_series(1, 1000000) g";
+    let masked = |l: &str| {
+        let f: Vec<&str> = l.split(['|', '\t']).collect();
+        f.len() == 3 && f[1].starts_with("****") && f[1].len() == 8 && f[2] == "[redacted:email]"
+    };
+    assert_eq!(
+        psql_lines(&proxy, &["-At", "-c", sql], masked),
+        (1_000_000, 1_000_000)
+    );
+    let copy = format!("COPY ({sql}) TO STDOUT");
+    assert_eq!(
+        psql_lines(&proxy, &["-c", &copy], masked),
+        (1_000_000, 1_000_000)
+    );
+    let peak = proxy.peak_rss_kib();
+    assert!(peak < 32 * 1024, "peak RSS {peak} KiB");
+}
+
 /// Streams psql's output through the proxy, counting lines as they come.
 fn psql_line_count(proxy: &Proxy, args: &[&str]) -> usize {
+    psql_lines(proxy, args, |_| true).0
+}
+
+/// Streams psql's output: (lines, lines that `ok` holds for).
+fn psql_lines(proxy: &Proxy, args: &[&str], ok: impl Fn(&str) -> bool) -> (usize, usize) {
     use std::io::BufRead;
     let mut child = libpq_env(
         Command::new(pg_bin("psql")).arg("-X").args(args),
@@ -200,10 +247,11 @@ fn psql_line_count(proxy: &Proxy, args: &[&str]) -> usize {
     .spawn()
     .unwrap();
     let out = child.stdout.take().unwrap();
-    let count = std::io::BufReader::new(out)
-        .lines()
-        .map_while(Result::ok)
-        .count();
+    let mut counts = (0, 0);
+    for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+        counts.0 += 1;
+        counts.1 += usize::from(ok(&line));
+    }
     assert!(child.wait().unwrap().success());
-    count
+    counts
 }

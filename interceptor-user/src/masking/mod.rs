@@ -67,7 +67,7 @@ pub fn session(
     (
         FrontMask {
             state: state.clone(),
-            lineage: masks.by_column.then_some(lineages),
+            lineage: Some(lineages),
             defined: HashMap::new(),
             described: HashMap::new(),
         },
@@ -90,7 +90,8 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 /// The frontend half: records what each message will bring back.
 pub struct FrontMask {
     state: Arc<Mutex<State>>,
-    /// Only column rules need lineage.
+    /// Lineage, for column rules and for COPY (its options and output
+    /// names).
     lineage: Option<Arc<LineageCache>>,
     /// PREPARE and DECLARE CURSOR names, with what they were defined as.
     defined: HashMap<String, StatementLineage>,
@@ -720,9 +721,13 @@ impl BackMask {
             .any(|(k, v)| k == "header" && !matches!(v.as_str(), "false" | "0" | "off"));
         let binary = overall == 1;
         // COPY table TO: its columns by name from the catalog.
+        let names = lineage
+            .as_ref()
+            .map(|l| l.names.clone())
+            .unwrap_or_default();
         let mut fields: Vec<Field> = (0..n)
-            .map(|_| Field {
-                name: String::new(),
+            .map(|i| Field {
+                name: names.get(i).cloned().unwrap_or_default(),
                 table_oid: 0,
                 attnum: 0,
                 type_oid: 25,

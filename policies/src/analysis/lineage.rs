@@ -60,6 +60,9 @@ pub struct StatementLineage {
     /// columns can be listed (a top-level `*` cannot be without the
     /// catalog: then `None`).
     pub outputs: Option<Vec<Flow>>,
+    /// The output columns' names, as PostgreSQL names them (for results
+    /// that carry no RowDescription: COPY).
+    pub names: Vec<String>,
     /// Everything the statement reads, anywhere: what an error, a notice or
     /// an unlisted column may carry.
     pub all: Flow,
@@ -347,7 +350,10 @@ impl<'t> Walker<'t> {
             return out;
         };
         match kind {
-            "SelectStmt" => out.outputs = self.select_outputs(body),
+            "SelectStmt" => {
+                out.names = self.output_names(body);
+                out.outputs = self.select_outputs(body);
+            }
             "PrepareStmt" => {
                 out.defines = Some(str_field(body, "name").to_owned());
                 out.outputs = body.get("query").and_then(|q| self.query_outputs(q));
@@ -361,7 +367,12 @@ impl<'t> Walker<'t> {
             "CopyStmt" => {
                 out.copy_options = copy_options(body);
                 match body.get("query").filter(|q| !q.is_null()) {
-                    Some(q) => out.outputs = self.query_outputs(q),
+                    Some(q) => {
+                        if let Some(("SelectStmt", b)) = node(q) {
+                            out.names = self.output_names(b);
+                        }
+                        out.outputs = self.query_outputs(q);
+                    }
                     None => {
                         if let Some(rv) = body.get("relation") {
                             let rel = str_field(rv, "relname");
@@ -398,6 +409,12 @@ impl<'t> Walker<'t> {
             }
             _ => None,
         }
+    }
+
+    fn output_names(&self, s: &Value) -> Vec<String> {
+        self.select_outputs_inner(s)
+            .map(|v| v.into_iter().map(|(n, _)| n).collect())
+            .unwrap_or_default()
     }
 
     fn select_outputs(&self, s: &Value) -> Option<Vec<Flow>> {
@@ -752,8 +769,10 @@ mod tests {
             l.copy_table,
             Some(("secrets".into(), vec!["api_key".into()]))
         );
-        let l = one("COPY (SELECT api_key FROM secrets) TO STDOUT WITH (FORMAT csv)");
-        assert_eq!(l.outputs.unwrap().len(), 1);
+        let l = one("COPY (SELECT api_key AS k, upper(x) FROM secrets) TO STDOUT WITH (FORMAT csv)");
+        assert_eq!(l.outputs.unwrap().len(), 2);
+        assert_eq!(l.names, ["k", "upper"]);
+        assert_eq!(l.copy_options, [("format".to_owned(), "csv".to_owned())]);
         let l = one("PREPARE p AS SELECT api_key || 'x' FROM secrets");
         assert_eq!(l.defines.as_deref(), Some("p"));
         assert_eq!(l.outputs.unwrap()[0].columns.len(), 1);

@@ -29,6 +29,27 @@ fn cargo_fuzz_root() -> Result<PathBuf> {
     Ok(root)
 }
 
+/// Seeds for the rewriter: a column-plan byte and a DataRow or CopyData
+/// body (text, CSV, binary COPY).
+fn seed_rows(dir: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut row = vec![0x5a, 0, 3];
+    for v in [&b"1"[..], b"sk_live_0123456789abcdef", b"bob@example.com"] {
+        row.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        row.extend_from_slice(v);
+    }
+    let seeds: [&[u8]; 4] = [
+        &row,
+        b"\x331\tsecret\t\\N\n",
+        b"\x46\"a,\"\"b\",4111111111111111\n",
+        b"\x93PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0\0\x02\0\0\0\x01x\xff\xff\xff\xff",
+    ];
+    for (n, s) in seeds.iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{n}")), s)?;
+    }
+    Ok(())
+}
+
 /// Every SQL text of the public corpus, one file each.
 fn seed(dir: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -41,14 +62,18 @@ fn seed(dir: &std::path::Path) -> Result<()> {
 }
 
 pub fn run(target: &str, seconds: u64) -> Result<()> {
-    if target != "analysis" {
-        bail!("unknown fuzz target `{target}`; available: analysis");
+    if !matches!(target, "analysis" | "rewrite") {
+        bail!("unknown fuzz target `{target}`; available: analysis, rewrite");
     }
     let toolchain = deps::bpf_toolchain()?;
     let root = cargo_fuzz_root()?;
     let fuzz_dir = interceptor_tests::workspace_root().join("fuzz");
     let corpus = fuzz_dir.join("corpus").join(target);
-    seed(&corpus)?;
+    if target == "rewrite" {
+        seed_rows(&corpus)?;
+    } else {
+        seed(&corpus)?;
+    }
     let path = format!(
         "{}:{}",
         root.join("bin").display(),

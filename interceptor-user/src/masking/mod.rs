@@ -25,10 +25,28 @@ use crate::protocol::frontend::{FrontendMessage, Target};
 use catalog::{Catalog, Known};
 use rewrite::{Action, Column, CopyFormat, CopyRows, Counts, Field, Malformed};
 
+/// Where a statement's lineage comes from: most results need none (their
+/// columns name their tables), so the text waits until one does.
+#[derive(Clone)]
+enum Source {
+    Text(Arc<str>),
+    Ready(Arc<Lineage>),
+}
+
+/// Whether a text may define or use a name (PREPARE, EXECUTE, DECLARE,
+/// FETCH, MOVE): its lineage is then needed as it is sent, in order.
+fn names_anything(sql: &str) -> bool {
+    const WORDS: [&[u8]; 5] = [b"prepare", b"execute", b"declare", b"fetch", b"move"];
+    let b = sql.as_bytes();
+    WORDS
+        .iter()
+        .any(|w| b.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
+}
+
 /// A reply the server owes for a frontend message, in order.
 enum Expect {
     /// A simple Query (or a FunctionCall): everything until ReadyForQuery.
-    Query(Option<Arc<Lineage>>),
+    Query(Option<Source>),
     Parse,
     Bind,
     Close,
@@ -40,7 +58,7 @@ enum Expect {
 }
 
 struct Statement {
-    lineage: Option<Arc<Lineage>>,
+    lineage: Option<Source>,
     fields: Option<Arc<Vec<Field>>>,
 }
 
@@ -67,7 +85,7 @@ pub fn session(
     (
         FrontMask {
             state: state.clone(),
-            lineage: Some(lineages),
+            lineage: Some(lineages.clone()),
             defined: HashMap::new(),
             described: HashMap::new(),
         },
@@ -75,6 +93,7 @@ pub fn session(
             state,
             masks,
             catalog,
+            lineages,
             current: None,
             copy: None,
             counts: Counts::default(),
@@ -100,9 +119,13 @@ pub struct FrontMask {
 }
 
 impl FrontMask {
-    fn lineage_of(&mut self, sql: &[u8]) -> Option<Arc<Lineage>> {
+    fn lineage_of(&mut self, sql: &[u8]) -> Option<Source> {
         let cache = self.lineage.as_ref()?;
-        let l = cache.get(&String::from_utf8_lossy(sql));
+        let text = String::from_utf8_lossy(sql);
+        if !names_anything(&text) {
+            return Some(Source::Text(text.into()));
+        }
+        let l = cache.get(&text);
         // EXECUTE and FETCH return what their name was defined as.
         let mut resolved: Option<Lineage> = None;
         for (i, st) in l.statements.iter().enumerate() {
@@ -127,7 +150,7 @@ impl FrontMask {
                 };
             }
         }
-        Some(resolved.map_or(l, Arc::new))
+        Some(Source::Ready(resolved.map_or(l, Arc::new)))
     }
 
     /// Bytes to send before `msg` (the proxy's own Describe), if any.
@@ -226,8 +249,10 @@ pub enum Step {
 /// The result being sent: how to treat each column.
 struct Current {
     columns: Vec<Column>,
-    /// Errors and notices may quote masked values: withhold their texts.
-    withhold: bool,
+    source: Option<Source>,
+    /// Errors and notices may quote masked values: withhold their texts
+    /// (worked out on the first error or notice).
+    withhold: Option<bool>,
     /// A masked column was asked for in binary format under `binary =
     /// "deny"`: the rows are refused with this error.
     deny: Option<String>,
@@ -239,6 +264,7 @@ pub struct BackMask {
     state: Arc<Mutex<State>>,
     masks: Arc<Masks>,
     catalog: Arc<Catalog>,
+    lineages: Arc<LineageCache>,
     current: Option<Current>,
     copy: Option<(CopyRows, bool)>,
     pub counts: Counts,
@@ -358,6 +384,7 @@ impl BackMask {
         fields: &[Field],
         formats: &[i16],
         lineage: Option<&StatementLineage>,
+        source: Option<Source>,
     ) -> Current {
         let views = SessionViews {
             masks: &self.masks,
@@ -421,12 +448,10 @@ impl BackMask {
                 Column { action, ty, binary }
             })
             .collect();
-        let withhold = lineage
-            .is_some_and(|l| !self.masks.taint(&l.all, &l.relations, &views).is_clean())
-            || (self.masks.by_column && lineage.is_none());
         Current {
             columns,
-            withhold,
+            source,
+            withhold: None,
             deny,
             denied: false,
         }
@@ -456,35 +481,46 @@ impl BackMask {
         }
     }
 
-    /// The lineage of the statement the front of the queue stands for.
-    fn front_lineage(&self) -> Option<StatementLineage> {
+    /// Where the lineage of the statement at the front of the queue is.
+    fn front_source(&self) -> Option<Source> {
         let s = lock(&self.state);
         match s.queue.front()? {
-            Expect::Query(l) => l.as_deref().map(one_statement),
+            Expect::Query(l) => l.clone(),
             Expect::Execute(portal) | Expect::DescribePortal(portal, _) => {
                 let p = s.portals.get(portal)?;
-                let st = s.statements.get(&p.statement)?;
-                st.lineage.as_deref().map(one_statement)
+                s.statements.get(&p.statement)?.lineage.clone()
             }
-            Expect::DescribeStatement(name) => s
-                .statements
-                .get(name)?
-                .lineage
-                .as_deref()
-                .map(one_statement),
+            Expect::DescribeStatement(name) => s.statements.get(name)?.lineage.clone(),
             _ => None,
         }
     }
 
-    fn withhold(&self) -> bool {
-        if let Some(c) = &self.current {
-            return c.withhold;
+    fn lineage_of(&self, source: &Source) -> StatementLineage {
+        match source {
+            Source::Text(t) => one_statement(&self.lineages.get(t)),
+            Source::Ready(l) => one_statement(l),
         }
+    }
+
+    /// The lineage a plan for `fields` needs: only expression columns
+    /// (table OID 0) need the statement's.
+    fn lineage_for(&self, fields: &[Field], source: Option<&Source>) -> Option<StatementLineage> {
+        let expressions = fields.iter().any(|f| f.table_oid == 0 || f.attnum <= 0);
+        if expressions && self.masks.by_column {
+            source.map(|s| self.lineage_of(s))
+        } else {
+            None
+        }
+    }
+
+    /// Whether the statement reads masked data (or lineage cannot tell).
+    fn reads_masked(&self, source: Option<&Source>) -> bool {
         if !self.masks.by_column {
             return false;
         }
-        match self.front_lineage() {
-            Some(l) => {
+        match source {
+            Some(s) => {
+                let l = self.lineage_of(s);
                 let views = SessionViews {
                     masks: &self.masks,
                     catalog: &self.catalog,
@@ -494,6 +530,20 @@ impl BackMask {
             }
             None => true,
         }
+    }
+
+    fn withhold(&mut self) -> bool {
+        if let Some(c) = &self.current {
+            if let Some(w) = c.withhold {
+                return w;
+            }
+            let w = self.reads_masked(c.source.as_ref());
+            if let Some(c) = &mut self.current {
+                c.withhold = Some(w);
+            }
+            return w;
+        }
+        self.reads_masked(self.front_source().as_ref())
     }
 
     /// Pops replies up to and including the next ReadyForQuery's owner.
@@ -554,7 +604,8 @@ impl BackMask {
             b'T' => {
                 let fields =
                     rewrite::row_description(frame_bytes).ok_or(Malformed("RowDescription"))?;
-                let lineage = self.front_lineage();
+                let source = self.front_source();
+                let lineage = self.lineage_for(&fields, source.as_ref());
                 if self.missing(&fields, lineage.as_ref()) {
                     return Ok(Step::Pause);
                 }
@@ -578,7 +629,7 @@ impl BackMask {
                     }
                     _ => {
                         drop(s);
-                        self.current = Some(self.plan(&fields, &[], lineage.as_ref()));
+                        self.current = Some(self.plan(&fields, &[], lineage.as_ref(), source));
                         Step::Keep
                     }
                 }
@@ -675,7 +726,7 @@ impl BackMask {
     /// The first DataRow of an Execute: the plan from the portal's row
     /// shape. `false`: the catalog must be read first.
     fn start_execute(&mut self) -> Result<bool, Malformed> {
-        let (fields, formats, lineage) = {
+        let (fields, formats, source) = {
             let s = lock(&self.state);
             let Some(Expect::Execute(portal)) = s.queue.front() else {
                 return Err(Malformed("DataRow without a RowDescription"));
@@ -694,13 +745,13 @@ impl BackMask {
                     return Err(Malformed("DataRow for a portal of unknown row shape"));
                 }
             };
-            let lineage = st.and_then(|st| st.lineage.as_deref().map(one_statement));
-            (fields, formats, lineage)
+            (fields, formats, st.and_then(|st| st.lineage.clone()))
         };
+        let lineage = self.lineage_for(&fields, source.as_ref());
         if self.missing(&fields, lineage.as_ref()) {
             return Ok(false);
         }
-        self.current = Some(self.plan(&fields, &formats, lineage.as_ref()));
+        self.current = Some(self.plan(&fields, &formats, lineage.as_ref(), source));
         Ok(true)
     }
 
@@ -710,7 +761,8 @@ impl BackMask {
         let mut r = crate::protocol::Reader::new(&frame_bytes[5..]);
         let overall = r.u8().ok_or(Malformed("CopyOutResponse format"))?;
         let n = r.i16().ok_or(Malformed("CopyOutResponse columns"))?.max(0) as usize;
-        let lineage = self.front_lineage();
+        let source = self.front_source();
+        let lineage = source.as_ref().map(|s| self.lineage_of(s));
         let options = lineage
             .as_ref()
             .map(|l| l.copy_options.clone())
@@ -780,7 +832,7 @@ impl BackMask {
         if self.missing(&fields, plan_lineage.as_ref()) {
             return Ok(false);
         }
-        let plan = self.plan(&fields, &[], plan_lineage.as_ref());
+        let plan = self.plan(&fields, &[], plan_lineage.as_ref(), source);
         self.copy = Some((
             CopyRows {
                 format,

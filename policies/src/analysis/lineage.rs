@@ -769,7 +769,8 @@ mod tests {
             l.copy_table,
             Some(("secrets".into(), vec!["api_key".into()]))
         );
-        let l = one("COPY (SELECT api_key AS k, upper(x) FROM secrets) TO STDOUT WITH (FORMAT csv)");
+        let l =
+            one("COPY (SELECT api_key AS k, upper(x) FROM secrets) TO STDOUT WITH (FORMAT csv)");
         assert_eq!(l.outputs.unwrap().len(), 2);
         assert_eq!(l.names, ["k", "upper"]);
         assert_eq!(l.copy_options, [("format".to_owned(), "csv".to_owned())]);

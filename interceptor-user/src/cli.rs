@@ -168,8 +168,9 @@ pub enum PolicyCommand {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Print the newest events: daemon start and stop, policy reloads,
-    /// session starts and ends, and one row per statement (decision, rule,
-    /// rows, bytes, SQLSTATE, duration, text).
+    /// session starts and ends, one row per statement (decision, rule,
+    /// rows, bytes, SQLSTATE, duration, text), and what masking hid in each
+    /// (rule, column or detector, count; never a value).
     Tail {
         #[command(flatten)]
         spool: SpoolLocation,

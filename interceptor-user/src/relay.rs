@@ -423,10 +423,17 @@ where
                         tag: frame[0],
                         what: e.0,
                     })?;
-                    if let (Some(a), n) = (&mut state.audit, m.counts.values - before)
-                        && n > 0
-                    {
-                        a.masked(n);
+                    match &mut state.audit {
+                        Some(a) => {
+                            let n = m.counts.values - before;
+                            if n > 0 {
+                                a.masked(n);
+                            }
+                            if !m.flushed.is_empty() {
+                                a.mask_counts(std::mem::take(&mut m.flushed));
+                            }
+                        }
+                        None => m.flushed.clear(),
                     }
                     step
                 }

@@ -73,7 +73,10 @@ fn statements_reach_clickhouse_with_their_fields_and_shipped_segments_are_delete
     let r = c.query("DROP TABLE ch_demo").unwrap();
     assert_eq!(first_error(&r).unwrap().0, "42501");
     c.query("SELECT 1/0").unwrap();
-    for i in 0..40 {
+    // The first padding statement holds an email: masked, and counted.
+    c.query("SELECT 'mail eve@example.org' AS padding_to_fill_segments")
+        .unwrap();
+    for i in 1..40 {
         c.query(&format!("SELECT {i} AS padding_to_fill_segments"))
             .unwrap();
     }
@@ -125,6 +128,16 @@ fn statements_reach_clickhouse_with_their_fields_and_shipped_segments_are_delete
             .unwrap();
     }
     assert_eq!(s.trim(), "agent\tpostgres\tterminated\t43");
+    // What masking hid: by rule, column and detector, never the value.
+    let masks = ch
+        .query(&format!(
+            "SELECT seq, rule, column, detector, count FROM audit_a.masks WHERE session = toUUID('{session}') FORMAT TSV"
+        ))
+        .unwrap();
+    assert_eq!(
+        masks.trim(),
+        "4\tdetected-secrets\tpadding_to_fill_segments\temail\t1"
+    );
     assert_eq!(
         ch.count("SELECT count() FROM audit_a.daemon WHERE kind = 'start'")
             .unwrap(),

@@ -215,4 +215,44 @@ fn masked_counts_reach_the_audit_trail() {
         });
     let v: serde_json::Value = serde_json::from_str(row).unwrap();
     assert_eq!(v["Statement"]["masked"], 2, "{row}");
+    let seq = v["Statement"]["seq"].clone();
+    let session = v["Statement"]["session"].clone();
+
+    // Per rule and column, after the row; never the value.
+    let out = Command::new(interceptor_tests::proxy::binary())
+        .args(["audit", "tail", "--json", "-n", "2000", "--config"])
+        .arg(&p.config_path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let masks: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("Masked").cloned())
+        .filter(|m| m["session"] == session && m["seq"] == seq)
+        .collect();
+    assert_eq!(masks.len(), 1, "{masks:?}");
+    assert_eq!(masks[0]["rule"], "secret-columns");
+    assert_eq!(masks[0]["column"], "api_key");
+    assert_eq!(masks[0]["count"], 2);
+    assert!(leaks(&text).is_empty());
+    // A detector's findings are counted by detector.
+    let (out, _) = psql("SELECT 'mail eve@example.org or fay@example.org' AS note");
+    assert_eq!(out, "mail [redacted:email] or [redacted:email]\n");
+    let out = Command::new(interceptor_tests::proxy::binary())
+        .args(["audit", "tail", "--json", "-n", "2000", "--config"])
+        .arg(&p.config_path)
+        .output()
+        .unwrap();
+    let found = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("Masked").cloned())
+        .any(|m| {
+            m["rule"] == "detected-secrets"
+                && m["detector"] == "email"
+                && m["column"] == "note"
+                && m["count"] == 2
+        });
+    assert!(found, "no detector count");
 }

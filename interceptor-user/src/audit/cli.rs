@@ -99,6 +99,24 @@ fn line(e: &Event) -> String {
             },
             s.text
         ),
+        Event::Masked(m) => format!(
+            "{} session {} #{} masked {} by rule {}{}{}",
+            when(m.ts_us),
+            m.session,
+            m.seq,
+            m.count,
+            m.rule,
+            if m.column.is_empty() {
+                String::new()
+            } else {
+                format!(" column={}", m.column)
+            },
+            if m.detector.is_empty() {
+                String::new()
+            } else {
+                format!(" detector={}", m.detector)
+            }
+        ),
     }
 }
 

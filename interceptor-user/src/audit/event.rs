@@ -28,6 +28,9 @@ pub enum Event {
     SessionStart(Box<SessionStart>),
     SessionEnd(SessionEnd),
     Statement(Box<StatementRow>),
+    /// Values masked in one statement's results by one rule, for one
+    /// column or detector. Never the values themselves.
+    Masked(Box<MaskRow>),
 }
 
 impl Event {
@@ -39,6 +42,7 @@ impl Event {
             Event::SessionStart(s) => s.ts_us,
             Event::SessionEnd(s) => s.ts_us,
             Event::Statement(s) => s.ts_us,
+            Event::Masked(m) => m.ts_us,
         }
     }
 
@@ -47,6 +51,7 @@ impl Event {
             Event::SessionStart(s) => Some(s.session),
             Event::SessionEnd(s) => Some(s.session),
             Event::Statement(s) => Some(s.session),
+            Event::Masked(m) => Some(m.session),
             _ => None,
         }
     }
@@ -126,6 +131,25 @@ pub struct StatementRow {
     pub prev_hash: [u8; 32],
     /// SHA-256 over `prev_hash` and this row's other fields.
     pub hash: [u8; 32],
+}
+
+/// How many values one rule masked in one statement's results, and where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
+pub struct MaskRow {
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub session: Uuid,
+    /// The statement's `seq`.
+    pub seq: u64,
+    pub ts_us: i64,
+    pub principal: String,
+    /// The mask rule's id.
+    pub rule: String,
+    /// The result column a column or name rule masked ("" for detector
+    /// findings and message texts).
+    pub column: String,
+    /// The detector that found the values ("" for column and name rules).
+    pub detector: String,
+    pub count: u64,
 }
 
 impl StatementRow {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-pub use event::{Event, SessionEnd, SessionStart, StatementRow, now_us};
+pub use event::{Event, MaskRow, SessionEnd, SessionStart, StatementRow, now_us};
 
 use crate::config::{AuditConfig, Fsync, SpoolFailure};
 

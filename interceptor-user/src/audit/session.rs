@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use super::event::{StatementRow, now_us};
-use super::spool::seal_statement_frame;
+use super::event::{Event, MaskRow, StatementRow, now_us};
+use super::spool::{encode_frame, seal_statement_frame};
 
 /// What is known of a statement when it is sent: from its text and the
 /// policy's decision.
@@ -55,6 +55,8 @@ struct Open {
     tagged: u64,
     bytes: u64,
     masked: u64,
+    /// By rule, column and detector; recorded after the row.
+    mask_counts: Vec<crate::masking::MaskCount>,
     sqlstate: String,
 }
 
@@ -115,6 +117,7 @@ impl FrontendAudit {
             tagged: 0,
             bytes: 0,
             masked: 0,
+            mask_counts: Vec::new(),
             sqlstate: String::new(),
         })));
     }
@@ -192,6 +195,23 @@ impl BackendAudit {
     /// `n` values of the current statement's output were masked.
     pub fn masked(&mut self, n: u64) {
         self.with_front(|o| o.masked += n);
+    }
+
+    /// What the current statement's masked values were, by rule, column
+    /// and detector.
+    pub fn mask_counts(&mut self, counts: Vec<crate::masking::MaskCount>) {
+        self.with_front(|o| {
+            for c in counts {
+                match o
+                    .mask_counts
+                    .iter_mut()
+                    .find(|x| x.rule == c.rule && x.column == c.column && x.detector == c.detector)
+                {
+                    Some(x) => x.count += c.count,
+                    None => o.mask_counts.push(c),
+                }
+            }
+        });
     }
 
     /// CommandComplete: `tag` as the server sent it ("INSERT 0 3").
@@ -294,6 +314,19 @@ impl BackendAudit {
             hash: [0; 32],
         };
         self.prev = seal_statement_frame(&mut row, self.prev, &mut self.done);
+        for c in o.mask_counts {
+            let event = Event::Masked(Box::new(MaskRow {
+                session: self.shared.session,
+                seq: o.seq,
+                ts_us: o.ts_us,
+                principal: self.shared.principal.clone(),
+                rule: c.rule,
+                column: c.column,
+                detector: c.detector,
+                count: c.count,
+            }));
+            encode_frame(&event, &mut self.done);
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::event::{Event, SessionEnd, SessionStart, StatementRow};
+use super::event::{Event, MaskRow, SessionEnd, SessionStart, StatementRow};
 use crate::config::{ClickHouseConfig, Secret};
 
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +198,23 @@ pub const DAEMON: Table = Table {
     order_by: "toStartOfHour(ts), host, ts_us, kind",
 };
 
-pub const TABLES: [&Table; 4] = [&STATEMENTS, &SESSIONS, &SESSION_ENDS, &DAEMON];
+/// The columns are the fields of [`MaskRow`].
+pub const MASKS: Table = Table {
+    name: "mask_events",
+    columns: &[
+        col("session", "UUID"),
+        col("seq", "UInt64"),
+        col("ts_us", "Int64"),
+        lc("principal", "String"),
+        lc("rule", "String"),
+        lc("column", "String"),
+        lc("detector", "String"),
+        col("count", "UInt64"),
+    ],
+    order_by: "toStartOfHour(ts), principal, session, seq, rule, column, detector",
+};
+
+pub const TABLES: [&Table; 5] = [&STATEMENTS, &SESSIONS, &SESSION_ENDS, &DAEMON, &MASKS];
 
 /// What analysts query: the tables without not-yet-merged duplicates,
 /// and sessions with their ends. `{db}` is the database.
@@ -215,6 +231,7 @@ const VIEWS: &[(&str, &str)] = &[
          bytes_to_client, statements FROM {db}.session_ends FINAL) USING session",
     ),
     ("daemon", "SELECT *, ts FROM {db}.daemon_events FINAL"),
+    ("masks", "SELECT *, ts FROM {db}.mask_events FINAL"),
 ];
 
 impl Table {
@@ -364,6 +381,7 @@ pub struct Batch {
     pub sessions: Vec<SessionRow>,
     pub session_ends: Vec<SessionEnd>,
     pub daemon: Vec<DaemonRow>,
+    pub masks: Vec<MaskRow>,
 }
 
 impl Batch {
@@ -387,6 +405,7 @@ impl Batch {
             Event::Statement(s) => self.statements.push(*s),
             Event::SessionStart(s) => self.sessions.push(SessionRow::new(*s, host)),
             Event::SessionEnd(s) => self.session_ends.push(s),
+            Event::Masked(m) => self.masks.push(*m),
             Event::DaemonStart {
                 ts_us,
                 version,
@@ -549,7 +568,8 @@ impl Warehouse {
         self.insert_rows(SESSIONS.name, &batch.sessions).await?;
         self.insert_rows(SESSION_ENDS.name, &batch.session_ends)
             .await?;
-        self.insert_rows(DAEMON.name, &batch.daemon).await
+        self.insert_rows(DAEMON.name, &batch.daemon).await?;
+        self.insert_rows(MASKS.name, &batch.masks).await
     }
 
     async fn insert_rows<T>(&self, table: &str, rows: &[T]) -> Result<()>

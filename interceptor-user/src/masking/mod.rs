@@ -97,6 +97,7 @@ pub fn session(
             current: None,
             copy: None,
             counts: Counts::default(),
+            flushed: Vec::new(),
             pending: None,
         },
     )
@@ -246,9 +247,20 @@ pub enum Step {
     Pause,
 }
 
+/// Values masked in one statement's results by one rule, for one column or
+/// detector: what the audit trail records (never the values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskCount {
+    pub rule: String,
+    pub column: String,
+    pub detector: String,
+    pub count: u64,
+}
+
 /// The result being sent: how to treat each column.
 struct Current {
     columns: Vec<Column>,
+    names: Vec<String>,
     source: Option<Source>,
     /// Errors and notices may quote masked values: withhold their texts
     /// (worked out on the first error or notice).
@@ -266,8 +278,10 @@ pub struct BackMask {
     catalog: Arc<Catalog>,
     lineages: Arc<LineageCache>,
     current: Option<Current>,
-    copy: Option<(CopyRows, bool)>,
+    copy: Option<(CopyRows, Vec<String>)>,
     pub counts: Counts,
+    /// Counts of a result that ended, for the audit trail to take.
+    pub flushed: Vec<MaskCount>,
     /// Relations the catalog must be asked about before going on.
     pending: Option<(Vec<u32>, Vec<String>)>,
 }
@@ -450,6 +464,7 @@ impl BackMask {
             .collect();
         Current {
             columns,
+            names: fields.iter().map(|f| f.name.clone()).collect(),
             source,
             withhold: None,
             deny,
@@ -544,6 +559,34 @@ impl BackMask {
             return w;
         }
         self.reads_masked(self.front_source().as_ref())
+    }
+
+    /// Moves the counts so far into `flushed`, with names for the audit.
+    fn flush_counts(&mut self) {
+        if self.counts.entries.is_empty() {
+            return;
+        }
+        let names = self
+            .current
+            .as_ref()
+            .map(|c| c.names.as_slice())
+            .or(self.copy.as_ref().map(|c| c.1.as_slice()))
+            .unwrap_or_default();
+        for ((rule, column, detector), count) in std::mem::take(&mut self.counts.entries) {
+            self.flushed.push(MaskCount {
+                rule: if rule == rewrite::WITHHELD {
+                    "(message text withheld)".into()
+                } else {
+                    self.masks.rule(rule).id.to_string()
+                },
+                column: column
+                    .and_then(|i| names.get(usize::from(i)))
+                    .cloned()
+                    .unwrap_or_default(),
+                detector: detector.map(|d| d.name().to_owned()).unwrap_or_default(),
+                count,
+            });
+        }
     }
 
     /// Pops replies up to and including the next ReadyForQuery's owner.
@@ -659,6 +702,7 @@ impl BackMask {
                 Step::Keep
             }
             b'C' | b'I' | b's' => {
+                self.flush_counts();
                 let denied = self.current.as_ref().is_some_and(|c| c.denied);
                 self.current = None;
                 self.copy = None;
@@ -671,6 +715,7 @@ impl BackMask {
             b'E' => {
                 let withhold = self.withhold();
                 let out = rewrite::error_fields(frame_bytes, &masks, withhold, &mut self.counts)?;
+                self.flush_counts();
                 let simple = matches!(lock(&self.state).queue.front(), Some(Expect::Query(_)));
                 if simple {
                     self.current = None;
@@ -716,6 +761,7 @@ impl BackMask {
                 Step::Keep
             }
             b'Z' => {
+                self.flush_counts();
                 self.ready();
                 Step::Keep
             }
@@ -840,7 +886,7 @@ impl BackMask {
                 header,
                 binary_header: binary,
             },
-            binary,
+            plan.names,
         ));
         Ok(true)
     }

@@ -6,7 +6,7 @@
 //! relay forwards the original bytes; a rewrite builds one new message.
 
 use bytes::{BufMut, BytesMut};
-use policies::masking::{Masks, ValueType};
+use policies::masking::{Detector, Masks, ValueType};
 
 use crate::protocol::Reader;
 use crate::protocol::build::frame;
@@ -64,12 +64,20 @@ pub struct Column {
 }
 
 impl Column {
-    /// `value`'s replacement: `Some(None)` is NULL, `None` unchanged.
-    fn apply(&self, masks: &Masks, value: &[u8], count: &mut Counts) -> Option<Option<Vec<u8>>> {
+    /// `value`'s replacement in column `index`: `Some(None)` is NULL,
+    /// `None` unchanged.
+    fn apply(
+        &self,
+        masks: &Masks,
+        value: &[u8],
+        count: &mut Counts,
+        index: usize,
+    ) -> Option<Option<Vec<u8>>> {
+        let index = Some(u16::try_from(index).unwrap_or(u16::MAX));
         match self.action {
             Action::Clear => None,
             Action::Mask(rule) => {
-                count.masked(rule);
+                count.add(rule, index, None);
                 Some(masks.mask(rule, self.ty, self.binary, value))
             }
             Action::Scan if self.ty.is_textual(self.binary) => {
@@ -77,7 +85,7 @@ impl Column {
                     (ValueType::Jsonb, true) => value.split_at(value.len().min(1)),
                     _ => (&value[..0], value),
                 };
-                let out = count.scan(masks, text)?;
+                let out = count.scan(masks, text, index)?;
                 Some(Some(if prefix.is_empty() {
                     out
                 } else {
@@ -89,32 +97,34 @@ impl Column {
     }
 }
 
-/// Masked values, per rule, and detector findings.
+/// A masked or withheld message text, counted under no rule.
+pub const WITHHELD: usize = usize::MAX;
+
+/// One count: rule, result column (by position), detector.
+pub type CountKey = (usize, Option<u16>, Option<Detector>);
+
+/// Masked values: how many in all, and by rule, column and detector.
 #[derive(Debug, Default)]
 pub struct Counts {
     pub values: u64,
-    pub by_rule: Vec<(usize, u64)>,
-    pub by_detector: Vec<(&'static str, u64)>,
-    found: Vec<(usize, policies::masking::Detector)>,
+    pub entries: Vec<(CountKey, u64)>,
+    found: Vec<(usize, Detector)>,
 }
 
 impl Counts {
-    fn masked(&mut self, rule: usize) {
+    fn add(&mut self, rule: usize, column: Option<u16>, detector: Option<Detector>) {
         self.values += 1;
-        match self.by_rule.iter_mut().find(|(r, _)| *r == rule) {
+        let key = (rule, column, detector);
+        match self.entries.iter_mut().find(|(k, _)| *k == key) {
             Some((_, n)) => *n += 1,
-            None => self.by_rule.push((rule, 1)),
+            None => self.entries.push((key, 1)),
         }
     }
 
-    fn scan(&mut self, masks: &Masks, text: &[u8]) -> Option<Vec<u8>> {
+    fn scan(&mut self, masks: &Masks, text: &[u8], column: Option<u16>) -> Option<Vec<u8>> {
         let out = masks.scan_text(text, &mut self.found)?;
         for (rule, d) in std::mem::take(&mut self.found) {
-            self.masked(rule);
-            match self.by_detector.iter_mut().find(|(n, _)| *n == d.name()) {
-                Some((_, n)) => *n += 1,
-                None => self.by_detector.push((d.name(), 1)),
-            }
+            self.add(rule, column, Some(d));
         }
         Some(out)
     }
@@ -146,7 +156,7 @@ pub fn data_row(
             ));
         };
         let Some(v) = value else { continue };
-        let Some(new) = col.apply(masks, v, count) else {
+        let Some(new) = col.apply(masks, v, count, i) else {
             continue;
         };
         let o = out.get_or_insert_with(|| {
@@ -300,13 +310,14 @@ impl CopyRows {
                     continue;
                 };
                 // COPY names no types: a masked or detected value becomes NULL.
+                let index = Some(u16::try_from(i).unwrap_or(u16::MAX));
                 let hide = match col.action {
                     Action::Clear => false,
                     Action::Mask(rule) => {
-                        count.masked(rule);
+                        count.add(rule, index, None);
                         true
                     }
-                    Action::Scan => count.scan(masks, v).is_some(),
+                    Action::Scan => count.scan(masks, v, index).is_some(),
                 };
                 if hide {
                     let o = out.get_or_insert_with(|| Vec::with_capacity(data.len()));
@@ -426,7 +437,7 @@ fn text_row(
         let replaced = if *f == null {
             None
         } else {
-            col.apply(masks, &text_unescape(f), count)
+            col.apply(masks, &text_unescape(f), count, i)
         };
         match replaced {
             None => out.extend_from_slice(f),
@@ -514,7 +525,7 @@ fn csv_row(
         let replaced = if is_null {
             None
         } else {
-            col.apply(masks, f, count)
+            col.apply(masks, f, count, i)
         };
         match replaced {
             None => csv_write(f, *quoted, delimiter, quote, escape, &mut out),
@@ -606,11 +617,11 @@ pub fn error_fields(
                 }
                 _ => b"[withheld]".to_vec(),
             };
-            count.values += 1;
+            count.add(WITHHELD, None, None);
             changed = true;
             continue;
         }
-        if let Some(out) = count.scan(masks, v) {
+        if let Some(out) = count.scan(masks, v, None) {
             *v = out;
             changed = true;
         }
@@ -642,7 +653,7 @@ pub fn notification(
     let pid = r.i32().ok_or(Malformed("notification pid"))?;
     let channel = r.cstr().ok_or(Malformed("notification channel"))?;
     let payload = r.cstr().ok_or(Malformed("notification payload"))?;
-    let Some(masked) = count.scan(masks, payload) else {
+    let Some(masked) = count.scan(masks, payload, None) else {
         return Ok(None);
     };
     Ok(Some(frame(b'A', |b| {
@@ -664,7 +675,7 @@ pub fn function_result(
     let Some(value) = r.value().ok_or(Malformed("function result"))? else {
         return Ok(None);
     };
-    let Some(masked) = count.scan(masks, value) else {
+    let Some(masked) = count.scan(masks, value, None) else {
         return Ok(None);
     };
     Ok(Some(frame(b'V', |b| {

@@ -219,6 +219,8 @@ impl FrontMask {
                 return inject;
             }
             FrontendMessage::Close { target, name } => {
+                self.described
+                    .remove(&(*target == Target::Portal, name.to_vec()));
                 let mut s = lock(&self.state);
                 match target {
                     Target::Statement => {
@@ -626,6 +628,9 @@ impl BackMask {
                     .current
                     .as_mut()
                     .ok_or(Malformed("DataRow outside a result"))?;
+                if cur.deny.is_none() && cur.columns.iter().all(|c| c.action == Action::Clear) {
+                    return Ok(Step::Keep);
+                }
                 if let Some(msg) = &cur.deny {
                     if cur.denied {
                         return Ok(Step::Drop);

@@ -46,6 +46,8 @@ pub struct Enforcer {
     /// What the last checked text was and how it was decided, for the
     /// audit trail.
     last: Option<StatementInfo>,
+    /// With masking: statements that would store masked data are refused.
+    launder: Option<crate::masking::LaunderCheck>,
 }
 
 impl Enforcer {
@@ -67,9 +69,15 @@ impl Enforcer {
             rate: None,
             pending: 0,
             last: None,
+            launder: None,
         };
         e.apply_limits();
         e
+    }
+
+    /// Refuses, from now on, statements that would store masked data.
+    pub fn guard_masked(&mut self, check: crate::masking::LaunderCheck) {
+        self.launder = Some(check);
     }
 
     fn apply_limits(&mut self) {
@@ -130,7 +138,13 @@ impl Enforcer {
             Ok(text) => self.shared.analyzer.analyze(text),
             Err(_) => Arc::new(Err(policies::AnalysisError::NotUtf8)),
         };
-        let check = self.session.check(&policy, &analysis);
+        let mut check = self.session.check(&policy, &analysis);
+        if let (Check::Allowed(_), Some(guard), Ok(text)) =
+            (&check, &self.launder, std::str::from_utf8(sql))
+            && let Some(r) = guard.check(text)
+        {
+            check = Check::Refused(r);
+        }
         if self.shared.audit.is_some() {
             self.last = Some(audit_info(sql, &analysis, &check, &policy));
         }

@@ -91,12 +91,29 @@ pub async fn serve(
                 runtime.config.limits.connect_timeout,
                 runtime.upstream_mark,
             );
-            crate::masking::session(Arc::new(masks), shared.lineages.clone(), catalog)
+            let masks = Arc::new(masks);
+            let guard = crate::masking::LaunderCheck::new(
+                masks.clone(),
+                shared.lineages.clone(),
+                catalog.clone(),
+            );
+            (
+                crate::masking::session(masks, shared.lineages.clone(), catalog),
+                guard,
+            )
         })
     });
-    let enforcer = session
-        .policy
-        .map(|p| Enforcer::new(shared.clone(), p.policy, p.principal, p.subject, id));
+    let (masking, guard) = match masking {
+        Some((m, g)) => (Some(m), Some(g)),
+        None => (None, None),
+    };
+    let enforcer = session.policy.map(|p| {
+        let mut e = Enforcer::new(shared.clone(), p.policy, p.principal, p.subject, id);
+        if let Some(g) = guard {
+            e.guard_masked(g);
+        }
+        e
+    });
     let end = relay::run(
         client,
         session.upstream.conn,

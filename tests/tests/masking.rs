@@ -128,6 +128,15 @@ fn no_channel_of_the_simple_protocol_carries_a_secret() {
         "PREPARE p AS SELECT api_key || '!' FROM secrets; EXECUTE p",
         "BEGIN; DECLARE c CURSOR FOR SELECT lower(api_key) FROM secrets; FETCH ALL FROM c; COMMIT",
         "SELECT email, upper(email) FROM users",
+        // Laundering: masked data stored where masking cannot follow it.
+        "CREATE TEMP TABLE t1 AS SELECT api_key FROM secrets; SELECT * FROM t1",
+        "SELECT api_key INTO TEMP t2 FROM secrets; TABLE t2",
+        "INSERT INTO audit_log(action) SELECT api_key FROM secrets",
+        "SELECT action FROM audit_log",
+        "BEGIN; CREATE TEMP TABLE t3 (k text); INSERT INTO t3 SELECT api_key FROM secrets; SELECT k FROM t3; COMMIT",
+        "SELECT set_config('application_name', api_key, false) FROM secrets WHERE id = 2; SHOW application_name",
+        "LISTEN c; SELECT pg_notify('c', api_key) FROM secrets",
+        "CREATE TEMP VIEW v9 AS SELECT id, api_key AS k FROM secrets; SELECT k, lower(k) FROM v9",
     ];
     let mut failures = Vec::new();
     for sql in cases {
@@ -163,6 +172,12 @@ fn what_is_not_sensitive_stays_as_it_is() {
     // Errors of statements that read nothing masked keep their text.
     let (_, err) = psql("SELECT 1 / 0");
     assert!(err.contains("division by zero"), "{err}");
+    // Storing what is not masked is still allowed.
+    let (out, err) =
+        psql("CREATE TEMP TABLE ok AS SELECT id FROM secrets; SELECT count(*) FROM ok");
+    assert_eq!(out, "SELECT 2\n2\n", "{err}");
+    let (_, err) = psql("CREATE TEMP TABLE bad AS SELECT id, api_key FROM secrets");
+    assert!(err.contains("would store masked data"), "{err}");
 }
 
 #[test]
@@ -255,4 +270,53 @@ fn masked_counts_reach_the_audit_trail() {
                 && m["count"] == 2
         });
     assert!(found, "no detector count");
+}
+
+/// `binary = "deny"`: a masked column of a non-text type asked for in
+/// binary format ends the statement with 42501 instead of sending NULL;
+/// in text format it is masked as usual.
+#[test]
+fn binary_deny_refuses_masked_binary_columns() {
+    let pg = pg::shared();
+    setup(pg);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("deny.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[[rule]]\nid = \"all\"\ndecision = \"allow\"\n\
+         [[mask]]\nid = \"order-totals\"\ncolumns = [\"orders.total\"]\nbinary = \"deny\"\n",
+    )
+    .unwrap();
+    let proxy = Proxy::start(
+        pg,
+        ProxyOptions {
+            client_tls: false,
+            policy: Some(policy),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let sql = "SELECT id, total FROM orders ORDER BY id";
+    let binary = parse_bind_execute(proxy.port, "agent", DB, sql, 1).unwrap();
+    let tags: Vec<u8> = binary.iter().map(|(t, _)| *t).collect();
+    assert!(!tags.contains(&b'D'), "{tags:?}");
+    let err = binary.iter().find(|(t, _)| *t == b'E').expect("an error");
+    let text = String::from_utf8_lossy(&err.1);
+    assert!(
+        text.contains("42501") && text.contains("binary format"),
+        "{text}"
+    );
+    assert_eq!(tags.last(), Some(&b'Z'));
+    let text_rows = parse_bind_execute(proxy.port, "agent", DB, sql, 0).unwrap();
+    let rows: Vec<&Vec<u8>> = text_rows
+        .iter()
+        .filter(|(t, _)| *t == b'D')
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(rows.len(), 3);
+    // total (numeric) masked by redact in text format: NULL.
+    assert!(
+        rows.iter().all(|r| r.ends_with(&(-1i32).to_be_bytes())),
+        "{rows:?}"
+    );
 }

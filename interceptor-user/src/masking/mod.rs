@@ -897,6 +897,78 @@ impl BackMask {
     }
 }
 
+/// Refuses statements that would store masked data where masking cannot
+/// follow it: into a table (`INSERT ... SELECT api_key`, `CREATE TEMP
+/// TABLE AS`, `SELECT INTO`, UPDATE, MERGE), a setting (`set_config`) or a
+/// notification (`pg_notify`). Read back later, such a value would carry
+/// the new table's or setting's name, not its source column's.
+pub struct LaunderCheck {
+    masks: Arc<Masks>,
+    lineages: Arc<LineageCache>,
+    catalog: Arc<Catalog>,
+}
+
+/// Whether a text may store values (a cheap test before lineage).
+fn may_store(sql: &str) -> bool {
+    const WORDS: [&[u8]; 7] = [
+        b"insert",
+        b"update",
+        b"merge",
+        b"create",
+        b"into",
+        b"notify",
+        b"set_config",
+    ];
+    let b = sql.as_bytes();
+    WORDS
+        .iter()
+        .any(|w| b.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
+}
+
+impl LaunderCheck {
+    pub fn new(masks: Arc<Masks>, lineages: Arc<LineageCache>, catalog: Arc<Catalog>) -> Self {
+        LaunderCheck {
+            masks,
+            lineages,
+            catalog,
+        }
+    }
+
+    /// The refusal for `sql`, when it would store masked data.
+    pub fn check(&self, sql: &str) -> Option<policies::Refusal> {
+        if !self.masks.by_column || !may_store(sql) {
+            return None;
+        }
+        let lineage = self.lineages.get(sql);
+        let views = SessionViews {
+            masks: &self.masks,
+            catalog: &self.catalog,
+            depth: std::cell::Cell::new(0),
+        };
+        for st in &lineage.statements {
+            for flow in &st.stores {
+                let taint = self.masks.taint(flow, &st.relations, &views);
+                if let Some(rule) = self.masks.rule_for(&taint) {
+                    let id = self.masks.rule(rule).id.clone();
+                    return Some(policies::Refusal {
+                        sqlstate: "42501",
+                        message: format!(
+                            "interceptor: statement denied: it would store masked data (mask `{id}`) in a table, a setting or a notification, where masking cannot follow it"
+                        ),
+                        hint: Some(
+                            "Read the masked columns with a SELECT: their values come back masked."
+                                .into(),
+                        ),
+                        rule: Some(id),
+                        held: false,
+                    });
+                }
+            }
+        }
+        None
+    }
+}
+
 /// The key behind keyed masking (`hmac`, `format-preserving`), kept at
 /// `state_dir/masking.key` and made on first start: the same value masks
 /// the same way across sessions and restarts, so joins still work.

@@ -71,6 +71,11 @@ pub struct StatementLineage {
     pub copy_table: Option<(String, Vec<String>)>,
     /// COPY's options as written (`format`, `delimiter`, `null`, `header`...).
     pub copy_options: Vec<(String, String)>,
+    /// Values the statement stores where masking cannot follow them: into
+    /// a table (INSERT, UPDATE, MERGE, CREATE TABLE AS, SELECT INTO), a
+    /// setting (`set_config`) or a notification (`pg_notify`). Masked data
+    /// in one of these is laundered, so masking refuses the statement.
+    pub stores: Vec<Flow>,
     /// `PREPARE name` or `DECLARE name CURSOR`: results of the name later
     /// (`EXECUTE`, `FETCH`) have this statement's lineage.
     pub defines: Option<String>,
@@ -345,6 +350,7 @@ impl<'t> Walker<'t> {
             all: self.flow(tree),
             ..Default::default()
         };
+        self.stores(tree, &mut out.stores);
         let Some((kind, body)) = node(tree) else {
             out.all.unknown = true;
             return out;
@@ -398,6 +404,50 @@ impl<'t> Walker<'t> {
             _ => {}
         }
         out
+    }
+
+    /// Every place in the tree that stores values: what flows into each.
+    fn stores(&self, v: &Value, out: &mut Vec<Flow>) {
+        match v {
+            Value::Object(m) => {
+                for (kind, body) in m {
+                    let stored = match kind.as_str() {
+                        "InsertStmt" => body.get("select_stmt").map(|q| self.flow(q)),
+                        "UpdateStmt" => Some(self.flow(&serde_json::json!([
+                            body.get("target_list"),
+                            body.get("from_clause")
+                        ]))),
+                        "MergeStmt" => Some(self.flow(body)),
+                        "CreateTableAsStmt" => body.get("query").map(|q| self.flow(q)),
+                        "SelectStmt" if body.get("into_clause").is_some_and(|i| !i.is_null()) => {
+                            Some(self.flow(body))
+                        }
+                        "FuncCall" => {
+                            let name =
+                                strings(body.get("funcname").unwrap_or(&Value::Null)).join(".");
+                            let bare = name.strip_prefix("pg_catalog.").unwrap_or(&name);
+                            matches!(bare, "pg_notify" | "set_config")
+                                .then(|| self.flow(body.get("args").unwrap_or(&Value::Null)))
+                        }
+                        _ => None,
+                    };
+                    if let Some(f) = stored
+                        && (!f.columns.is_empty() || !f.whole.is_empty() || f.unknown)
+                    {
+                        out.push(f);
+                    }
+                }
+                for child in m.values() {
+                    self.stores(child, out);
+                }
+            }
+            Value::Array(a) => {
+                for child in a {
+                    self.stores(child, out);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// A query node (SelectStmt, or a DML statement with RETURNING).
@@ -781,6 +831,41 @@ mod tests {
         let l = one("DECLARE c CURSOR FOR SELECT md5(api_key) FROM secrets");
         assert_eq!(l.defines.as_deref(), Some("c"));
         assert_eq!(one("FETCH ALL FROM c").uses.as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn stores_are_where_masked_data_would_be_laundered() {
+        let stored = |sql: &str| one(sql).stores;
+        assert_eq!(stored("SELECT api_key FROM secrets").len(), 0);
+        assert_eq!(
+            stored("INSERT INTO audit_log(action) VALUES ('x')").len(),
+            0
+        );
+        let s = stored("INSERT INTO audit_log(action) SELECT api_key FROM secrets");
+        assert_eq!(s[0].columns, [(None, "api_key".to_owned())]);
+        assert_eq!(
+            stored("CREATE TEMP TABLE t AS SELECT * FROM secrets")[0].whole,
+            ["secrets"]
+        );
+        assert_eq!(stored("SELECT api_key INTO TEMP t FROM secrets").len(), 1);
+        assert_eq!(stored("UPDATE t SET a = s.api_key FROM secrets s").len(), 1);
+        assert_eq!(
+            stored("SELECT pg_notify('c', api_key) FROM secrets").len(),
+            1
+        );
+        assert_eq!(
+            stored("SELECT set_config('application_name', api_key, false) FROM secrets").len(),
+            1
+        );
+        assert_eq!(
+            stored("WITH x AS (INSERT INTO t SELECT api_key FROM secrets RETURNING 1) SELECT 1")
+                .len(),
+            1
+        );
+        assert_eq!(
+            stored("PREPARE p AS INSERT INTO t SELECT api_key FROM secrets").len(),
+            1
+        );
     }
 
     #[test]

@@ -297,6 +297,19 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
             ],
         )?,
     );
+    show(
+        "laundering refused: CREATE TEMP TABLE stash AS SELECT service, api_key FROM secrets",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-v",
+                "VERBOSITY=terse",
+                "-c",
+                "CREATE TEMP TABLE stash AS SELECT service, api_key FROM secrets",
+            ],
+        )?,
+    );
     let real = direct(&pg, "SELECT api_key FROM secrets WHERE id = 2")?;
     println!(
         "the value itself, read directly as postgres: {}",
@@ -586,6 +599,14 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
         show(
             &format!(
                 "interceptor audit query --sql \"{sql}\"   (an analyst's question: who did what in the last hour)"
+            ),
+            &cli(&["audit", "query", "--sql", sql])?,
+        );
+        let sql = "SELECT rule, column, detector, sum(count) AS values_masked \
+                   FROM interceptor.masks GROUP BY rule, column, detector ORDER BY values_masked DESC";
+        show(
+            &format!(
+                "interceptor audit query --sql \"{sql}\"   (what masking hid, never the values)"
             ),
             &cli(&["audit", "query", "--sql", sql])?,
         );

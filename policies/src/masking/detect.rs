@@ -131,6 +131,65 @@ impl Detector {
     }
 }
 
+/// What one pass over a text learns, enough to rule detectors out: most
+/// values (names, numbers, dates, notes) can hold none of them, and the
+/// regex is then never run.
+#[derive(Default)]
+struct Shape {
+    digits: usize,
+    upper: usize,
+    at: bool,
+    dash: bool,
+    underscore: bool,
+    dot: bool,
+}
+
+impl Shape {
+    fn of(text: &[u8]) -> Shape {
+        let mut s = Shape::default();
+        for &b in text {
+            match b {
+                b'0'..=b'9' => s.digits += 1,
+                b'A'..=b'Z' => s.upper += 1,
+                b'@' => s.at = true,
+                b'-' => s.dash = true,
+                b'_' => s.underscore = true,
+                b'.' => s.dot = true,
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+impl Detector {
+    /// Whether a text of this shape and length could hold one.
+    fn possible(self, s: &Shape, text: &[u8]) -> bool {
+        let len = text.len();
+        match self {
+            Detector::Card => s.digits >= 13,
+            Detector::Ssn => s.digits >= 9 && s.dash,
+            Detector::Email => s.at && s.dot,
+            Detector::Phone => s.digits >= 8,
+            Detector::Iban => s.digits >= 2 && s.upper >= 2 && len >= 15,
+            Detector::AwsKeyId => s.upper >= 4 && len >= 20,
+            Detector::AwsSecret => len >= 40,
+            Detector::Jwt => s.dot && len >= 16,
+            Detector::PemPrivateKey => s.dash && len >= 30,
+            Detector::ApiKey => {
+                s.underscore
+                    || s.dash
+                    || (s.upper > 0 && (contains(text, b"AIza") || contains(text, b"SG.")))
+            }
+            Detector::HighEntropy => len >= 24,
+        }
+    }
+}
+
+fn contains(text: &[u8], needle: &[u8]) -> bool {
+    text.windows(needle.len()).any(|w| w == needle)
+}
+
 fn luhn(m: &[u8]) -> bool {
     let digits: Vec<u8> = m
         .iter()
@@ -256,6 +315,13 @@ impl Scanner {
     pub fn scan(&self, text: &[u8], out: &mut Vec<Finding>) {
         if text.len() < self.shortest {
             return;
+        }
+        // Short values are most values: rule every detector out first.
+        if text.len() < 256 {
+            let shape = Shape::of(text);
+            if !self.detectors.iter().any(|d| d.possible(&shape, text)) {
+                return;
+            }
         }
         let mut at = 0;
         while at < text.len() {

@@ -306,3 +306,64 @@ fn cache_by_shape_agrees_with_fresh_analysis() {
     }
     assert!(compared > seeds.len(), "{compared}");
 }
+
+/// Masks apply by identity group: an analyst sees what an agent may not.
+#[test]
+fn masks_vary_by_identity_group() {
+    let text = r#"
+version = 1
+[[group]]
+name = "agents"
+[[group]]
+name = "analysts"
+users = ["analyst"]
+[[rule]]
+id = "read"
+kinds = ["read"]
+decision = "allow"
+[[mask]]
+id = "keys"
+groups = ["agents"]
+except_groups = ["analysts"]
+columns = ["secrets.api_key"]
+[[mask]]
+id = "cards"
+detectors = ["card"]
+strategy = "partial"
+keep_last = 4
+"#;
+    let policy = Policy::parse(text, "p.toml").unwrap();
+    let key = || policies::masking::MaskKey::from_bytes(b"k");
+    let agent = Principal {
+        user: "ci".into(),
+        ..Default::default()
+    };
+    let analyst = Principal {
+        user: "analyst".into(),
+        ..Default::default()
+    };
+    let m = policy.masks_for(&policy.subject(&agent, "t", "db"), key());
+    assert!(m.by_column);
+    assert_ne!(m.column_rules(Some("public"), "secrets", "api_key"), 0);
+    let m = policy.masks_for(&policy.subject(&analyst, "t", "db"), key());
+    assert!(!m.by_column, "analysts see api_key in clear");
+    // The detector rule has no groups: it masks for everyone.
+    let mut found = Vec::new();
+    let out = m
+        .scan_text(b"card 4111 1111 1111 1111", &mut found)
+        .unwrap();
+    assert_eq!(out, b"card ****1111");
+
+    let bad = "version = 1\n[[mask]]\nid = \"m\"\nstrategy = \"redact\"\n";
+    let e = Policy::parse(bad, "p.toml").err().unwrap().to_string();
+    assert!(e.contains("needs `columns`, `names` or `detectors`"), "{e}");
+    let bad = "version = 1\n[[mask]]\nid = \"m\"\ncolumns = [\"api_key\"]\n";
+    let e = Policy::parse(bad, "p.toml").err().unwrap().to_string();
+    assert!(
+        e.starts_with("p.toml:3:") && e.contains("table.column"),
+        "{e}"
+    );
+    let bad = "version = 1\n[[mask]]\nid = \"m\"\ndetectors = [\"cards\"]\n";
+    let e = Policy::parse(bad, "p.toml").err().unwrap().to_string();
+    assert!(e.starts_with("p.toml:4:") && e.contains("cards"), "{e}");
+}

@@ -98,6 +98,7 @@ pub fn session(
             copy: None,
             counts: Counts::default(),
             flushed: Vec::new(),
+            scratch: BytesMut::new(),
             pending: None,
         },
     )
@@ -284,6 +285,7 @@ pub struct BackMask {
     pub counts: Counts,
     /// Counts of a result that ended, for the audit trail to take.
     pub flushed: Vec<MaskCount>,
+    scratch: BytesMut,
     /// Relations the catalog must be asked about before going on.
     pending: Option<(Vec<u32>, Vec<String>)>,
 }
@@ -642,12 +644,19 @@ impl BackMask {
                         .encode(&mut out);
                     return Ok(Step::Replace(out));
                 }
-                replaced(rewrite::data_row(
+                // Rewritten rows reuse one buffer: the relay copies each
+                // out before the next is written.
+                if rewrite::data_row(
                     frame_bytes,
                     &cur.columns,
                     &masks,
                     &mut self.counts,
-                )?)
+                    &mut self.scratch,
+                )? {
+                    Step::Replace(self.scratch.split())
+                } else {
+                    Step::Keep
+                }
             }
             b'T' => {
                 let fields =

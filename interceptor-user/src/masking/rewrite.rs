@@ -73,12 +73,31 @@ impl Column {
         count: &mut Counts,
         index: usize,
     ) -> Option<Option<Vec<u8>>> {
+        self.replace(masks, value, count, index).map(New::into_vec)
+    }
+
+    /// As [`apply`](Self::apply), without allocating when the replacement
+    /// does not depend on the value.
+    fn replace(
+        &self,
+        masks: &Masks,
+        value: &[u8],
+        count: &mut Counts,
+        index: usize,
+    ) -> Option<New> {
         let index = Some(u16::try_from(index).unwrap_or(u16::MAX));
         match self.action {
             Action::Clear => None,
             Action::Mask(rule) => {
                 count.add(rule, index, None);
-                Some(masks.mask(rule, self.ty, self.binary, value))
+                Some(match masks.constant(rule, self.ty, self.binary) {
+                    Some(Some(c)) => New::Static(c),
+                    Some(None) => New::Null,
+                    None => match masks.mask(rule, self.ty, self.binary, value) {
+                        Some(v) => New::Owned(v),
+                        None => New::Null,
+                    },
+                })
             }
             Action::Scan if self.ty.is_textual(self.binary) => {
                 let (prefix, text) = match (self.ty, self.binary) {
@@ -86,13 +105,30 @@ impl Column {
                     _ => (&value[..0], value),
                 };
                 let out = count.scan(masks, text, index)?;
-                Some(Some(if prefix.is_empty() {
+                Some(New::Owned(if prefix.is_empty() {
                     out
                 } else {
                     [prefix, &out].concat()
                 }))
             }
             Action::Scan => None,
+        }
+    }
+}
+
+/// A column's new value.
+enum New {
+    Null,
+    Static(&'static [u8]),
+    Owned(Vec<u8>),
+}
+
+impl New {
+    fn into_vec(self) -> Option<Vec<u8>> {
+        match self {
+            New::Null => None,
+            New::Static(s) => Some(s.to_vec()),
+            New::Owned(v) => Some(v),
         }
     }
 }
@@ -135,16 +171,20 @@ impl Counts {
 pub struct Malformed(pub &'static str);
 
 /// A DataRow with `columns` applied; `None`: unchanged.
+/// A DataRow with `columns` applied, written to `out` (cleared first);
+/// `false`: unchanged, and `out` is to be ignored.
 pub fn data_row(
     frame_bytes: &[u8],
     columns: &[Column],
     masks: &Masks,
     count: &mut Counts,
-) -> Result<Option<BytesMut>, Malformed> {
+    out: &mut BytesMut,
+) -> Result<bool, Malformed> {
     let body = &frame_bytes[5..];
     let mut r = Reader::new(body);
     let n = r.i16().ok_or(Malformed("DataRow column count"))?;
-    let mut out: Option<BytesMut> = None;
+    out.clear();
+    let mut changed = false;
     let mut copied = 0usize;
     for i in 0..n.max(0) as usize {
         let start = body.len() - r.remaining().len();
@@ -156,31 +196,35 @@ pub fn data_row(
             ));
         };
         let Some(v) = value else { continue };
-        let Some(new) = col.apply(masks, v, count, i) else {
+        let Some(new) = col.replace(masks, v, count, i) else {
             continue;
         };
-        let o = out.get_or_insert_with(|| {
-            let mut o = BytesMut::with_capacity(frame_bytes.len() + 32);
-            o.put_u8(b'D');
-            o.put_i32(0);
-            o
-        });
-        o.put_slice(&body[copied..start]);
-        match new {
-            Some(b) => {
-                o.put_i32(b.len() as i32);
-                o.put_slice(&b);
-            }
-            None => o.put_i32(-1),
+        if !changed {
+            changed = true;
+            out.reserve(frame_bytes.len() + 32);
+            out.put_u8(b'D');
+            out.put_i32(0);
         }
+        out.put_slice(&body[copied..start]);
+        let bytes: &[u8] = match &new {
+            New::Null => {
+                out.put_i32(-1);
+                copied = end;
+                continue;
+            }
+            New::Static(s) => s,
+            New::Owned(v) => v,
+        };
+        out.put_i32(bytes.len() as i32);
+        out.put_slice(bytes);
         copied = end;
     }
-    Ok(out.map(|mut o| {
-        o.put_slice(&body[copied..]);
-        let len = (o.len() - 1) as i32;
-        o[1..5].copy_from_slice(&len.to_be_bytes());
-        o
-    }))
+    if changed {
+        out.put_slice(&body[copied..]);
+        let len = (out.len() - 1) as i32;
+        out[1..5].copy_from_slice(&len.to_be_bytes());
+    }
+    Ok(changed)
 }
 
 /// How COPY TO writes rows.
@@ -746,7 +790,8 @@ pub fn check_rewrite(data: &[u8]) {
     };
     let mut count = Counts::default();
     let row = frame(b'D', |b| b.put_slice(body));
-    if let Ok(Some(out)) = data_row(&row, &columns, masks, &mut count) {
+    let mut out = BytesMut::new();
+    if let Ok(true) = data_row(&row, &columns, masks, &mut count, &mut out) {
         well_formed(&out, b'D');
         let mut r = Reader::new(&out[5..]);
         let n = r.i16().expect("a column count");
@@ -839,18 +884,19 @@ keep_last = 3
             Some(b"mail bob@example.com"),
             Some(b"\0\0\0\x07"),
         ]);
-        let out = data_row(&f, &cols, &m, &mut count).unwrap().unwrap();
+        let mut out = BytesMut::new();
+        assert!(data_row(&f, &cols, &m, &mut count, &mut out).unwrap());
         assert_eq!(
             out.to_vec(),
             row(&[Some(b"1"), Some(b"[redacted]"), Some(b"mail ****com"), None])
         );
         assert_eq!(count.values, 3);
         let clean = row(&[Some(b"2"), None, Some(b"nothing"), None]);
-        assert!(data_row(&clean, &cols, &m, &mut count).unwrap().is_none());
+        assert!(!data_row(&clean, &cols, &m, &mut count, &mut out).unwrap());
         let short = row(&[Some(b"1")]);
-        assert!(data_row(&short, &cols, &m, &mut count).unwrap().is_none());
+        assert!(!data_row(&short, &cols, &m, &mut count, &mut out).unwrap());
         let long = row(&[None, None, None, None, None]);
-        assert!(data_row(&long, &cols, &m, &mut count).is_err());
+        assert!(data_row(&long, &cols, &m, &mut count, &mut out).is_err());
     }
 
     #[test]

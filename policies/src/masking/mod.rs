@@ -429,6 +429,17 @@ impl Masks {
             .apply(&self.key, ty, binary, value)
     }
 
+    /// The value to send under `rule` when it does not depend on the value
+    /// (`Some(None)`: NULL).
+    pub fn constant(
+        &self,
+        rule: usize,
+        ty: ValueType,
+        binary: bool,
+    ) -> Option<Option<&'static [u8]>> {
+        self.rules[rule].strategy.constant(ty, binary)
+    }
+
     /// `text` with every detected value masked, or `None` when nothing was
     /// found. `found` gets each finding's rule and detector.
     pub fn scan_text(&self, text: &[u8], found: &mut Vec<(usize, Detector)>) -> Option<Vec<u8>> {

@@ -176,6 +176,23 @@ impl Strategy {
         }
     }
 
+    /// The replacement when it does not depend on the value: `Some(None)`
+    /// is NULL. Lets the data path mask without allocating.
+    pub fn constant(&self, ty: ValueType, binary: bool) -> Option<Option<&'static [u8]>> {
+        match (self, ty) {
+            (Strategy::Null, _) => Some(None),
+            (Strategy::FormatPreserving, ValueType::Other) => None,
+            (_, ValueType::Other) => Some(None),
+            (Strategy::Redact, ValueType::Text) => Some(Some(REDACTED)),
+            (Strategy::Redact, ValueType::Json) => Some(Some(b"\"[redacted]\"")),
+            (Strategy::Redact, ValueType::Jsonb) if binary => Some(Some(b"\x01\"[redacted]\"")),
+            (Strategy::Redact, ValueType::Jsonb) => Some(Some(b"\"[redacted]\"")),
+            (Strategy::Redact, ValueType::Bytea) if binary => Some(Some(b"")),
+            (Strategy::Redact, ValueType::Bytea) => Some(Some(b"\\x")),
+            _ => None,
+        }
+    }
+
     /// The replacement for a detected value inside a longer text.
     pub fn apply_span(&self, key: &MaskKey, detector: Detector, span: &[u8]) -> Vec<u8> {
         match self {
@@ -250,6 +267,41 @@ mod tests {
                 && a.is_ascii_uppercase() == b.is_ascii_uppercase()
                 && (a.is_ascii_alphanumeric() || a == b)
         }));
+    }
+
+    #[test]
+    fn constants_are_what_apply_gives() {
+        let k = key();
+        for s in [
+            Strategy::Redact,
+            Strategy::Null,
+            Strategy::Hmac,
+            Strategy::Partial { keep_last: 2 },
+            Strategy::FormatPreserving,
+        ] {
+            for ty in [
+                ValueType::Text,
+                ValueType::Json,
+                ValueType::Jsonb,
+                ValueType::Bytea,
+                ValueType::Other,
+            ] {
+                for binary in [false, true] {
+                    if let Some(c) = s.constant(ty, binary) {
+                        let v: &[u8] = if binary && ty == ValueType::Jsonb {
+                            b"\x01{}"
+                        } else {
+                            b"42"
+                        };
+                        assert_eq!(
+                            c.map(<[u8]>::to_vec),
+                            s.apply(&k, ty, binary, v),
+                            "{s:?} {ty:?} {binary}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

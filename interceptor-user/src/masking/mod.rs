@@ -460,7 +460,11 @@ impl BackMask {
                         }
                         Action::Mask(r)
                     }
-                    None if self.masks.scanner().is_some() => Action::Scan,
+                    None if self.masks.scanner().is_some()
+                        && ValueType::may_hold_findings(f.type_oid) =>
+                    {
+                        Action::Scan
+                    }
                     None => Action::Clear,
                 };
                 Column { action, ty, binary }

@@ -177,9 +177,7 @@ impl Detector {
             Detector::Jwt => s.dot && len >= 16,
             Detector::PemPrivateKey => s.dash && len >= 30,
             Detector::ApiKey => {
-                s.underscore
-                    || s.dash
-                    || (s.upper > 0 && (contains(text, b"AIza") || contains(text, b"SG.")))
+                s.underscore || s.dash || (s.upper > 0 && (s.dot || contains(text, b"AIza")))
             }
             Detector::HighEntropy => len >= 24,
         }
@@ -187,7 +185,10 @@ impl Detector {
 }
 
 fn contains(text: &[u8], needle: &[u8]) -> bool {
-    text.windows(needle.len()).any(|w| w == needle)
+    text.iter()
+        .enumerate()
+        .filter(|(_, b)| **b == needle[0])
+        .any(|(i, _)| text[i..].starts_with(needle))
 }
 
 fn luhn(m: &[u8]) -> bool {

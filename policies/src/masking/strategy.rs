@@ -70,6 +70,34 @@ impl ValueType {
         }
     }
 
+    /// Whether values of the type with this OID can hold what a detector
+    /// finds. Booleans, small integers, floats, dates and times, UUIDs and
+    /// network addresses cannot (a card number needs 13 digits, an email an
+    /// `@`), so they are not scanned; everything else is, arrays and records
+    /// included.
+    pub fn may_hold_findings(oid: u32) -> bool {
+        !matches!(
+            oid,
+            16 | 18
+                | 21
+                | 23
+                | 26
+                | 700
+                | 701
+                | 1082
+                | 1083
+                | 1114
+                | 1184
+                | 1186
+                | 1266
+                | 2950
+                | 869
+                | 650
+                | 829
+                | 774
+        )
+    }
+
     /// Whether content detectors can read the value in this format.
     pub fn is_textual(self, binary: bool) -> bool {
         match self {

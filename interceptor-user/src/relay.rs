@@ -418,22 +418,17 @@ where
             let msg = BackendMessage::parse(frame)?;
             let masked = match &mut state.mask {
                 Some(m) => {
-                    let before = m.counts.values;
                     let step = m.on(frame).map_err(|e| ProtocolError::Malformed {
                         tag: frame[0],
                         what: e.0,
                     })?;
-                    match &mut state.audit {
-                        Some(a) => {
-                            let n = m.counts.values - before;
-                            if n > 0 {
-                                a.masked(n);
-                            }
-                            if !m.flushed.is_empty() {
-                                a.mask_counts(std::mem::take(&mut m.flushed));
-                            }
+                    // Counts come at the end of each result, not per row.
+                    if !m.flushed.is_empty() {
+                        let counts = std::mem::take(&mut m.flushed);
+                        if let Some(a) = &mut state.audit {
+                            a.masked(counts.iter().map(|c| c.count).sum());
+                            a.mask_counts(counts);
                         }
-                        None => m.flushed.clear(),
                     }
                     step
                 }

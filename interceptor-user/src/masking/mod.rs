@@ -623,7 +623,6 @@ impl BackMask {
     }
 
     pub fn on(&mut self, frame_bytes: &[u8]) -> Result<Step, Malformed> {
-        let masks = self.masks.clone();
         let replaced = |o: Option<BytesMut>| o.map_or(Step::Keep, Step::Replace);
         Ok(match frame_bytes[0] {
             b'D' => {
@@ -653,7 +652,7 @@ impl BackMask {
                 if rewrite::data_row(
                     frame_bytes,
                     &cur.columns,
-                    &masks,
+                    &self.masks,
                     &mut self.counts,
                     &mut self.scratch,
                 )? {
@@ -732,7 +731,8 @@ impl BackMask {
             }
             b'E' => {
                 let withhold = self.withhold();
-                let out = rewrite::error_fields(frame_bytes, &masks, withhold, &mut self.counts)?;
+                let out =
+                    rewrite::error_fields(frame_bytes, &self.masks, withhold, &mut self.counts)?;
                 self.flush_counts();
                 let simple = matches!(lock(&self.state).queue.front(), Some(Expect::Query(_)));
                 if simple {
@@ -747,19 +747,19 @@ impl BackMask {
                 let withhold = self.withhold();
                 replaced(rewrite::error_fields(
                     frame_bytes,
-                    &masks,
+                    &self.masks,
                     withhold,
                     &mut self.counts,
                 )?)
             }
             b'A' => replaced(rewrite::notification(
                 frame_bytes,
-                &masks,
+                &self.masks,
                 &mut self.counts,
             )?),
             b'V' => replaced(rewrite::function_result(
                 frame_bytes,
-                &masks,
+                &self.masks,
                 &mut self.counts,
             )?),
             b'H' => {
@@ -770,7 +770,7 @@ impl BackMask {
             }
             b'd' => match &mut self.copy {
                 Some((rows, _)) => {
-                    replaced(rows.copy_data(frame_bytes, &masks, &mut self.counts)?)
+                    replaced(rows.copy_data(frame_bytes, &self.masks, &mut self.counts)?)
                 }
                 None => Step::Keep,
             },

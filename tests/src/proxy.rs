@@ -147,6 +147,25 @@ impl Proxy {
         let dir = tempfile::Builder::new()
             .prefix("interceptor-proxy-")
             .tempdir()?;
+        Self::start_in(dir, pg, opts)
+    }
+
+    /// A proxy without client TLS whose policy file holds `policy`.
+    pub fn with_policy(pg: &PgCluster, policy: &str) -> Result<Proxy> {
+        let dir = tempfile::Builder::new()
+            .prefix("interceptor-proxy-")
+            .tempdir()?;
+        let file = dir.path().join("policy.toml");
+        std::fs::write(&file, policy)?;
+        let opts = ProxyOptions {
+            client_tls: false,
+            policy: Some(file),
+            ..Default::default()
+        };
+        Self::start_in(dir, pg, opts)
+    }
+
+    fn start_in(dir: tempfile::TempDir, pg: &PgCluster, opts: ProxyOptions) -> Result<Proxy> {
         let port = free_port();
         let config_path = dir.path().join("interceptor.toml");
         std::fs::write(

@@ -43,6 +43,25 @@ fn proxy() -> Proxy {
     Proxy::start(pg::shared(), ProxyOptions::default()).expect("start proxy")
 }
 
+/// Compiles a check in tests/drivers against pgjdbc: the classpath to run
+/// it with, and the directory that holds the classes.
+fn compile_java(source: &str) -> (String, tempfile::TempDir) {
+    let jar = require(Path::new("/usr/share/java/postgresql.jar")).to_owned();
+    let classes = tempfile::tempdir().unwrap();
+    run(
+        Command::new("javac")
+            .arg("-cp")
+            .arg(&jar)
+            .arg("-d")
+            .arg(classes.path())
+            .arg(drivers_dir().join(source))
+            .env("JAVA_TOOL_OPTIONS", ""),
+        "",
+    );
+    let cp = format!("{}:{}", jar.display(), classes.path().display());
+    (cp, classes)
+}
+
 fn python() -> PathBuf {
     require(&workspace_root().join("target/venv/bin/python")).to_owned()
 }
@@ -117,19 +136,7 @@ fn node_pg_plain_and_tls() {
 #[test]
 fn pgjdbc_plain_and_tls() {
     let p = proxy();
-    let jar = require(Path::new("/usr/share/java/postgresql.jar")).to_owned();
-    let classes = tempfile::tempdir().unwrap();
-    run(
-        Command::new("javac")
-            .arg("-cp")
-            .arg(&jar)
-            .arg("-d")
-            .arg(classes.path())
-            .arg(drivers_dir().join("JdbcCheck.java"))
-            .env("JAVA_TOOL_OPTIONS", ""),
-        "",
-    );
-    let cp = format!("{}:{}", jar.display(), classes.path().display());
+    let (cp, _classes) = compile_java("JdbcCheck.java");
     let base = format!(
         "jdbc:postgresql://localhost:{}/app?user=agent&prepareThreshold=1",
         p.port
@@ -173,7 +180,7 @@ columns = ["masked_t.profile", "masked_t.pin", "masked_t.raw"]
 "#;
 
 /// A proxy whose policy masks the columns of `masked_t` (made here).
-fn masking_proxy() -> (Proxy, tempfile::TempDir) {
+fn masking_proxy() -> Proxy {
     let pg = pg::shared();
     pg.psql_admin(
         "app",
@@ -182,26 +189,14 @@ fn masking_proxy() -> (Proxy, tempfile::TempDir) {
          INSERT INTO masked_t VALUES (1, '4111 1111 1111 1111', '{\"ssn\": \"123-45-6789\"}', 4321, '\\x0102');",
     )
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("masking.toml");
-    std::fs::write(&policy, MASKING_POLICY).unwrap();
-    let p = Proxy::start(
-        pg,
-        ProxyOptions {
-            client_tls: false,
-            policy: Some(policy),
-            ..Default::default()
-        },
-    )
-    .expect("start proxy");
-    (p, dir)
+    Proxy::with_policy(pg, MASKING_POLICY).expect("start proxy")
 }
 
 /// Every driver decodes masked values as values of the column's type: the
 /// card as text, the jsonb as JSON, the int as NULL, the bytea as bytes.
 #[test]
 fn masked_values_keep_their_types_in_every_driver() {
-    let (p, _dir) = masking_proxy();
+    let p = masking_proxy();
     let dsn = format!("postgresql://agent@localhost:{}/app", p.port);
     run(
         Command::new(python())
@@ -218,19 +213,7 @@ fn masked_values_keep_their_types_in_every_driver() {
             .arg(&dsn),
         "node pg masking OK",
     );
-    let jar = require(Path::new("/usr/share/java/postgresql.jar")).to_owned();
-    let classes = tempfile::tempdir().unwrap();
-    run(
-        Command::new("javac")
-            .arg("-cp")
-            .arg(&jar)
-            .arg("-d")
-            .arg(classes.path())
-            .arg(drivers_dir().join("MaskingCheck.java"))
-            .env("JAVA_TOOL_OPTIONS", ""),
-        "",
-    );
-    let cp = format!("{}:{}", jar.display(), classes.path().display());
+    let (cp, _classes) = compile_java("MaskingCheck.java");
     run(
         Command::new("java")
             .args(["-cp", &cp, "MaskingCheck"])

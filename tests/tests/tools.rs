@@ -192,22 +192,11 @@ fn million_row_select_and_copy_stream_in_bounded_memory() {
 #[test]
 fn million_masked_rows_stream_in_bounded_memory() {
     let pg = pg::shared();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("masking.toml");
-    std::fs::write(
-        &policy,
+    let proxy = Proxy::with_policy(
+        pg,
         "version = 1\n[[rule]]\nid = \"all\"\ndecision = \"allow\"\n\
          [[mask]]\nid = \"cards\"\nnames = [\"card\"]\nstrategy = \"partial\"\nkeep_last = 4\n\
          [[mask]]\nid = \"emails\"\ndetectors = [\"email\"]\n",
-    )
-    .unwrap();
-    let proxy = Proxy::start(
-        pg,
-        ProxyOptions {
-            client_tls: false,
-            policy: Some(policy),
-            ..Default::default()
-        },
     )
     .unwrap();
     let sql = "SELECT g, '4111 1111 1111 ' || lpad((g % 10000)::text, 4, '0') AS card, \

@@ -15,7 +15,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use interceptor_tests::pg::{ADMIN_PASSWORD, ADMIN_USER, PgCluster};
 use interceptor_tests::pg_bin;
-use interceptor_tests::proxy::{Proxy, ProxyOptions};
+use interceptor_tests::proxy::Proxy;
 use interceptor_tests::{run_ok, workspace_root};
 use serde_json::json;
 
@@ -88,20 +88,9 @@ pub fn run() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("select.sql");
     std::fs::write(&script, "SELECT * FROM people;\n")?;
-    let start = |policy: &str, name: &str| -> Result<Proxy> {
-        let file = dir.path().join(name);
-        std::fs::write(&file, policy)?;
-        Proxy::start(
-            &pg,
-            ProxyOptions {
-                client_tls: false,
-                policy: Some(file),
-                ..Default::default()
-            },
-        )
-    };
-    let off = start(OFF, "off.toml")?;
-    let on = start(&format!("{OFF}{MASKS}"), "on.toml")?;
+    let start = |policy: &str| Proxy::with_policy(&pg, policy);
+    let off = start(OFF)?;
+    let on = start(&format!("{OFF}{MASKS}"))?;
     let routes = [
         ("direct", pg.port, None),
         ("no masks", off.port, Some(&off)),

@@ -385,6 +385,21 @@ impl Masks {
                 None => (None, rel.to_owned()),
             }
         };
+        // Planner statistics hold sample values of every column: what
+        // flows from them may be any masked value.
+        let statistics = |rel: &str| {
+            let bare = rel.strip_prefix("pg_catalog.").unwrap_or(rel);
+            bare.starts_with("pg_statistic") || bare.starts_with("pg_stats")
+        };
+        if flow
+            .whole
+            .iter()
+            .chain(flow.columns.iter().filter_map(|(r, _)| r.as_ref()))
+            .chain(relations.iter())
+            .any(|r| statistics(r))
+        {
+            t.unknown = true;
+        }
         for rel in &flow.whole {
             match views.view_columns(rel) {
                 Some(cols) => {
@@ -584,6 +599,18 @@ detectors = ["email", "api-key", "card"]
         assert_eq!(t[0].rules, 1);
         let t = outputs(&m, "SELECT my_function(1)");
         assert!(t[0].opaque && t[0].rules == 0);
+    }
+
+    #[test]
+    fn planner_statistics_may_hold_any_masked_value() {
+        let m = reference();
+        let t = outputs(
+            &m,
+            "SELECT most_common_vals::text FROM pg_stats WHERE tablename = 'secrets'",
+        );
+        assert!(t[0].unknown);
+        let t = outputs(&m, "SELECT stavalues1 FROM pg_catalog.pg_statistic");
+        assert!(t[0].unknown);
     }
 
     #[test]

@@ -210,6 +210,30 @@ fn extended_protocol_text_and_binary_without_describe() {
     }
 }
 
+/// A cursor DECLAREd in SQL and run by a protocol-level Execute (no Bind,
+/// no Describe): its rows are masked and the session goes on.
+#[test]
+fn sql_cursors_executed_as_portals_are_masked() {
+    use interceptor_tests::wire::{RawClient, frame};
+    let (mut c, _) = RawClient::login(proxy().port, "agent", DB).unwrap();
+    c.query("BEGIN").unwrap();
+    c.query("DECLARE cur CURSOR FOR SELECT id, upper(api_key), api_key FROM secrets ORDER BY id")
+        .unwrap();
+    let mut out = frame(b'E', b"cur\0\0\0\0\0");
+    out.extend(frame(b'S', b""));
+    c.send(&out).unwrap();
+    let replies = c.read_until_ready().unwrap();
+    let bytes: String = replies
+        .iter()
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert!(leaks(&bytes).is_empty(), "{bytes:?}");
+    let rows = replies.iter().filter(|(t, _)| *t == b'D').count();
+    assert_eq!(rows, 2, "{replies:?}");
+    let r = c.query("SELECT 1").unwrap();
+    assert!(r.iter().any(|(t, _)| *t == b'D'), "session alive: {r:?}");
+}
+
 #[test]
 fn masked_counts_reach_the_audit_trail() {
     let (out, _) = psql("SELECT id, api_key FROM secrets ORDER BY id");

@@ -62,6 +62,10 @@ struct Statement {
     fields: Option<Arc<Vec<Field>>>,
 }
 
+/// A statement name no client can use (names are C strings): a portal's
+/// statement when the portal was not made by Bind.
+const NO_STATEMENT: &[u8] = b"\0";
+
 struct Portal {
     statement: Vec<u8>,
     formats: Vec<i16>,
@@ -681,9 +685,16 @@ impl BackMask {
                     }
                     Some(Expect::DescribePortal(portal, injected)) => {
                         let (portal, injected) = (portal.clone(), *injected);
-                        if let Some(p) = s.portals.get_mut(&portal) {
-                            p.fields = Some(Arc::new(fields));
-                        }
+                        // A portal no Bind made (a cursor DECLAREd in SQL)
+                        // has no statement this session knows of.
+                        s.portals
+                            .entry(portal)
+                            .or_insert_with(|| Portal {
+                                statement: NO_STATEMENT.to_vec(),
+                                formats: Vec::new(),
+                                fields: None,
+                            })
+                            .fields = Some(Arc::new(fields));
                         s.queue.pop_front();
                         if injected { Step::Drop } else { Step::Keep }
                     }

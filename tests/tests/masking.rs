@@ -19,6 +19,7 @@ const DB: &str = "masking";
 /// Forms of the secrets a client must never see (lower case).
 const LEAKS: &[&str] = &[
     "opensesame",
+    "childsecret",
     "emasesnepo",
     // base64 of "opensesame"
     "b3blbnnlc2ftzq",
@@ -45,7 +46,11 @@ fn setup(pg: &PgCluster) {
             "INSERT INTO secrets VALUES (2, 'opensesame');
              CREATE VIEW v_keys AS SELECT id, api_key AS k FROM secrets;
              CREATE VIEW v_mail AS SELECT id, upper(email) AS e FROM users;
-             CREATE VIEW v_nested AS SELECT k AS kk FROM v_keys;",
+             CREATE VIEW v_nested AS SELECT k AS kk FROM v_keys;
+             CREATE SCHEMA archive;
+             CREATE TABLE archive.secrets (id int, api_key text);
+             CREATE TABLE archive.secrets_2024 () INHERITS (archive.secrets);
+             INSERT INTO archive.secrets_2024 VALUES (3, 'childsecret');",
         )
         .unwrap();
     });
@@ -126,8 +131,15 @@ fn no_channel_of_the_simple_protocol_carries_a_secret() {
         "COPY (SELECT * FROM v_keys) TO STDOUT WITH (DELIMITER '|')",
         "COPY secrets TO STDOUT WITH (FORMAT binary)",
         "PREPARE p AS SELECT api_key || '!' FROM secrets; EXECUTE p",
+        "PREPARE q(text) AS SELECT upper($1); EXECUTE q((SELECT api_key FROM secrets WHERE id = 2))",
+        "PREPARE w(text) AS INSERT INTO audit_log(action) VALUES ($1); EXECUTE w((SELECT api_key FROM secrets WHERE id = 2)); SELECT action FROM audit_log",
         "BEGIN; DECLARE c CURSOR FOR SELECT lower(api_key) FROM secrets; FETCH ALL FROM c; COMMIT",
         "SELECT email, upper(email) FROM users",
+        // A child of a masked table (partitions are children too).
+        "SELECT api_key FROM archive.secrets_2024",
+        "SELECT * FROM ONLY archive.secrets_2024",
+        "SELECT upper(api_key) FROM archive.secrets_2024",
+        "SELECT upper(api_key) FROM archive.secrets",
         // Laundering: masked data stored where masking cannot follow it.
         "CREATE TEMP TABLE t1 AS SELECT api_key FROM secrets; SELECT * FROM t1",
         "SELECT api_key INTO TEMP t2 FROM secrets; TABLE t2",

@@ -38,6 +38,9 @@ pub struct Relation {
     pub columns: Vec<String>,
     /// A view's or materialized view's definition, as lineage.
     pub definition: Option<Arc<StatementLineage>>,
+    /// (schema, name) of the tables it inherits from or is a partition of,
+    /// nearest first: a column rule on a parent covers its children.
+    pub ancestors: Vec<(String, String)>,
 }
 
 impl Relation {
@@ -179,7 +182,13 @@ impl Catalog {
             "SELECT x.k, c.oid::int8, n.nspname, c.relname, c.relkind, \
              (SELECT coalesce(json_agg(CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END ORDER BY a.attnum), '[]') \
               FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0), \
-             CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) END \
+             CASE WHEN c.relkind IN ('v', 'm') THEN pg_get_viewdef(c.oid) END, \
+             (SELECT coalesce(json_agg(json_build_array(an.nspname, ac.relname) ORDER BY up.depth), '[]') \
+              FROM (WITH RECURSIVE up(oid, depth) AS ( \
+                SELECT inhparent, 1 FROM pg_inherits WHERE inhrelid = c.oid \
+                UNION SELECT i.inhparent, up.depth + 1 FROM pg_inherits i JOIN up ON i.inhrelid = up.oid \
+                WHERE up.depth < 32) SELECT oid, depth FROM up) up \
+              JOIN pg_class ac ON ac.oid = up.oid JOIN pg_namespace an ON an.oid = ac.relnamespace) \
              FROM (VALUES {}) AS x(k, o) JOIN pg_class c ON c.oid = x.o \
              JOIN pg_namespace n ON n.oid = c.relnamespace",
             keys.join(", ")
@@ -234,6 +243,9 @@ impl Catalog {
             let Ok(oid) = oid.parse::<u32>() else {
                 continue;
             };
+            let ancestors: Vec<(String, String)> = text(7)
+                .and_then(|a| serde_json::from_str(&a).ok())
+                .unwrap_or_default();
             let columns: Vec<String> = serde_json::from_str(&cols).unwrap_or_default();
             let definition = text(6).map(|def| {
                 Arc::new(
@@ -261,6 +273,7 @@ impl Catalog {
                     kind: kind.bytes().next().unwrap_or(b'r'),
                     columns,
                     definition,
+                    ancestors,
                 }),
             ));
         }

@@ -141,11 +141,24 @@ impl FrontMask {
             if let Some(name) = &st.uses {
                 let r = resolved.get_or_insert_with(|| (*l).clone());
                 r.statements[i] = match self.defined.get(name) {
-                    Some(def) => StatementLineage {
-                        defines: None,
-                        uses: None,
-                        ..def.clone()
-                    },
+                    Some(def) => {
+                        let mut d = StatementLineage {
+                            defines: None,
+                            uses: None,
+                            ..def.clone()
+                        };
+                        // EXECUTE's own arguments may flow into any output.
+                        d.all.add(&st.all);
+                        for o in d.outputs.iter_mut().flatten() {
+                            o.add(&st.all);
+                        }
+                        for rel in &st.relations {
+                            if !d.relations.contains(rel) {
+                                d.relations.push(rel.clone());
+                            }
+                        }
+                        d
+                    }
                     None => StatementLineage {
                         all: Flow {
                             unknown: true,
@@ -347,6 +360,13 @@ impl Relations for SessionViews<'_> {
             _ => None,
         }
     }
+
+    fn ancestors(&self, relation: &str) -> Vec<(String, String)> {
+        match self.catalog.by_name(relation) {
+            Known::Found(Some(r)) => r.ancestors.clone(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 fn one_statement(l: &Lineage) -> StatementLineage {
@@ -496,10 +516,17 @@ impl BackMask {
                     views.view_taints(&rel).get(i).map_or(unknown, |(_, t)| *t)
                 } else {
                     match rel.columns.get(i) {
-                        Some(col) => Taint {
-                            rules: self.masks.column_rules(Some(&rel.schema), &rel.name, col),
-                            ..Default::default()
-                        },
+                        Some(col) => {
+                            let mut rules =
+                                self.masks.column_rules(Some(&rel.schema), &rel.name, col);
+                            for (schema, name) in &rel.ancestors {
+                                rules |= self.masks.column_rules(Some(schema), name, col);
+                            }
+                            Taint {
+                                rules,
+                                ..Default::default()
+                            }
+                        }
                         None => unknown,
                     }
                 }

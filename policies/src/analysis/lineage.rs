@@ -34,7 +34,8 @@ pub struct Flow {
 }
 
 impl Flow {
-    fn add(&mut self, o: &Flow) {
+    /// Adds what flows in `o`.
+    pub fn add(&mut self, o: &Flow) {
         for c in &o.columns {
             if !self.columns.contains(c) {
                 self.columns.push(c.clone());
@@ -421,6 +422,10 @@ impl<'t> Walker<'t> {
                         "CreateTableAsStmt" => body.get("query").map(|q| self.flow(q)),
                         "SelectStmt" if body.get("into_clause").is_some_and(|i| !i.is_null()) => {
                             Some(self.flow(body))
+                        }
+                        // EXECUTE's arguments may be stored by what it runs.
+                        "ExecuteStmt" => {
+                            Some(self.flow(body.get("params").unwrap_or(&Value::Null)))
                         }
                         "FuncCall" => {
                             let name =

@@ -244,6 +244,12 @@ impl Taint {
 /// output columns with what may flow into each. Tables are `None`.
 pub trait Relations {
     fn view_columns(&self, relation: &str) -> Option<Vec<(String, Taint)>>;
+
+    /// (schema, name) of the tables `relation` inherits from or is a
+    /// partition of: a column rule on a parent covers its children.
+    fn ancestors(&self, _relation: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// No catalog: every relation is taken as a table.
@@ -410,6 +416,9 @@ impl Masks {
                 None => {
                     let (s, n) = split(rel);
                     t.rules |= self.table_rules(s.as_deref(), &n);
+                    for (s, n) in views.ancestors(rel) {
+                        t.rules |= self.table_rules(Some(&s), &n);
+                    }
                 }
             }
         }
@@ -430,6 +439,9 @@ impl Masks {
                     None => {
                         let (s, n) = split(rel);
                         t.rules |= self.column_rules(s.as_deref(), &n, column);
+                        for (s, n) in views.ancestors(rel) {
+                            t.rules |= self.column_rules(Some(&s), &n, column);
+                        }
                     }
                 }
             }

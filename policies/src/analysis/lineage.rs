@@ -223,6 +223,12 @@ fn reads_named_table(name: &str) -> bool {
     )
 }
 
+/// Built-ins that read every table of a schema or database.
+fn reads_every_table(name: &str) -> bool {
+    let bare = name.strip_prefix("pg_catalog.").unwrap_or(name);
+    bare.starts_with("schema_to_xml") || bare.starts_with("database_to_xml")
+}
+
 /// A subquery or CTE in FROM: its output columns by name.
 type Derived = Vec<(String, Flow)>;
 
@@ -613,6 +619,8 @@ impl<'t> Walker<'t> {
                 }
                 _ => f.unknown = true,
             }
+        } else if reads_every_table(&name) {
+            f.unknown = true;
         } else if reads_named_table(&name) {
             match first.and_then(literal) {
                 Some(table) => f.whole.push(table.to_owned()),

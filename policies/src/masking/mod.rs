@@ -609,6 +609,10 @@ detectors = ["email", "api-key", "card"]
         assert!(t[0].unknown);
         let t = outputs(&m, "SELECT table_to_xml('secrets', true, true, '')");
         assert_eq!(t[0].rules, 1);
+        let t = outputs(&m, "SELECT schema_to_xml('public', true, true, '')");
+        assert!(t[0].unknown);
+        let t = outputs(&m, "SELECT pg_catalog.database_to_xml(true, true, '')");
+        assert!(t[0].unknown);
         let t = outputs(&m, "SELECT my_function(1)");
         assert!(t[0].opaque && t[0].rules == 0);
     }

@@ -65,6 +65,11 @@ fn agent(ic: &Interception, conninfo: &str, args: &[&str]) -> Result<String> {
     collect(&mut agent_cmd(ic, conninfo, args))
 }
 
+/// One statement as the agent, with errors in psql's terse form.
+fn agent_terse(ic: &Interception, conninfo: &str, sql: &str) -> Result<String> {
+    agent(ic, conninfo, &["-v", "VERBOSITY=terse", "-c", sql])
+}
+
 fn collect(cmd: &mut Command) -> Result<String> {
     let out = cmd.output()?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -286,28 +291,14 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
     );
     show(
         "an error that would quote the value: SELECT api_key::int FROM secrets",
-        &agent(
-            &ic,
-            &tls,
-            &[
-                "-v",
-                "VERBOSITY=terse",
-                "-c",
-                "SELECT api_key::int FROM secrets WHERE id = 2",
-            ],
-        )?,
+        &agent_terse(&ic, &tls, "SELECT api_key::int FROM secrets WHERE id = 2")?,
     );
     show(
         "laundering refused: CREATE TEMP TABLE stash AS SELECT service, api_key FROM secrets",
-        &agent(
+        &agent_terse(
             &ic,
             &tls,
-            &[
-                "-v",
-                "VERBOSITY=terse",
-                "-c",
-                "CREATE TEMP TABLE stash AS SELECT service, api_key FROM secrets",
-            ],
+            "CREATE TEMP TABLE stash AS SELECT service, api_key FROM secrets",
         )?,
     );
     let real = direct(&pg, "SELECT api_key FROM secrets WHERE id = 2")?;
@@ -406,16 +397,7 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
     );
     show(
         "the same UPDATE from a job without a token is denied outright (rule no-writes)",
-        &agent(
-            &ic,
-            &tls,
-            &[
-                "-v",
-                "VERBOSITY=terse",
-                "-c",
-                "UPDATE orders SET amount = 0 WHERE id = 1",
-            ],
-        )?,
+        &agent_terse(&ic, &tls, "UPDATE orders SET amount = 0 WHERE id = 1")?,
     );
     std::fs::write(
         &policy_file,

@@ -318,6 +318,20 @@ fn masked_counts_reach_the_audit_trail() {
                 && m["count"] == 2
         });
     assert!(found, "no detector count");
+    // COPY's counts name its columns too.
+    let (out, _) = psql("COPY (SELECT id, api_key AS k FROM secrets) TO STDOUT");
+    assert_eq!(out, "1\t[redacted]\n2\t[redacted]\n");
+    let out = Command::new(interceptor_tests::proxy::binary())
+        .args(["audit", "tail", "--json", "-n", "2000", "--config"])
+        .arg(&p.config_path)
+        .output()
+        .unwrap();
+    let copy = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("Masked").cloned())
+        .any(|m| m["rule"] == "secret-columns" && m["column"] == "k" && m["count"] == 2);
+    assert!(copy, "no COPY count by column");
 }
 
 /// `binary = "deny"`: a masked column of a non-text type asked for in

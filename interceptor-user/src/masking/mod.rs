@@ -813,6 +813,8 @@ impl BackMask {
                 None => Step::Keep,
             },
             b'c' => {
+                // Counted while the COPY's column names are known.
+                self.flush_counts();
                 self.copy = None;
                 Step::Keep
             }

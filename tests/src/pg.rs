@@ -159,6 +159,9 @@ static SHARED: OnceLock<&'static PgCluster> = OnceLock::new();
 extern "C" fn stop_shared() {
     if let Some(cluster) = SHARED.get() {
         cluster.stop();
+        // The leaked cluster's TempDir is never dropped: remove its files
+        // here, or every test process leaves a data directory behind.
+        let _ = std::fs::remove_dir_all(cluster.path());
     }
 }
 

@@ -16,15 +16,9 @@ use policies::masking::{Detector, MaskKey, MaskSpec, Masks, ValueType};
 fn spec(id: &str, columns: &[&str], detectors: &[Detector]) -> MaskSpec {
     MaskSpec {
         id: id.into(),
-        description: None,
-        groups: vec![],
-        except_groups: vec![],
         columns: columns.iter().map(|c| c.to_string()).collect(),
-        names: vec![],
         detectors: detectors.to_vec(),
-        strategy: Default::default(),
-        keep_last: None,
-        binary: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -426,7 +426,6 @@ where
                     if !m.flushed.is_empty() {
                         let counts = std::mem::take(&mut m.flushed);
                         if let Some(a) = &mut state.audit {
-                            a.masked(counts.iter().map(|c| c.count).sum());
                             a.mask_counts(counts);
                         }
                     }

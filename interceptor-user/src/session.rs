@@ -91,20 +91,11 @@ pub async fn serve(
                 runtime.config.limits.connect_timeout,
                 runtime.upstream_mark,
             );
-            let masks = Arc::new(masks);
-            let guard = crate::masking::LaunderCheck::new(
-                masks.clone(),
-                shared.lineages.clone(),
-                catalog.clone(),
-            );
-            (
-                crate::masking::session(masks, shared.lineages.clone(), catalog),
-                guard,
-            )
+            crate::masking::session(Arc::new(masks), shared.lineages.clone(), catalog)
         })
     });
     let (masking, guard) = match masking {
-        Some((m, g)) => (Some(m), Some(g)),
+        Some((front, back, guard)) => (Some((front, back)), Some(guard)),
         None => (None, None),
     };
     let enforcer = session.policy.map(|p| {

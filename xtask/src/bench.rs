@@ -156,17 +156,11 @@ pub fn pgbench(
     let _ = std::fs::remove_dir_all(logdir);
     std::fs::create_dir_all(logdir)?;
     let out = run_ok(
-        Command::new(pg_bin("pgbench"))
+        pgbench_on(port, &["-n", "-S", "-l", "-M", mode])
             .current_dir(logdir)
-            .args(["-n", "-S", "-l", "-M", mode])
             .arg(format!("-c{clients}"))
             .arg(format!("-j{}", clients.min(2)))
-            .arg(format!("-T{seconds}"))
-            .args(["-h", "127.0.0.1", "-U", ADMIN_USER, "-p"])
-            .arg(port.to_string())
-            .arg("bench")
-            .env("PGPASSWORD", ADMIN_PASSWORD)
-            .env("PGSSLMODE", "disable"),
+            .arg(format!("-T{seconds}")),
     )?;
     let tps = out
         .lines()
@@ -195,6 +189,19 @@ pub fn pgbench(
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
     })
+}
+
+/// pgbench with `args` against database `bench` through `port`, as the
+/// harness's admin user, without TLS.
+pub fn pgbench_on(port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new(pg_bin("pgbench"));
+    cmd.args(args)
+        .args(["-h", "127.0.0.1", "-U", ADMIN_USER, "-p"])
+        .arg(port.to_string())
+        .arg("bench")
+        .env("PGPASSWORD", ADMIN_PASSWORD)
+        .env("PGSSLMODE", "disable");
+    cmd
 }
 
 /// Opens `n` logged-in, idle sessions through `port`.

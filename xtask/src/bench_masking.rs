@@ -10,16 +10,13 @@
 //!
 //! Prints a table and writes target/bench/masking.json.
 
-use std::process::Command;
-
 use anyhow::{Context, Result};
-use interceptor_tests::pg::{ADMIN_PASSWORD, ADMIN_USER, PgCluster};
-use interceptor_tests::pg_bin;
+use interceptor_tests::pg::{ADMIN_USER, PgCluster};
 use interceptor_tests::proxy::Proxy;
 use interceptor_tests::{run_ok, workspace_root};
 use serde_json::json;
 
-use crate::bench::{run_lengths, target, write_report};
+use crate::bench::{pgbench_on, run_lengths, target, write_report};
 
 /// Bytes per second, in MB/s, of one criterion benchmark.
 fn criterion_mb_per_s(id: &str) -> Result<f64> {
@@ -103,17 +100,12 @@ pub fn run() -> Result<()> {
         for (i, (name, port, proxy)) in routes.iter().enumerate() {
             let cpu_before = proxy.map(|p| p.cpu_time());
             let started = std::time::Instant::now();
-            run_ok(
-                Command::new(pg_bin("pgbench"))
-                    .args(["-n", "-c1", "-f"])
-                    .arg(&script)
-                    .arg(format!("-t{SELECTS}"))
-                    .args(["-h", "127.0.0.1", "-U", ADMIN_USER, "-p"])
-                    .arg(port.to_string())
-                    .arg("bench")
-                    .env("PGPASSWORD", ADMIN_PASSWORD)
-                    .env("PGSSLMODE", "disable"),
-            )?;
+            let script = script.to_string_lossy();
+            let transactions = format!("-t{SELECTS}");
+            run_ok(&mut pgbench_on(
+                *port,
+                &["-n", "-c1", "-f", &script, &transactions],
+            ))?;
             let per_select = started.elapsed().as_secs_f64() / f64::from(SELECTS);
             seconds[i].1.push(per_select);
             if let (Some(p), Some(before)) = (proxy, cpu_before) {

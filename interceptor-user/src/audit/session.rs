@@ -192,16 +192,12 @@ impl BackendAudit {
         });
     }
 
-    /// `n` values of the current statement's output were masked.
-    pub fn masked(&mut self, n: u64) {
-        self.with_front(|o| o.masked += n);
-    }
-
     /// What the current statement's masked values were, by rule, column
-    /// and detector.
+    /// and detector; their sum is the row's `masked`.
     pub fn mask_counts(&mut self, counts: Vec<crate::masking::MaskCount>) {
         self.with_front(|o| {
             for c in counts {
+                o.masked += c.count;
                 match o
                     .mask_counts
                     .iter_mut()

@@ -210,7 +210,9 @@ impl Catalog {
                 })?;
             *guard = Some(up.conn);
         }
-        let conn = guard.as_mut().expect("just connected");
+        let Some(conn) = guard.as_mut() else {
+            return Err("no catalog connection".into());
+        };
         let rows = match tokio::time::timeout(
             self.connect_timeout.max(Duration::from_secs(5)),
             simple_query(conn, &sql),

@@ -13,7 +13,7 @@
 pub mod catalog;
 pub mod rewrite;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, BytesMut};
@@ -36,9 +36,17 @@ enum Source {
 /// Whether a text may define or use a name (PREPARE, EXECUTE, DECLARE,
 /// FETCH, MOVE): its lineage is then needed as it is sent, in order.
 fn names_anything(sql: &str) -> bool {
-    const WORDS: [&[u8]; 5] = [b"prepare", b"execute", b"declare", b"fetch", b"move"];
+    mentions_any(
+        sql,
+        &[b"prepare", b"execute", b"declare", b"fetch", b"move"],
+    )
+}
+
+/// Whether `sql` holds any of `words` (ASCII, any case): a cheap test
+/// before lineage, which may be needed only then.
+fn mentions_any(sql: &str, words: &[&[u8]]) -> bool {
     let b = sql.as_bytes();
-    WORDS
+    words
         .iter()
         .any(|w| b.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
 }
@@ -79,19 +87,25 @@ struct State {
     portals: HashMap<Vec<u8>, Portal>,
 }
 
-/// One session's masking: the frontend half and the backend half.
+/// One session's masking: the frontend half, the backend half, and the
+/// enforcer's check against laundering.
 pub fn session(
     masks: Arc<Masks>,
     lineages: Arc<LineageCache>,
     catalog: Arc<Catalog>,
-) -> (FrontMask, BackMask) {
+) -> (FrontMask, BackMask, LaunderCheck) {
     let state = Arc::new(Mutex::new(State::default()));
+    let guard = LaunderCheck {
+        masks: masks.clone(),
+        lineages: lineages.clone(),
+        catalog: catalog.clone(),
+    };
     (
         FrontMask {
             state: state.clone(),
-            lineage: Some(lineages.clone()),
+            lineage: lineages.clone(),
             defined: HashMap::new(),
-            described: HashMap::new(),
+            described: HashSet::new(),
         },
         BackMask {
             state,
@@ -105,6 +119,7 @@ pub fn session(
             scratch: BytesMut::new(),
             pending: None,
         },
+        guard,
     )
 }
 
@@ -117,21 +132,20 @@ pub struct FrontMask {
     state: Arc<Mutex<State>>,
     /// Lineage, for column rules and for COPY (its options and output
     /// names).
-    lineage: Option<Arc<LineageCache>>,
+    lineage: Arc<LineageCache>,
     /// PREPARE and DECLARE CURSOR names, with what they were defined as.
     defined: HashMap<String, StatementLineage>,
     /// Statements (false) and portals (true) whose row shape was asked for.
-    described: HashMap<(bool, Vec<u8>), ()>,
+    described: HashSet<(bool, Vec<u8>)>,
 }
 
 impl FrontMask {
-    fn lineage_of(&mut self, sql: &[u8]) -> Option<Source> {
-        let cache = self.lineage.as_ref()?;
+    fn lineage_of(&mut self, sql: &[u8]) -> Source {
         let text = String::from_utf8_lossy(sql);
         if !names_anything(&text) {
-            return Some(Source::Text(text.into()));
+            return Source::Text(text.into());
         }
-        let l = cache.get(&text);
+        let l = self.lineage.get(&text);
         // EXECUTE and FETCH return what their name was defined as.
         let mut resolved: Option<Lineage> = None;
         for (i, st) in l.statements.iter().enumerate() {
@@ -169,7 +183,7 @@ impl FrontMask {
                 };
             }
         }
-        Some(Source::Ready(resolved.map_or(l, Arc::new)))
+        Source::Ready(resolved.map_or(l, Arc::new))
     }
 
     /// Bytes to send before `msg` (the proxy's own Describe), if any.
@@ -177,7 +191,7 @@ impl FrontMask {
         match msg {
             FrontendMessage::Query { sql } => {
                 let l = self.lineage_of(sql);
-                lock(&self.state).queue.push_back(Expect::Query(l));
+                lock(&self.state).queue.push_back(Expect::Query(Some(l)));
             }
             FrontendMessage::FunctionCall(_) => {
                 lock(&self.state).queue.push_back(Expect::Query(None));
@@ -189,7 +203,7 @@ impl FrontMask {
                 s.statements.insert(
                     p.name.to_vec(),
                     Statement {
-                        lineage: l,
+                        lineage: Some(l),
                         fields: None,
                     },
                 );
@@ -210,7 +224,7 @@ impl FrontMask {
             }
             FrontendMessage::Describe { target, name } => {
                 let portal = *target == Target::Portal;
-                self.described.insert((portal, name.to_vec()), ());
+                self.described.insert((portal, name.to_vec()));
                 lock(&self.state).queue.push_back(if portal {
                     Expect::DescribePortal(name.to_vec(), false)
                 } else {
@@ -218,15 +232,16 @@ impl FrontMask {
                 });
             }
             FrontendMessage::Execute { portal, .. } => {
-                let known = self.described.contains_key(&(true, portal.to_vec()))
-                    || lock(&self.state).portals.get(*portal).is_some_and(|p| {
-                        self.described.contains_key(&(false, p.statement.clone()))
-                    });
+                let known = self.described.contains(&(true, portal.to_vec()))
+                    || lock(&self.state)
+                        .portals
+                        .get(*portal)
+                        .is_some_and(|p| self.described.contains(&(false, p.statement.clone())));
                 let mut s = lock(&self.state);
                 let inject = (!known).then(|| {
                     s.queue
                         .push_back(Expect::DescribePortal(portal.to_vec(), true));
-                    self.described.insert((true, portal.to_vec()), ());
+                    self.described.insert((true, portal.to_vec()));
                     frame(b'D', |b| {
                         b.put_u8(b'P');
                         b.put_slice(portal);
@@ -280,6 +295,8 @@ pub struct MaskCount {
 /// The result being sent: how to treat each column.
 struct Current {
     columns: Vec<Column>,
+    /// Nothing to mask or scan, and nothing denied: rows go as they are.
+    passthrough: bool,
     names: Vec<String>,
     source: Option<Source>,
     /// Errors and notices may quote masked values: withhold their texts
@@ -314,7 +331,15 @@ struct SessionViews<'a> {
     depth: std::cell::Cell<u32>,
 }
 
-impl SessionViews<'_> {
+impl<'a> SessionViews<'a> {
+    fn new(masks: &'a Masks, catalog: &'a Catalog) -> Self {
+        SessionViews {
+            masks,
+            catalog,
+            depth: std::cell::Cell::new(0),
+        }
+    }
+
     fn view_taints(&self, rel: &catalog::Relation) -> Vec<(String, Taint)> {
         let Some(def) = &rel.definition else {
             return Vec::new();
@@ -428,13 +453,9 @@ impl BackMask {
         lineage: Option<&StatementLineage>,
         source: Option<Source>,
     ) -> Current {
-        let views = SessionViews {
-            masks: &self.masks,
-            catalog: &self.catalog,
-            depth: std::cell::Cell::new(0),
-        };
+        let views = SessionViews::new(&self.masks, &self.catalog);
         let mut deny = None;
-        let columns = fields
+        let columns: Vec<Column> = fields
             .iter()
             .enumerate()
             .map(|(i, f)| {
@@ -495,6 +516,7 @@ impl BackMask {
             })
             .collect();
         Current {
+            passthrough: deny.is_none() && columns.iter().all(|c| c.action == Action::Clear),
             columns,
             names: fields.iter().map(|f| f.name.clone()).collect(),
             source,
@@ -575,11 +597,7 @@ impl BackMask {
         match source {
             Some(s) => {
                 let l = self.lineage_of(s);
-                let views = SessionViews {
-                    masks: &self.masks,
-                    catalog: &self.catalog,
-                    depth: std::cell::Cell::new(0),
-                };
+                let views = SessionViews::new(&self.masks, &self.catalog);
                 !self.masks.taint(&l.all, &l.relations, &views).is_clean()
             }
             None => true,
@@ -664,7 +682,7 @@ impl BackMask {
                     .current
                     .as_mut()
                     .ok_or(Malformed("DataRow outside a result"))?;
-                if cur.deny.is_none() && cur.columns.iter().all(|c| c.action == Action::Clear) {
+                if cur.passthrough {
                     return Ok(Step::Keep);
                 }
                 if let Some(msg) = &cur.deny {
@@ -961,43 +979,30 @@ pub struct LaunderCheck {
     catalog: Arc<Catalog>,
 }
 
-/// Whether a text may store values (a cheap test before lineage).
+/// Whether a text may store values.
 fn may_store(sql: &str) -> bool {
-    const WORDS: [&[u8]; 7] = [
-        b"insert",
-        b"update",
-        b"merge",
-        b"create",
-        b"into",
-        b"notify",
-        b"set_config",
-    ];
-    let b = sql.as_bytes();
-    WORDS
-        .iter()
-        .any(|w| b.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
+    mentions_any(
+        sql,
+        &[
+            b"insert",
+            b"update",
+            b"merge",
+            b"create",
+            b"into",
+            b"notify",
+            b"set_config",
+        ],
+    )
 }
 
 impl LaunderCheck {
-    pub fn new(masks: Arc<Masks>, lineages: Arc<LineageCache>, catalog: Arc<Catalog>) -> Self {
-        LaunderCheck {
-            masks,
-            lineages,
-            catalog,
-        }
-    }
-
     /// The refusal for `sql`, when it would store masked data.
     pub fn check(&self, sql: &str) -> Option<policies::Refusal> {
         if !self.masks.by_column || !may_store(sql) {
             return None;
         }
         let lineage = self.lineages.get(sql);
-        let views = SessionViews {
-            masks: &self.masks,
-            catalog: &self.catalog,
-            depth: std::cell::Cell::new(0),
-        };
+        let views = SessionViews::new(&self.masks, &self.catalog);
         for st in &lineage.statements {
             for flow in &st.stores {
                 let taint = self.masks.taint(flow, &st.relations, &views);

@@ -64,20 +64,8 @@ pub struct Column {
 }
 
 impl Column {
-    /// `value`'s replacement in column `index`: `Some(None)` is NULL,
-    /// `None` unchanged.
-    fn apply(
-        &self,
-        masks: &Masks,
-        value: &[u8],
-        count: &mut Counts,
-        index: usize,
-    ) -> Option<Option<Vec<u8>>> {
-        self.replace(masks, value, count, index).map(New::into_vec)
-    }
-
-    /// As [`apply`](Self::apply), without allocating when the replacement
-    /// does not depend on the value.
+    /// `value`'s replacement in column `index` (`None`: unchanged), without
+    /// allocating when it does not depend on the value.
     fn replace(
         &self,
         masks: &Masks,
@@ -124,10 +112,11 @@ enum New {
 }
 
 impl New {
-    fn into_vec(self) -> Option<Vec<u8>> {
+    /// The bytes to send; `None`: NULL.
+    fn bytes(&self) -> Option<&[u8]> {
         match self {
             New::Null => None,
-            New::Static(s) => Some(s.to_vec()),
+            New::Static(s) => Some(s),
             New::Owned(v) => Some(v),
         }
     }
@@ -139,17 +128,20 @@ pub const WITHHELD: usize = usize::MAX;
 /// One count: rule, result column (by position), detector.
 pub type CountKey = (usize, Option<u16>, Option<Detector>);
 
-/// Masked values: how many in all, and by rule, column and detector.
+/// Masked values by rule, column and detector.
 #[derive(Debug, Default)]
 pub struct Counts {
-    pub values: u64,
     pub entries: Vec<(CountKey, u64)>,
     found: Vec<(usize, Detector)>,
 }
 
 impl Counts {
+    /// How many values in all (since the entries were last taken).
+    pub fn total(&self) -> u64 {
+        self.entries.iter().map(|(_, n)| n).sum()
+    }
+
     fn add(&mut self, rule: usize, column: Option<u16>, detector: Option<Detector>) {
-        self.values += 1;
         let key = (rule, column, detector);
         match self.entries.iter_mut().find(|(k, _)| *k == key) {
             Some((_, n)) => *n += 1,
@@ -206,17 +198,13 @@ pub fn data_row(
             out.put_i32(0);
         }
         out.put_slice(&body[copied..start]);
-        let bytes: &[u8] = match &new {
-            New::Null => {
-                out.put_i32(-1);
-                copied = end;
-                continue;
+        match new.bytes() {
+            Some(bytes) => {
+                out.put_i32(bytes.len() as i32);
+                out.put_slice(bytes);
             }
-            New::Static(s) => s,
-            New::Owned(v) => v,
-        };
-        out.put_i32(bytes.len() as i32);
-        out.put_slice(bytes);
+            None => out.put_i32(-1),
+        }
         copied = end;
     }
     if changed {
@@ -478,12 +466,12 @@ fn text_row(
             out.push(delimiter);
         }
         let col = columns.get(i).copied().unwrap_or(UNLISTED);
-        let replaced = if *f == null {
+        let replaced = if *f == null || col.action == Action::Clear {
             None
         } else {
-            col.apply(masks, &text_unescape(f), count, i)
+            col.replace(masks, &text_unescape(f), count, i)
         };
-        match replaced {
+        match replaced.as_ref().map(New::bytes) {
             None => out.extend_from_slice(f),
             Some(None) => {
                 changed = true;
@@ -491,7 +479,7 @@ fn text_row(
             }
             Some(Some(v)) => {
                 changed = true;
-                text_escape(&v, delimiter, &mut out);
+                text_escape(v, delimiter, &mut out);
             }
         }
     }
@@ -569,20 +557,20 @@ fn csv_row(
         let replaced = if is_null {
             None
         } else {
-            col.apply(masks, f, count, i)
+            col.replace(masks, f, count, i)
         };
-        match replaced {
-            None => csv_write(f, *quoted, delimiter, quote, escape, &mut out),
+        match replaced.as_ref().map(New::bytes) {
+            None => csv_write(f, *quoted, quote, escape, &mut out),
             Some(None) => {
                 changed = true;
                 out.extend_from_slice(null);
             }
             Some(Some(v)) => {
                 changed = true;
-                let must_quote = v.as_slice() == null
+                let must_quote = v == null
                     || v.iter()
                         .any(|&b| b == delimiter || b == quote || b == b'\n' || b == b'\r');
-                csv_write(&v, must_quote, delimiter, quote, escape, &mut out);
+                csv_write(v, must_quote, quote, escape, &mut out);
             }
         }
     }
@@ -590,7 +578,7 @@ fn csv_row(
     changed.then_some(out)
 }
 
-fn csv_write(v: &[u8], quoted: bool, _delimiter: u8, quote: u8, escape: u8, out: &mut Vec<u8>) {
+fn csv_write(v: &[u8], quoted: bool, quote: u8, escape: u8, out: &mut Vec<u8>) {
     if !quoted {
         out.extend_from_slice(v);
         return;
@@ -733,27 +721,24 @@ pub fn function_result(
 /// build: `data[0]` picks the column plan, the rest is a DataRow or CopyData
 /// body. Nothing panics; every rewrite is one well-formed frame of the same
 /// type; a DataRow keeps its column count, and a column masked by `redact`
-/// holds `[redacted]` or NULL.
+/// holds `[redacted]` or NULL. Not in the daemon: it asserts.
+#[cfg(any(test, fuzzing))]
 pub fn check_rewrite(data: &[u8]) {
     use policies::masking::{Detector, MaskKey, MaskSpec};
     static MASKS: std::sync::OnceLock<Masks> = std::sync::OnceLock::new();
     let masks = MASKS.get_or_init(|| {
-        let spec = |id: &str, columns: Vec<String>, detectors: Vec<Detector>| MaskSpec {
-            id: id.into(),
-            description: None,
-            groups: vec![],
-            except_groups: vec![],
-            columns,
-            names: vec![],
-            detectors,
-            strategy: Default::default(),
-            keep_last: None,
-            binary: Default::default(),
-        };
         Masks::from_specs(
             &[
-                spec("cols", vec!["t.c".into()], vec![]),
-                spec("detect", vec![], Detector::ALL.to_vec()),
+                MaskSpec {
+                    id: "cols".into(),
+                    columns: vec!["t.c".into()],
+                    ..Default::default()
+                },
+                MaskSpec {
+                    id: "detect".into(),
+                    detectors: Detector::ALL.to_vec(),
+                    ..Default::default()
+                },
             ],
             MaskKey::from_bytes(b"fuzz"),
         )
@@ -821,6 +806,7 @@ pub fn check_rewrite(data: &[u8]) {
     }
 }
 
+#[cfg(any(test, fuzzing))]
 const REDACTED_TEXT: &[u8] = b"[redacted]";
 
 #[cfg(test)]
@@ -890,7 +876,7 @@ keep_last = 3
             out.to_vec(),
             row(&[Some(b"1"), Some(b"[redacted]"), Some(b"mail ****com"), None])
         );
-        assert_eq!(count.values, 3);
+        assert_eq!(count.total(), 3);
         let clean = row(&[Some(b"2"), None, Some(b"nothing"), None]);
         assert!(!data_row(&clean, &cols, &m, &mut count, &mut out).unwrap());
         let short = row(&[Some(b"1")]);

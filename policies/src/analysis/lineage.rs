@@ -123,7 +123,7 @@ pub struct LineageCache {
 
 impl LineageCache {
     pub fn new(capacity: usize) -> Self {
-        let capacity = std::num::NonZeroUsize::new(capacity.max(1)).expect("max(1)");
+        let capacity = std::num::NonZeroUsize::new(capacity).unwrap_or(std::num::NonZeroUsize::MIN);
         LineageCache {
             cache: std::sync::Mutex::new(lru::LruCache::new(capacity)),
         }

@@ -329,7 +329,7 @@ impl Scanner {
             let Some(caps) = self.regex.captures_at(text, at) else {
                 return;
             };
-            let whole = caps.get(0).expect("group 0 is the match");
+            let Some(whole) = caps.get(0) else { return };
             let group = (1..caps.len()).find(|&i| caps.get(i).is_some());
             let found = group
                 .map(|g| self.detectors[g - 1])

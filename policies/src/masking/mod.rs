@@ -22,7 +22,7 @@ pub use strategy::{MaskKey, Strategy, ValueType};
 use crate::analysis::lineage::Flow;
 
 /// A `[[mask]]` entry of the policy file.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MaskSpec {
     /// Named in audit rows and in the counts of masked values.

@@ -156,8 +156,9 @@ impl Strategy {
                     value
                 };
                 let masked = self.text(key, inner)?;
-                let json = serde_json::to_vec(&String::from_utf8_lossy(&masked))
-                    .expect("a string serializes");
+                let json = serde_json::Value::String(String::from_utf8_lossy(&masked).into_owned())
+                    .to_string()
+                    .into_bytes();
                 Some(if binary && ty == ValueType::Jsonb {
                     let mut v = vec![1u8];
                     v.extend_from_slice(&json);

@@ -53,6 +53,13 @@ pub enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Approve or deny statements that policy held: list the requests,
+    /// show one, decide it. Talks to the daemon's approvals API, as the
+    /// approver whose token is given. `new-token` makes an approver token.
+    Approvals {
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
     /// The audit trail: read it (from the local spool, or ClickHouse when
     /// configured), verify its hash chains, and create its tables.
     Audit {
@@ -253,6 +260,88 @@ pub enum AuditCommand {
         #[arg(long, default_value = "interceptor", requires = "print")]
         database: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// Pending requests (every kept one with --all), newest first.
+    List {
+        #[command(flatten)]
+        api: ApprovalsApi,
+        #[arg(long)]
+        all: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One request: the statement, who asked, the target, the planner's
+    /// estimate, and its state.
+    Show {
+        #[command(flatten)]
+        api: ApprovalsApi,
+        #[arg(value_name = "ID")]
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a request. It runs once it has every approval it needs.
+    Approve {
+        #[command(flatten)]
+        api: ApprovalsApi,
+        #[arg(value_name = "ID")]
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Also approve this statement's fingerprint for this principal on
+        /// this target for N minutes.
+        #[arg(long, value_name = "N")]
+        grant_minutes: Option<u32>,
+    },
+    /// Deny a request; the client gets SQLSTATE 42501 with the reason.
+    Deny {
+        #[command(flatten)]
+        api: ApprovalsApi,
+        #[arg(value_name = "ID")]
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Make an approver token: prints the token (give it to the approver)
+    /// and the `[[approvals.approver]]` entry with its hash for the config.
+    NewToken {
+        /// The approver's name.
+        #[arg(long)]
+        name: String,
+        /// Approver groups.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+}
+
+/// How to reach the approvals API, and as whom.
+#[derive(Debug, Args)]
+pub struct ApprovalsApi {
+    /// The daemon's configuration file: the API's address comes from
+    /// `[approvals]`, and its CA from `state_dir/tls/ca.pem`.
+    #[arg(long, short, value_name = "FILE", env = "INTERCEPTOR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The API's base URL, instead of the config's.
+    #[arg(long, value_name = "URL", env = "INTERCEPTOR_APPROVALS_URL")]
+    pub url: Option<String>,
+    /// The CA that signed the API's certificate.
+    #[arg(long, value_name = "FILE", env = "INTERCEPTOR_APPROVALS_CA")]
+    pub ca: Option<PathBuf>,
+    /// The approver's API token...
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "INTERCEPTOR_APPROVER_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// ...or a file holding it.
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Which spool to read: the daemon's (from its config) or a directory.

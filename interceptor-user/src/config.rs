@@ -66,6 +66,10 @@ pub struct Config {
     /// The audit trail (on by default, spooled under `state_dir/audit`).
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Approval of statements that policy holds: the approvals API and
+    /// web console, approvers, and notifications. Without it, held
+    /// statements are refused.
+    pub approvals: Option<Spanned<ApprovalsConfig>>,
     /// The databases this proxy stands in front of.
     #[serde(rename = "target")]
     pub targets: Vec<Spanned<Target>>,
@@ -225,6 +229,112 @@ impl Config {
             .spool_dir
             .clone()
             .unwrap_or_else(|| self.state_dir.join("audit"))
+    }
+}
+
+/// Approval of held statements.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// Where the approvals API and web console listen.
+    pub listen: SocketAddr,
+    /// Serve HTTPS with the client TLS certificate (`[client_tls]`'s, or the
+    /// one generated under `state_dir/tls`). `false` serves plain HTTP and
+    /// is allowed only on a loopback address.
+    #[serde(default = "yes")]
+    pub tls: bool,
+    /// The console's address as approvers reach it, shown to held clients
+    /// and in notifications (default: the listen address).
+    pub url: Option<String>,
+    /// How long a held statement waits for a decision before it is
+    /// refused as timed out.
+    #[serde(default = "default_approval_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long an approved named prepared statement may be executed again
+    /// in its session (each execution with new parameters is covered only
+    /// for this long).
+    #[serde(default = "default_approval_reuse", with = "humantime_serde")]
+    pub reuse_for: Duration,
+    /// Decided requests kept under `state_dir/approvals`.
+    #[serde(default = "default_approvals_kept")]
+    pub keep: usize,
+    /// People who may approve, each with an API token (stored hashed).
+    #[serde(default, rename = "approver")]
+    pub approvers: Vec<ApproverConfig>,
+    /// Where new requests and decisions are posted.
+    #[serde(default, rename = "webhook")]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// One approver.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverConfig {
+    /// Shown in decisions and the audit trail.
+    pub name: String,
+    /// Approver groups, which hold rules name in `approvers`.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// SHA-256 (hex) of the approver's API token: `interceptor approvals
+    /// new-token` makes a token and prints this.
+    pub token_sha256: String,
+    /// Names this person has as a requester (database user, token
+    /// subject, actor claim, job): they cannot approve those requests.
+    #[serde(default)]
+    pub identities: Vec<String>,
+}
+
+/// One notification endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// `json` posts the request as it is; `slack` posts `{"text": ...}`
+    /// for Slack-compatible incoming webhooks.
+    #[serde(default)]
+    pub format: WebhookFormat,
+    /// PEM CA bundle for an HTTPS endpoint (default: the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// Tries per notification, with exponential backoff from 1 s.
+    #[serde(default = "default_webhook_attempts")]
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    #[default]
+    Json,
+    Slack,
+}
+
+fn default_approval_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_approval_reuse() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_approvals_kept() -> usize {
+    10_000
+}
+
+fn default_webhook_attempts() -> u32 {
+    5
+}
+
+impl ApprovalsConfig {
+    /// The base URL approvers use.
+    pub fn base_url(&self) -> String {
+        match &self.url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => format!(
+                "{}://{}",
+                if self.tls { "https" } else { "http" },
+                self.listen
+            ),
+        }
     }
 }
 
@@ -694,6 +804,13 @@ impl Config {
             {
                 relative_to_config(f);
             }
+            if let Some(a) = &mut config.approvals {
+                for w in &mut a.get_mut().webhooks {
+                    if let Some(ca) = &mut w.ca_file {
+                        relative_to_config(ca);
+                    }
+                }
+            }
             if let Some(o) = &mut config.oidc {
                 for i in &mut o.get_mut().issuers {
                     if let Some(ca) = &mut i.ca_file {
@@ -752,6 +869,52 @@ impl Config {
                         t.span().start,
                         format!("target.{}.destinations", t.get_ref().name),
                         format!("includes the interception port {loopback} itself"),
+                    ));
+                }
+            }
+        }
+        if let Some(a) = &self.approvals {
+            let at = a.span().start;
+            let a = a.get_ref();
+            if !a.tls && !a.listen.ip().is_loopback() {
+                return Err(invalid(
+                    at,
+                    "approvals.tls".into(),
+                    "plain HTTP is allowed only on a loopback address; approvers' tokens would cross the network in clear".into(),
+                ));
+            }
+            if a.timeout.is_zero() {
+                return Err(invalid(
+                    at,
+                    "approvals.timeout".into(),
+                    "must be more than 0s".into(),
+                ));
+            }
+            for (i, ap) in a.approvers.iter().enumerate() {
+                let at = text.find(&format!("\"{}\"", ap.name)).unwrap_or(at);
+                if ap.token_sha256.len() != 64
+                    || !ap.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                {
+                    return Err(invalid(
+                        at,
+                        format!("approvals.approver.{}.token_sha256", ap.name),
+                        "must be 64 hex digits (the SHA-256 of the token; `interceptor approvals new-token` prints it)".into(),
+                    ));
+                }
+                if a.approvers[..i].iter().any(|o| o.name == ap.name) {
+                    return Err(invalid(
+                        at,
+                        format!("approvals.approver.{}", ap.name),
+                        "the name is used twice".into(),
+                    ));
+                }
+            }
+            for w in &a.webhooks {
+                if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                    return Err(invalid(
+                        text.find(&w.url).unwrap_or(at),
+                        "approvals.webhook.url".into(),
+                        format!("{:?} is not an http:// or https:// URL", w.url),
                     ));
                 }
             }

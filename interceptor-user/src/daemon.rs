@@ -156,7 +156,60 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
             runtime.config.state_dir.display()
         )
     })?;
-    let shared = Arc::new(Shared::new(runtime, phase_rx, audit, mask_key));
+    let approvals = match runtime
+        .config
+        .approvals
+        .as_ref()
+        .map(|a| a.get_ref().clone())
+    {
+        Some(a) => {
+            let dir = runtime.config.state_dir.join("approvals");
+            let (store, lost) = crate::approvals::ApprovalStore::open(&dir, a.keep)
+                .with_context(|| format!("cannot open the approval store {}", dir.display()))?;
+            if let Some(auditor) = &audit {
+                for r in &lost {
+                    auditor
+                        .record(crate::approvals::event(
+                            r,
+                            "session_lost",
+                            "interceptor",
+                            &r.decision_reason,
+                        ))
+                        .await;
+                }
+            }
+            if !lost.is_empty() {
+                warn!(
+                    count = lost.len(),
+                    "approval requests were pending when the daemon stopped; their sessions are gone (marked session_lost)"
+                );
+            }
+            let tls = if a.tls {
+                let tls = crate::config::ClientTls {
+                    mode: crate::config::ClientTlsMode::Enabled,
+                    ..runtime.config.client_tls.clone()
+                };
+                crate::tls::client_acceptor(&tls, &runtime.config.state_dir)?
+            } else {
+                None
+            };
+            let listener = crate::approvals::api::bind(a.listen).await?;
+            info!(url = %a.base_url(), approvers = a.approvers.len(), "approvals API and console listening");
+            Some((Arc::new(store), listener, tls))
+        }
+        None => None,
+    };
+    let mut shared = Shared::new(runtime, phase_rx, audit, mask_key);
+    shared.approvals = approvals.as_ref().map(|(s, _, _)| s.clone());
+    let shared = Arc::new(shared);
+    if let Some((store, listener, tls)) = approvals {
+        tokio::spawn(crate::approvals::api::serve(
+            listener,
+            tls,
+            shared.clone(),
+            store,
+        ));
+    }
     let sessions =
         Arc::new(SessionThreads::start(threads).context("cannot start session threads")?);
     info!(threads = sessions.len(), "session threads started");

@@ -7,9 +7,9 @@
 //! server's transaction state matches the client's: inside a transaction
 //! block the server aborts it, exactly as for any other error.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use policies::{Check, Policy, Principal, Refusal, SessionPolicy, Subject};
@@ -26,6 +26,42 @@ pub enum Action {
     Forward,
     /// Send these bytes instead.
     Replace(BytesMut),
+    /// Park it until an approver decides (see `relay::park`).
+    Hold(Box<Held>),
+}
+
+/// A statement a hold rule caught.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub sql: String,
+    /// The Parse's statement name; `None` for a simple Query.
+    pub statement: Option<Vec<u8>>,
+    pub fingerprint: u64,
+    pub rule: String,
+    pub reason: String,
+    pub needs: policies::ApprovalNeeds,
+}
+
+/// Approvals in a session: who it is, to file requests.
+#[derive(Debug, Clone)]
+pub struct HoldContext {
+    pub session: uuid::Uuid,
+    pub target: String,
+    pub database: String,
+    pub user: String,
+}
+
+/// An approver's decision on the text about to be checked again.
+struct Decided {
+    sql: Vec<u8>,
+    outcome: crate::approvals::Outcome,
+}
+
+/// How a text was decided.
+enum Checked {
+    Allowed(u32),
+    Refused(Refusal),
+    Held(Box<Held>),
 }
 
 /// A session's policy enforcement.
@@ -48,6 +84,12 @@ pub struct Enforcer {
     last: Option<StatementInfo>,
     /// With masking: statements that would store masked data are refused.
     launder: Option<crate::masking::LaunderCheck>,
+    /// With `[approvals]`: held statements wait for an approver.
+    holds: Option<HoldContext>,
+    decided: Option<Decided>,
+    /// Prepared statements run on an approval, and until when they may
+    /// be executed again.
+    approved_statements: HashMap<Vec<u8>, Instant>,
 }
 
 impl Enforcer {
@@ -70,6 +112,9 @@ impl Enforcer {
             pending: 0,
             last: None,
             launder: None,
+            holds: None,
+            decided: None,
+            approved_statements: HashMap::new(),
         };
         e.apply_limits();
         e
@@ -78,6 +123,32 @@ impl Enforcer {
     /// Refuses, from now on, statements that would store masked data.
     pub fn guard_masked(&mut self, check: crate::masking::LaunderCheck) {
         self.launder = Some(check);
+    }
+
+    /// Parks held statements for approval rather than refusing them.
+    pub fn enable_holds(&mut self, ctx: HoldContext) {
+        self.holds = Some(ctx);
+    }
+
+    pub fn hold_context(&self) -> Option<&HoldContext> {
+        self.holds.as_ref()
+    }
+
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    pub fn group_names(&self) -> &[String] {
+        &self.session.subject.group_names
+    }
+
+    /// The decision on `sql` (the held text): it is checked again next,
+    /// and runs or is refused accordingly.
+    pub fn decide_held(&mut self, sql: &[u8], outcome: crate::approvals::Outcome) {
+        self.decided = Some(Decided {
+            sql: sql.to_vec(),
+            outcome,
+        });
     }
 
     fn apply_limits(&mut self) {
@@ -131,27 +202,96 @@ impl Enforcer {
         self.policy.clone()
     }
 
-    /// Decides a query string; on success, says how many statements it holds.
-    fn check_sql(&mut self, sql: &[u8]) -> Result<u32, Refusal> {
+    /// Decides a query string; when allowed, says how many statements it
+    /// holds.
+    fn check_sql(&mut self, sql: &[u8], statement: Option<&[u8]>) -> Checked {
         let policy = self.current_policy();
         let analysis = match std::str::from_utf8(sql) {
             Ok(text) => self.shared.analyzer.analyze(text),
             Err(_) => Arc::new(Err(policies::AnalysisError::NotUtf8)),
         };
-        let mut check = self.session.check(&policy, &analysis);
+        let decided = self.decided.take().filter(|d| d.sql == sql);
+        let approved = matches!(
+            decided,
+            Some(Decided {
+                outcome: crate::approvals::Outcome::Approved { .. },
+                ..
+            })
+        );
+        let mut check = self.session.check_approved(&policy, &analysis, approved);
         if let (Check::Allowed(_), Some(guard), Ok(text)) =
             (&check, &self.launder, std::str::from_utf8(sql))
             && let Some(r) = guard.check(text)
         {
             check = Check::Refused(r);
         }
+        let mut approval = String::new();
+        let held = match &mut check {
+            Check::Refused(r) if r.held => match &decided {
+                Some(d) => {
+                    approval = d.outcome.id().to_owned();
+                    *r = d.outcome.refusal(r.rule.clone());
+                    None
+                }
+                None if self.holds.is_some() => Some(Held {
+                    sql: String::from_utf8_lossy(sql).into_owned(),
+                    statement: statement.map(<[u8]>::to_vec),
+                    fingerprint: analysis.as_ref().as_ref().map_or(0, |a| a.fingerprint),
+                    rule: r.rule.as_deref().unwrap_or_default().to_owned(),
+                    reason: r
+                        .message
+                        .strip_prefix("interceptor: statement requires approval")
+                        .map_or(r.message.as_str(), |m| m.trim_start_matches(": "))
+                        .to_owned(),
+                    needs: policy.approval_needs(r.rule.as_deref()),
+                }),
+                None => {
+                    r.hint = Some(
+                        "This proxy has no [approvals] section, so held statements are refused; ask an operator to run it.".into(),
+                    );
+                    None
+                }
+            },
+            Check::Allowed(_) => {
+                if let Some(d) = &decided {
+                    approval = d.outcome.id().to_owned();
+                }
+                None
+            }
+            Check::Refused(_) => None,
+        };
         if self.shared.audit.is_some() {
-            self.last = Some(audit_info(sql, &analysis, &check, &policy));
+            let mut info = audit_info(sql, &analysis, &check, &policy);
+            info.approval = approval;
+            if held.is_some() {
+                info.decision = "hold".into();
+            }
+            self.last = Some(info);
+        }
+        if let Some(h) = held {
+            info!(
+                session_id = self.session_id,
+                rule = %h.rule,
+                "statement held for approval"
+            );
+            return Checked::Held(Box::new(h));
         }
         match check {
             Check::Allowed(rules) => {
                 debug!(session_id = self.session_id, ?rules, "statement allowed");
-                Ok(rules.len() as u32)
+                if approved && let Some(name) = statement {
+                    let reuse = self
+                        .shared
+                        .runtime
+                        .load()
+                        .config
+                        .approvals
+                        .as_ref()
+                        .map_or(Duration::ZERO, |a| a.get_ref().reuse_for);
+                    self.approved_statements
+                        .insert(name.to_vec(), Instant::now() + reuse);
+                }
+                Checked::Allowed(rules.len() as u32)
             }
             Check::Refused(r) => {
                 info!(
@@ -161,7 +301,7 @@ impl Enforcer {
                     "statement refused: {}",
                     r.message
                 );
-                Err(r)
+                Checked::Refused(r)
             }
         }
     }
@@ -173,35 +313,55 @@ impl Enforcer {
 
     pub fn inspect(&mut self, msg: &FrontendMessage<'_>) -> Action {
         match msg {
-            FrontendMessage::Query { sql } => match self.check_sql(sql) {
-                Ok(n) => {
+            FrontendMessage::Query { sql } => match self.check_sql(sql, None) {
+                Checked::Allowed(n) => {
                     self.pending += n;
                     Action::Forward
                 }
-                Err(r) => Action::Replace(build::query(&raise_sql(&r))),
+                Checked::Refused(r) => Action::Replace(build::query(&raise_sql(&r))),
+                Checked::Held(h) => Action::Hold(h),
             },
             FrontendMessage::Execute { .. } => {
                 self.pending += 1;
                 Action::Forward
             }
-            FrontendMessage::Parse(p) => match self.check_sql(p.sql) {
-                Ok(_) => {
-                    self.refused_statements.remove(p.name);
-                    Action::Forward
+            FrontendMessage::Parse(p) => {
+                // A new statement under this name replaces an approved one.
+                self.approved_statements.remove(p.name);
+                match self.check_sql(p.sql, Some(p.name)) {
+                    Checked::Allowed(_) => {
+                        self.refused_statements.remove(p.name);
+                        Action::Forward
+                    }
+                    Checked::Refused(r) => {
+                        self.refused_statements.insert(p.name.to_vec());
+                        Action::Replace(build::parse(p.name, &raise_sql(&r)))
+                    }
+                    Checked::Held(h) => Action::Hold(h),
                 }
-                Err(r) => {
-                    self.refused_statements.insert(p.name.to_vec());
-                    Action::Replace(build::parse(p.name, &raise_sql(&r)))
-                }
-            },
+            }
             FrontendMessage::Bind(b) if self.refused_statements.contains(b.statement) => {
                 Action::Replace(build::empty_bind(b.portal, b.statement))
             }
+            FrontendMessage::Bind(b) => match self.approved_statements.get(b.statement) {
+                Some(until) if *until <= Instant::now() => {
+                    info!(
+                        session_id = self.session_id,
+                        "approved prepared statement executed after its approval expired: refused"
+                    );
+                    // The server has the approved statement itself: a Bind
+                    // naming none makes it raise an error, whatever the
+                    // statement's parameters.
+                    Action::Replace(build::empty_bind(b.portal, EXPIRED_APPROVAL))
+                }
+                _ => Action::Forward,
+            },
             FrontendMessage::Close {
                 target: Target::Statement,
                 name,
             } => {
                 self.refused_statements.remove(*name);
+                self.approved_statements.remove(*name);
                 Action::Forward
             }
             FrontendMessage::FunctionCall(f) => {
@@ -225,6 +385,11 @@ impl Enforcer {
         }
     }
 }
+
+/// The statement name a Bind of an expired approval is pointed at: the
+/// server's error (26000) quotes it.
+const EXPIRED_APPROVAL: &[u8] =
+    b"interceptor: the approval of this prepared statement expired; prepare it again to request a new one";
 
 /// What the audit trail records of a checked text.
 fn audit_info(

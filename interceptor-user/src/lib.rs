@@ -5,6 +5,7 @@
 //! the client in and the proxy in upstream, [`relay`] moves messages whose
 //! shape [`protocol`] knows.
 
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod cancel;

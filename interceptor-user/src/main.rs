@@ -45,6 +45,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Approvals { command } => report(interceptor::approvals::client::run(command)),
         Command::Audit { command } => match audit(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -55,6 +55,16 @@ pub struct Stats {
     pub bytes_to_client: u64,
 }
 
+/// What the frontend direction asks the backend direction to send the
+/// client, between whole messages.
+#[derive(Debug)]
+pub enum Injected {
+    /// A NoticeResponse; the session goes on.
+    Notice(BytesMut),
+    /// A FATAL error; the session ends.
+    Fatal(ProxyError),
+}
+
 /// What the frontend direction knows of the session.
 #[derive(Default)]
 struct FrontendState {
@@ -67,6 +77,8 @@ struct FrontendState {
     /// How the spool gate decided the current message, for its audit row.
     gated: Option<StatementInfo>,
     mask: Option<FrontMask>,
+    /// The statement parked for approval at the front of the buffer.
+    held: Option<Box<crate::enforce::Held>>,
 }
 
 impl FrontendState {
@@ -329,6 +341,7 @@ fn complete_frames(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn pump_frontend<R, W>(
     rd: &mut R,
     buf: &mut BytesMut,
@@ -336,6 +349,8 @@ async fn pump_frontend<R, W>(
     max: usize,
     state: &mut FrontendState,
     activity: &Activity,
+    shared: &Shared,
+    inject: &mpsc::Sender<Injected>,
 ) -> FrontEnd
 where
     R: AsyncRead + Unpin,
@@ -345,14 +360,19 @@ where
         let mut edits = Edits::default();
         let (used, verdict) = complete_frames(buf, max, |frame| {
             let msg = FrontendMessage::parse(frame)?;
-            state.observe(&msg);
             let replaced = match state.gate(&msg) {
                 Some(bytes) => Some(bytes),
                 None => match state.enforcer.as_mut().map(|e| e.inspect(&msg)) {
                     Some(Action::Replace(bytes)) => Some(bytes),
+                    Some(Action::Hold(held)) => {
+                        // Offered again once an approver has decided.
+                        state.held = Some(held);
+                        return Ok(Next::Pause);
+                    }
                     Some(Action::Forward) | None => None,
                 },
             };
+            state.observe(&msg);
             // Masking's own Describe goes just before the message.
             let before = state.mask.as_mut().and_then(|m| m.inspect(&msg));
             match (before, replaced) {
@@ -386,7 +406,24 @@ where
             buf.advance(used);
         }
         match verdict {
-            Ok(Next::Continue | Next::Pause) => {}
+            Ok(Next::Pause) => {
+                let (Some(held), Some(enforcer)) = (state.held.take(), state.enforcer.as_mut())
+                else {
+                    continue;
+                };
+                let touch = || activity.touch();
+                match crate::approvals::park::park(
+                    *held, rd, buf, max, shared, enforcer, inject, &touch,
+                )
+                .await
+                {
+                    Ok((sql, outcome)) => enforcer.decide_held(sql.as_bytes(), outcome),
+                    Err(crate::approvals::park::Gone::Closed) => return FrontEnd::Closed,
+                    Err(crate::approvals::park::Gone::Io(e)) => return FrontEnd::Io(e),
+                }
+                continue;
+            }
+            Ok(Next::Continue) => {}
             Ok(Next::Stop) => return FrontEnd::Terminated,
             Err(e) => return FrontEnd::Violation(e),
         }
@@ -403,7 +440,7 @@ async fn pump_backend<R, W>(
     rd: &mut R,
     buf: &mut BytesMut,
     wr: &mut W,
-    injected: &mut mpsc::Receiver<ProxyError>,
+    injected: &mut mpsc::Receiver<Injected>,
     state: &mut BackendState,
     activity: &Activity,
     auditor: Option<&Auditor>,
@@ -476,13 +513,20 @@ where
         reserve_for_next(buf);
         tokio::select! {
             biased;
-            Some(err) = injected.recv() => {
-                let mut out = BytesMut::new();
-                err.encode(&mut out);
-                let _ = write_out(wr, &out).await;
-                let _ = wr.shutdown().await;
-                return BackEnd::Fatal(err);
-            }
+            Some(injected) = injected.recv() => match injected {
+                Injected::Notice(notice) => {
+                    if let Err(e) = write_out(wr, &notice).await {
+                        return BackEnd::Io(e);
+                    }
+                }
+                Injected::Fatal(err) => {
+                    let mut out = BytesMut::new();
+                    err.encode(&mut out);
+                    let _ = write_out(wr, &out).await;
+                    let _ = wr.shutdown().await;
+                    return BackEnd::Fatal(err);
+                }
+            },
             r = rd.read_buf(buf) => match r {
                 Ok(0) => return BackEnd::Closed,
                 Ok(_) => activity.touch(),
@@ -534,7 +578,7 @@ pub async fn run(
     } = upstream;
     let (mut client_rd, mut client_wr) = split(client_io);
     let (mut upstream_rd, mut upstream_wr) = split(upstream_io);
-    let (inject, mut injected) = mpsc::channel::<ProxyError>(1);
+    let (inject, mut injected) = mpsc::channel::<Injected>(4);
     let activity = Activity::default();
     let (front_mask, back_mask) = match masking {
         Some((f, b)) => (Some(f), Some(b)),
@@ -555,6 +599,7 @@ pub async fn run(
         audit: audit.map(FrontendAudit::new),
         gated: None,
         mask: front_mask,
+        held: None,
     };
     let max = limits.max_message_size as usize;
 
@@ -566,6 +611,8 @@ pub async fn run(
             max,
             &mut front_state,
             &activity,
+            shared,
+            &inject,
         );
         let back = pump_backend(
             &mut upstream_rd,
@@ -590,11 +637,11 @@ pub async fn run(
 
         // Asks the backend direction to send `err` and waits (bounded) for it.
         async fn finish_with<F: std::future::Future<Output = BackEnd>>(
-            inject: &mpsc::Sender<ProxyError>,
+            inject: &mpsc::Sender<Injected>,
             back: std::pin::Pin<&mut F>,
             err: ProxyError,
         ) -> BackEnd {
-            if inject.send(err.clone()).await.is_err() {
+            if inject.send(Injected::Fatal(err.clone())).await.is_err() {
                 return BackEnd::Fatal(err);
             }
             tokio::time::timeout(Duration::from_secs(2), back)

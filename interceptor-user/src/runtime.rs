@@ -153,6 +153,8 @@ pub struct Shared {
     pub catalogs: crate::masking::catalog::Catalogs,
     /// The key of keyed masking strategies.
     pub mask_key: policies::masking::MaskKey,
+    /// Approval requests, with `[approvals]`.
+    pub approvals: Option<Arc<crate::approvals::ApprovalStore>>,
     pub phase: watch::Receiver<Phase>,
     active: AtomicUsize,
     idle: Notify,
@@ -175,6 +177,7 @@ impl Shared {
             lineages: Arc::new(policies::analysis::lineage::LineageCache::new(cache)),
             catalogs: Default::default(),
             mask_key,
+            approvals: None,
             rate_limiter: Default::default(),
             runtime: ArcSwap::from_pointee(runtime),
             cancels: CancelRegistry::default(),

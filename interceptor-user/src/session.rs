@@ -71,9 +71,11 @@ pub async fn serve(
     };
     // The relay runs outside the span: entering a span on every poll costs
     // more than the relay's own work per message. Its outcome is logged in it.
+    let mut session_uuid = uuid::Uuid::now_v7();
     let audit = match &shared.audit {
         Some(auditor) => {
             let start = session_start(&session, &client, peer, &arrival, arrived);
+            session_uuid = start.session;
             let audit = Arc::new(SessionAudit::new(start.session, start.principal.clone()));
             span.in_scope(|| info!(audit_session = %start.session, "audited"));
             auditor.record(Event::SessionStart(Box::new(start))).await;
@@ -102,6 +104,14 @@ pub async fn serve(
         let mut e = Enforcer::new(shared.clone(), p.policy, p.principal, p.subject, id);
         if let Some(g) = guard {
             e.guard_masked(g);
+        }
+        if shared.approvals.is_some() {
+            e.enable_holds(crate::enforce::HoldContext {
+                session: session_uuid,
+                target: session.target.config.name.clone(),
+                database: session.database.clone(),
+                user: session.user.clone(),
+            });
         }
         e
     });

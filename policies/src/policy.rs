@@ -186,6 +186,22 @@ pub struct RuleSpec {
     /// decides (default: the policy's `redact_literals`).
     #[serde(default)]
     pub redact_literals: Option<bool>,
+    /// Hold rules: who may approve, by approver group (the daemon's
+    /// `[[approvals.approver]]` groups). Empty: any approver.
+    #[serde(default)]
+    pub approvers: Vec<String>,
+    /// Hold rules: how many distinct approvers must approve (default 1).
+    #[serde(default)]
+    pub approvals: Option<u32>,
+}
+
+/// What a held statement needs before it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ApprovalNeeds {
+    /// Approver groups, any of which qualifies; empty: any approver.
+    pub groups: Vec<String>,
+    /// Distinct approvers needed.
+    pub count: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
@@ -417,6 +433,14 @@ impl Policy {
             if r.decision != Verdict::Allow && r.reason.is_none() {
                 return Err(err("a deny or hold rule needs a `reason`".into()));
             }
+            if r.decision != Verdict::Hold && (!r.approvers.is_empty() || r.approvals.is_some()) {
+                return Err(err(
+                    "`approvers` and `approvals` apply only to hold rules".into()
+                ));
+            }
+            if r.approvals == Some(0) {
+                return Err(err("`approvals` must be at least 1".into()));
+            }
             let opt = |v: &Option<Vec<String>>| v.as_deref().map(globs).transpose();
             rules.push(Rule {
                 id: r.id.as_str().into(),
@@ -537,6 +561,17 @@ impl Policy {
         rule.and_then(|id| self.rules.iter().find(|r| &*r.id == id))
             .and_then(|r| r.spec.redact_literals)
             .unwrap_or(self.redact_literals)
+    }
+
+    /// What the hold rule `rule` asks of its approvers.
+    pub fn approval_needs(&self, rule: Option<&str>) -> ApprovalNeeds {
+        let spec = rule
+            .and_then(|id| self.rules.iter().find(|r| &*r.id == id))
+            .map(|r| &r.spec);
+        ApprovalNeeds {
+            groups: spec.map(|s| s.approvers.clone()).unwrap_or_default(),
+            count: spec.and_then(|s| s.approvals).unwrap_or(1),
+        }
     }
 
     /// The per-identity limits for a subject: the smallest of every

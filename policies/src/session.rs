@@ -45,7 +45,7 @@ impl Refusal {
             message,
             hint: match d.verdict {
                 Verdict::Hold => Some(d.hint.unwrap_or_else(|| {
-                    "Approvals are not available yet; ask an operator to run it.".into()
+                    "An approver must approve this statement before it runs.".into()
                 })),
                 _ => d.hint,
             },
@@ -101,6 +101,17 @@ impl SessionPolicy {
     /// Checks every statement of a query string; remembers what they leave
     /// behind only when all are allowed (none run otherwise).
     pub fn check(&mut self, policy: &Policy, analysis: &Result<Analysis, AnalysisError>) -> Check {
+        self.check_approved(policy, analysis, false)
+    }
+
+    /// As [`check`](Self::check); with `approved`, statements that hold
+    /// rules catch count as allowed (an approver approved this text).
+    pub fn check_approved(
+        &mut self,
+        policy: &Policy,
+        analysis: &Result<Analysis, AnalysisError>,
+        approved: bool,
+    ) -> Check {
         let analysis = match analysis {
             Ok(a) => a,
             Err(e) => return Check::Refused(Refusal::unparseable(e)),
@@ -110,7 +121,7 @@ impl SessionPolicy {
         let n = analysis.statements.len();
         for (i, st) in analysis.statements.iter().enumerate() {
             let d = self.decide_one(policy, st, &changes);
-            if d.verdict != Verdict::Allow {
+            if d.verdict != Verdict::Allow && !(approved && d.verdict == Verdict::Hold) {
                 return Check::Refused(Refusal::from_decision(d, i, n));
             }
             rules.push(d.rule);

@@ -117,6 +117,27 @@ fn line(e: &Event) -> String {
                 format!(" detector={}", m.detector)
             }
         ),
+        Event::Approval(a) => format!(
+            "{} approval {} {} by {}{}{}",
+            when(a.ts_us),
+            if a.approval.is_empty() {
+                "-"
+            } else {
+                &a.approval
+            },
+            a.event,
+            a.actor,
+            if a.session.is_nil() {
+                String::new()
+            } else {
+                format!(" session {}", a.session)
+            },
+            if a.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", a.reason)
+            }
+        ),
     }
 }
 

@@ -31,6 +31,9 @@ pub enum Event {
     /// Values masked in one statement's results by one rule, for one
     /// column or detector. Never the values themselves.
     Masked(Box<MaskRow>),
+    /// A held statement's approval request, a decision on it, or an
+    /// approvals API call.
+    Approval(Box<ApprovalRow>),
 }
 
 impl Event {
@@ -43,6 +46,7 @@ impl Event {
             Event::SessionEnd(s) => s.ts_us,
             Event::Statement(s) => s.ts_us,
             Event::Masked(m) => m.ts_us,
+            Event::Approval(a) => a.ts_us,
         }
     }
 
@@ -52,6 +56,7 @@ impl Event {
             Event::SessionEnd(s) => Some(s.session),
             Event::Statement(s) => Some(s.session),
             Event::Masked(m) => Some(m.session),
+            Event::Approval(a) if !a.session.is_nil() => Some(a.session),
             _ => None,
         }
     }
@@ -150,6 +155,32 @@ pub struct MaskRow {
     /// The detector that found the values ("" for column and name rules).
     pub detector: String,
     pub count: u64,
+}
+
+/// Something that happened to an approval request: `requested`, `vote`,
+/// `approved`, `denied`, `timed_out`, `cancelled`, `session_lost`,
+/// `released` (the statement was sent on), or `api` (a call to the
+/// approvals API, whoever made it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
+pub struct ApprovalRow {
+    /// The held session (nil for API calls about no request).
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub session: Uuid,
+    pub ts_us: i64,
+    /// The request's id ("" for API calls about no request).
+    pub approval: String,
+    pub event: String,
+    /// The approver, "interceptor" for the proxy's own steps, or who
+    /// called the API.
+    pub actor: String,
+    pub reason: String,
+    pub principal: String,
+    pub target: String,
+    pub database: String,
+    pub statement: String,
+    /// What the approval covers: see `approvals::binding`.
+    pub binding: String,
+    pub rule: String,
 }
 
 impl StatementRow {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-pub use event::{Event, MaskRow, SessionEnd, SessionStart, StatementRow, now_us};
+pub use event::{ApprovalRow, Event, MaskRow, SessionEnd, SessionStart, StatementRow, now_us};
 
 use crate::config::{AuditConfig, Fsync, SpoolFailure};
 
@@ -92,6 +92,20 @@ impl Auditor {
     /// behind), never for ClickHouse.
     pub async fn record(&self, event: Event) {
         self.send(Msg::Event(event)).await
+    }
+
+    /// Queues an event without waiting, for code that cannot (a drop);
+    /// with the queue full, the event is lost and the loss logged.
+    pub fn record_now(&self, event: Event) {
+        if let Err(e) = self.tx.try_send(Msg::Event(event)) {
+            error!(
+                "audit event not recorded: the audit queue is {}",
+                match e {
+                    mpsc::error::TrySendError::Full(_) => "full",
+                    mpsc::error::TrySendError::Closed(_) => "closed",
+                }
+            );
+        }
     }
 
     /// Queues frames already encoded (see `spool::seal_statement_frame`).

@@ -24,6 +24,8 @@ pub struct StatementInfo {
     pub tables: Vec<String>,
     pub decision: String,
     pub rule: String,
+    /// The approval request that decided a held statement.
+    pub approval: String,
 }
 
 impl StatementInfo {
@@ -300,7 +302,7 @@ impl BackendAudit {
             tables: info.tables,
             decision: info.decision,
             rule: info.rule,
-            approval: String::new(),
+            approval: info.approval,
             duration_us: o.start.elapsed().as_micros() as u64,
             rows: if o.returned > 0 { o.returned } else { o.tagged },
             bytes: o.bytes,

@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::event::{Event, MaskRow, SessionEnd, SessionStart, StatementRow};
+use super::event::{ApprovalRow, Event, MaskRow, SessionEnd, SessionStart, StatementRow};
 use crate::config::{ClickHouseConfig, Secret};
 
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +214,38 @@ pub const MASKS: Table = Table {
     order_by: "toStartOfHour(ts), principal, session, seq, rule, column, detector",
 };
 
-pub const TABLES: [&Table; 5] = [&STATEMENTS, &SESSIONS, &SESSION_ENDS, &DAEMON, &MASKS];
+/// The columns are the fields of [`ApprovalRow`].
+pub const APPROVALS: Table = Table {
+    name: "approval_events",
+    columns: &[
+        col("session", "UUID"),
+        col("ts_us", "Int64"),
+        col("approval", "String"),
+        lc("event", "String"),
+        lc("actor", "String"),
+        col("reason", "String"),
+        lc("principal", "String"),
+        lc("target", "String"),
+        lc("database", "String"),
+        Column {
+            name: "statement",
+            ty: "String",
+            extra: Extra::Zstd,
+        },
+        col("binding", "String"),
+        lc("rule", "String"),
+    ],
+    order_by: "toStartOfHour(ts), approval, ts_us, event, actor",
+};
+
+pub const TABLES: [&Table; 6] = [
+    &STATEMENTS,
+    &SESSIONS,
+    &SESSION_ENDS,
+    &DAEMON,
+    &MASKS,
+    &APPROVALS,
+];
 
 /// What analysts query: the tables without not-yet-merged duplicates,
 /// and sessions with their ends. `{db}` is the database.
@@ -232,6 +263,7 @@ const VIEWS: &[(&str, &str)] = &[
     ),
     ("daemon", "SELECT *, ts FROM {db}.daemon_events FINAL"),
     ("masks", "SELECT *, ts FROM {db}.mask_events FINAL"),
+    ("approvals", "SELECT *, ts FROM {db}.approval_events FINAL"),
 ];
 
 impl Table {
@@ -382,6 +414,7 @@ pub struct Batch {
     pub session_ends: Vec<SessionEnd>,
     pub daemon: Vec<DaemonRow>,
     pub masks: Vec<MaskRow>,
+    pub approvals: Vec<ApprovalRow>,
 }
 
 impl Batch {
@@ -406,6 +439,7 @@ impl Batch {
             Event::SessionStart(s) => self.sessions.push(SessionRow::new(*s, host)),
             Event::SessionEnd(s) => self.session_ends.push(s),
             Event::Masked(m) => self.masks.push(*m),
+            Event::Approval(a) => self.approvals.push(*a),
             Event::DaemonStart {
                 ts_us,
                 version,
@@ -569,7 +603,8 @@ impl Warehouse {
         self.insert_rows(SESSION_ENDS.name, &batch.session_ends)
             .await?;
         self.insert_rows(DAEMON.name, &batch.daemon).await?;
-        self.insert_rows(MASKS.name, &batch.masks).await
+        self.insert_rows(MASKS.name, &batch.masks).await?;
+        self.insert_rows(APPROVALS.name, &batch.approvals).await
     }
 
     async fn insert_rows<T>(&self, table: &str, rows: &[T]) -> Result<()>

@@ -163,6 +163,72 @@ impl Catalog {
         }
     }
 
+    /// The open connection in `guard`, opened if need be.
+    async fn connection<'g>(
+        &self,
+        guard: &'g mut tokio::sync::MutexGuard<'_, Option<Conn>>,
+    ) -> Result<&'g mut Conn, String> {
+        if guard.is_none() {
+            let params = vec![
+                ("database".to_owned(), self.database.clone()),
+                (
+                    "application_name".to_owned(),
+                    "interceptor catalog".to_owned(),
+                ),
+            ];
+            let up = upstream::connect(&self.target, &params, self.connect_timeout, self.mark)
+                .await
+                .map_err(|e| match e {
+                    upstream::UpstreamError::Client(e) => e.to_string(),
+                    upstream::UpstreamError::Relayed(_) => "the server refused the login".into(),
+                })?;
+            **guard = Some(up.conn);
+        }
+        guard.as_mut().ok_or_else(|| "no catalog connection".into())
+    }
+
+    /// The planner's estimate for a held statement, for approvers. Only
+    /// planned, never run: EXPLAIN without ANALYZE, through Parse (which
+    /// takes exactly one statement), in a read-only transaction that is
+    /// rolled back. `params` are (format byte, value) as the client bound
+    /// them.
+    pub async fn explain(&self, sql: &str, params: &[Option<Vec<u8>>]) -> Result<String, String> {
+        let mut guard = self.conn.lock().await;
+        let conn = self.connection(&mut guard).await?;
+        let run = async {
+            simple_query(
+                conn,
+                "BEGIN TRANSACTION READ ONLY; SET LOCAL statement_timeout = '5s'",
+            )
+            .await?;
+            let values: Vec<(i16, Option<&[u8]>)> = params
+                .iter()
+                .map(|p| match p.as_deref().and_then(<[u8]>::split_first) {
+                    Some((f, v)) => (i16::from(*f), Some(v)),
+                    None => (0, None),
+                })
+                .collect();
+            let mut msg = build::parse(b"", &format!("EXPLAIN (FORMAT JSON) {sql}"));
+            msg.extend_from_slice(&build::bind_execute_sync(&values));
+            let plan = exchange(conn, &msg).await;
+            simple_query(conn, "ROLLBACK").await?;
+            plan
+        };
+        let rows = match tokio::time::timeout(Duration::from_secs(10), run).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                *guard = None;
+                return Err("EXPLAIN timed out".into());
+            }
+        };
+        let json = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .ok_or("EXPLAIN returned no plan")?;
+        Ok(summarize_plan(&String::from_utf8_lossy(&json)))
+    }
+
     /// Rows of (name asked for, oid, relation).
     async fn query(
         &self,
@@ -194,25 +260,7 @@ impl Catalog {
             keys.join(", ")
         );
         let mut guard = self.conn.lock().await;
-        if guard.is_none() {
-            let params = vec![
-                ("database".to_owned(), self.database.clone()),
-                (
-                    "application_name".to_owned(),
-                    "interceptor masking catalog".to_owned(),
-                ),
-            ];
-            let up = upstream::connect(&self.target, &params, self.connect_timeout, self.mark)
-                .await
-                .map_err(|e| match e {
-                    upstream::UpstreamError::Client(e) => e.to_string(),
-                    upstream::UpstreamError::Relayed(_) => "the server refused the login".into(),
-                })?;
-            *guard = Some(up.conn);
-        }
-        let Some(conn) = guard.as_mut() else {
-            return Err("no catalog connection".into());
-        };
+        let conn = self.connection(&mut guard).await?;
         let rows = match tokio::time::timeout(
             self.connect_timeout.max(Duration::from_secs(5)),
             simple_query(conn, &sql),
@@ -287,11 +335,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What an EXPLAIN (FORMAT JSON) says, in a line.
+fn summarize_plan(json: &str) -> String {
+    let v: serde_json::Value = match serde_json::from_str(json) {
+        Ok(v) => v,
+        Err(_) => return "no estimate: the plan is not JSON".into(),
+    };
+    let plan = &v[0]["Plan"];
+    let cost = plan["Total Cost"].as_f64().unwrap_or(0.0);
+    if plan["Node Type"] == "ModifyTable" {
+        let rows = plan["Plans"][0]["Plan Rows"].as_f64().unwrap_or(0.0);
+        format!(
+            "about {rows:.0} rows to {} in {} (planner estimate, cost {cost:.1})",
+            plan["Operation"]
+                .as_str()
+                .unwrap_or("change")
+                .to_lowercase(),
+            plan["Relation Name"].as_str().unwrap_or("?"),
+        )
+    } else {
+        let rows = plan["Plan Rows"].as_f64().unwrap_or(0.0);
+        format!("about {rows:.0} rows (planner estimate, cost {cost:.1})")
+    }
+}
+
 /// Runs one simple query; its rows in text format.
 async fn simple_query(conn: &mut Conn, sql: &str) -> Result<Vec<Vec<Option<Vec<u8>>>>, String> {
-    conn.send(&build::query(sql))
-        .await
-        .map_err(|e| e.to_string())?;
+    exchange(conn, &build::query(sql)).await
+}
+
+/// Sends `msg` and reads up to ReadyForQuery: the rows in text format, or
+/// the first error.
+async fn exchange(conn: &mut Conn, msg: &[u8]) -> Result<Vec<Vec<Option<Vec<u8>>>>, String> {
+    conn.send(msg).await.map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     let mut error = None;
     loop {

@@ -81,12 +81,22 @@ fn encode<M: Message>(m: &M, buf: &mut BytesMut) {
 }
 
 pub fn notice(message: &str, buf: &mut BytesMut) {
-    let fields = vec![
+    notice_with(message, None, None, buf)
+}
+
+pub fn notice_with(message: &str, detail: Option<&str>, hint: Option<&str>, buf: &mut BytesMut) {
+    let mut fields = vec![
         (b'S', "NOTICE".to_owned()),
         (b'V', "NOTICE".to_owned()),
         (b'C', "00000".to_owned()),
         (b'M', message.to_owned()),
     ];
+    if let Some(d) = detail {
+        fields.push((b'D', d.to_owned()));
+    }
+    if let Some(h) = hint {
+        fields.push((b'H', h.to_owned()));
+    }
     encode(&NoticeResponse::new(fields), buf);
 }
 
@@ -162,6 +172,36 @@ pub fn empty_bind(portal: &[u8], statement: &[u8]) -> BytesMut {
         b.put_i16(0);
         b.put_i16(0);
     })
+}
+
+/// Bind, Execute (all rows) and Sync of the unnamed statement, with
+/// parameters as (format, value) and text results.
+pub fn bind_execute_sync(params: &[(i16, Option<&[u8]>)]) -> BytesMut {
+    let mut out = frame(b'B', |b| {
+        b.put_u8(0);
+        b.put_u8(0);
+        b.put_i16(params.len() as i16);
+        for (format, _) in params {
+            b.put_i16(*format);
+        }
+        b.put_i16(params.len() as i16);
+        for (_, v) in params {
+            match v {
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.put_slice(v);
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(0);
+    });
+    out.extend_from_slice(&frame(b'E', |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    }));
+    out.extend_from_slice(&frame(b'S', |_| {}));
+    out
 }
 
 #[cfg(test)]

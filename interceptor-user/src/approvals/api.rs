@@ -1,0 +1,801 @@
+//! The approvals API and web console, served by the daemon.
+//!
+//! - `GET /api/approvals[?all=true]`, `GET /api/approvals/{id}`,
+//!   `POST /api/approvals/{id}/approve` (`{"reason", "grant_minutes"}`),
+//!   `POST /api/approvals/{id}/deny` (`{"reason"}`), `GET /api/whoami`:
+//!   JSON, authenticated by `Authorization: Bearer TOKEN`.
+//! - `/login`, `/approvals`, `/approvals/{id}`: the console, which logs
+//!   approvers in with the same tokens, keeps them in an HttpOnly,
+//!   SameSite=Strict cookie, and checks a per-login CSRF token on every
+//!   form.
+//!
+//! Every call, whoever makes it and however it ends, is an audit row.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Form, Path, Query, Request as HttpRequest, State as AxumState};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use super::{ApprovalError, ApprovalStore, Approver, Request, State, event, hex};
+use crate::audit::{ApprovalRow, Event, now_us};
+use crate::runtime::Shared;
+
+/// How long a console login lasts.
+const CONSOLE_LOGIN: Duration = Duration::from_secs(8 * 3600);
+const COOKIE: &str = "interceptor_console";
+
+struct Login {
+    approver: Approver,
+    csrf: String,
+    until: Instant,
+}
+
+#[derive(Clone)]
+struct Api {
+    shared: Arc<Shared>,
+    store: Arc<ApprovalStore>,
+    logins: Arc<Mutex<HashMap<String, Login>>>,
+    secure_cookie: bool,
+}
+
+/// SHA-256 of a token, as `token_sha256` holds it.
+pub fn token_hash(token: &str) -> String {
+    hex(&Sha256::digest(token.trim().as_bytes()))
+}
+
+fn random_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    hex(&bytes)
+}
+
+/// A new API token and its hash.
+pub fn new_token() -> (String, String) {
+    let token = format!("ia_{}", random_token());
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+impl Api {
+    /// The approver a token belongs to, by the current config.
+    fn approver_for_token(&self, token: &str) -> Option<Approver> {
+        let hash = token_hash(token);
+        let runtime = self.shared.runtime.load();
+        let config = runtime.config.approvals.as_ref()?.get_ref();
+        config
+            .approvers
+            .iter()
+            .find(|a| a.token_sha256.eq_ignore_ascii_case(&hash))
+            .map(|a| Approver {
+                name: a.name.clone(),
+                groups: a.groups.clone(),
+                identities: a.identities.clone(),
+            })
+    }
+
+    fn bearer(&self, headers: &HeaderMap) -> Option<Approver> {
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+        let token = value.strip_prefix("Bearer ")?;
+        self.approver_for_token(token)
+    }
+
+    fn login_of(&self, headers: &HeaderMap) -> Option<(String, Approver, String)> {
+        let id = cookie(headers, COOKIE)?;
+        let mut logins = self.logins.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        logins.retain(|_, l| l.until > now);
+        let l = logins.get(&id)?;
+        Some((id, l.approver.clone(), l.csrf.clone()))
+    }
+
+    fn record(&self, event: Event) {
+        if let Some(a) = &self.shared.audit {
+            a.record_now(event);
+        }
+    }
+
+    fn decided(&self, r: &Request, actor: &str, reason: &str) {
+        let what = match r.state {
+            State::Approved => "approved",
+            State::Denied => "denied",
+            _ => "vote",
+        };
+        self.record(event(r, what, actor, reason));
+        if r.state != State::Pending {
+            super::webhook::notify(&self.shared.runtime.load(), r, what);
+        }
+    }
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// Who made a call, for its audit row: set by the handlers.
+#[derive(Clone)]
+struct Caller(Arc<Mutex<String>>);
+
+impl Caller {
+    fn set(&self, name: &str) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = name.to_owned();
+    }
+}
+
+/// Audits every call: method, path, status, and who.
+async fn audit_calls(AxumState(api): AxumState<Api>, mut req: HttpRequest, next: Next) -> Response {
+    let caller = Caller(Arc::new(Mutex::new("anonymous".into())));
+    req.extensions_mut().insert(caller.clone());
+    let line = format!("{} {}", req.method(), req.uri().path());
+    let mut response = next.run(req).await;
+    let actor = caller.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    api.record(Event::Approval(Box::new(ApprovalRow {
+        session: uuid::Uuid::nil(),
+        ts_us: now_us(),
+        approval: String::new(),
+        event: "api".into(),
+        actor,
+        reason: format!("{line} -> {}", response.status().as_u16()),
+        principal: String::new(),
+        target: String::new(),
+        database: String::new(),
+        statement: String::new(),
+        binding: String::new(),
+        rule: String::new(),
+    })));
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
+    );
+    response
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(serde_json::json!({"error": "missing or unknown API token (Authorization: Bearer TOKEN)"})),
+    )
+        .into_response()
+}
+
+fn api_error(e: ApprovalError) -> Response {
+    let status = match e {
+        ApprovalError::NotFound(_) => StatusCode::NOT_FOUND,
+        ApprovalError::Decided { .. } | ApprovalError::AlreadyVoted { .. } => StatusCode::CONFLICT,
+        ApprovalError::OwnRequest { .. } | ApprovalError::NotQualified { .. } => {
+            StatusCode::FORBIDDEN
+        }
+        ApprovalError::NoReason => StatusCode::BAD_REQUEST,
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn api_list(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let Some(who) = api.bearer(&headers) else {
+        return unauthorized();
+    };
+    caller.set(&who.name);
+    axum::Json(api.store.list(q.all)).into_response()
+}
+
+async fn api_show(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(who) = api.bearer(&headers) else {
+        return unauthorized();
+    };
+    caller.set(&who.name);
+    match api.store.get(&id) {
+        Some(r) => axum::Json(r).into_response(),
+        None => api_error(ApprovalError::NotFound(id)),
+    }
+}
+
+async fn api_whoami(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(who) = api.bearer(&headers) else {
+        return unauthorized();
+    };
+    caller.set(&who.name);
+    axum::Json(serde_json::json!({"name": who.name, "groups": who.groups})).into_response()
+}
+
+#[derive(Deserialize, Default)]
+pub struct Decision {
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub grant_minutes: Option<u32>,
+}
+
+async fn api_approve(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Option<axum::Json<Decision>>,
+) -> Response {
+    let Some(who) = api.bearer(&headers) else {
+        return unauthorized();
+    };
+    caller.set(&who.name);
+    let d = body.map(|b| b.0).unwrap_or_default();
+    match api.store.approve(&id, &who, &d.reason, d.grant_minutes) {
+        Ok(r) => {
+            info!(approval = %id, approver = %who.name, state = r.state.as_str(), "approval");
+            api.decided(&r, &who.name, &d.reason);
+            axum::Json(r).into_response()
+        }
+        Err(e) => api_error(e),
+    }
+}
+
+async fn api_deny(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Option<axum::Json<Decision>>,
+) -> Response {
+    let Some(who) = api.bearer(&headers) else {
+        return unauthorized();
+    };
+    caller.set(&who.name);
+    let d = body.map(|b| b.0).unwrap_or_default();
+    match api.store.deny(&id, &who, &d.reason) {
+        Ok(r) => {
+            info!(approval = %id, approver = %who.name, "denial");
+            api.decided(&r, &who.name, &d.reason);
+            axum::Json(r).into_response()
+        }
+        Err(e) => api_error(e),
+    }
+}
+
+// The console.
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const KEYWORDS: &[&str] = &[
+    "select",
+    "from",
+    "where",
+    "update",
+    "set",
+    "insert",
+    "into",
+    "values",
+    "delete",
+    "drop",
+    "table",
+    "alter",
+    "create",
+    "and",
+    "or",
+    "not",
+    "null",
+    "join",
+    "on",
+    "group",
+    "by",
+    "order",
+    "limit",
+    "returning",
+    "truncate",
+    "grant",
+    "revoke",
+    "with",
+    "as",
+    "in",
+    "is",
+    "begin",
+    "commit",
+    "rollback",
+    "merge",
+    "using",
+    "when",
+    "then",
+    "else",
+    "end",
+    "case",
+    "copy",
+    "to",
+    "index",
+    "cascade",
+    "role",
+    "user",
+    "execute",
+    "prepare",
+    "do",
+];
+
+/// SQL as HTML: keywords, strings, numbers and comments marked up.
+pub fn highlight(sql: &str) -> String {
+    let mut out = String::new();
+    let chars: Vec<char> = sql.chars().collect();
+    let mut i = 0;
+    let span = |class: &str, text: &str| format!("<span class=\"{class}\">{}</span>", esc(text));
+    while i < chars.len() {
+        let c = chars[i];
+        let start = i;
+        if c == '\'' {
+            i += 1;
+            while i < chars.len() {
+                if chars[i] == '\'' {
+                    if chars.get(i + 1) == Some(&'\'') {
+                        i += 2;
+                        continue;
+                    }
+                    i += 1;
+                    break;
+                }
+                i += 1;
+            }
+            out.push_str(&span("s", &chars[start..i].iter().collect::<String>()));
+        } else if c == '-' && chars.get(i + 1) == Some(&'-') {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+            out.push_str(&span("c", &chars[start..i].iter().collect::<String>()));
+        } else if c.is_ascii_digit() {
+            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
+                i += 1;
+            }
+            out.push_str(&span("n", &chars[start..i].iter().collect::<String>()));
+        } else if c.is_alphabetic() || c == '_' {
+            while i < chars.len() && (chars[i].is_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            if KEYWORDS.contains(&word.to_lowercase().as_str()) {
+                out.push_str(&span("k", &word));
+            } else {
+                out.push_str(&esc(&word));
+            }
+        } else {
+            out.push_str(&esc(&c.to_string()));
+            i += 1;
+        }
+    }
+    out
+}
+
+fn page(title: &str, who: Option<&str>, body: &str) -> Html<String> {
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t} - interceptor</title>\
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}\
+table{{border-collapse:collapse;width:100%}}td,th{{border-bottom:1px solid #ddd;padding:.4em;text-align:left;vertical-align:top}}\
+pre{{background:#f6f8fa;padding:1em;white-space:pre-wrap}}.k{{color:#a626a4;font-weight:bold}}.s{{color:#50a14f}}.n{{color:#986801}}.c{{color:#a0a1a7}}\
+.pending{{color:#c18401;font-weight:bold}}.approved{{color:#50a14f}}.denied,.timed_out{{color:#e45649}}\
+button{{padding:.4em 1em;margin-right:.5em}}input[type=text]{{width:30em}}</style></head><body>\
+<header><b>interceptor approvals</b>{w}</header><h1>{t}</h1>{body}</body></html>",
+        t = esc(title),
+        w = who.map_or_else(String::new, |n| format!(
+            " &middot; signed in as {} &middot; <a href=\"/approvals\">requests</a> &middot; <a href=\"/approvals?all=true\">all</a>",
+            esc(n)
+        )),
+    ))
+}
+
+fn when(us: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_micros(us.max(0) as u64),
+    )
+    .to_string()
+}
+
+async fn console_root() -> Redirect {
+    Redirect::to("/approvals")
+}
+
+async fn login_form() -> Html<String> {
+    page(
+        "Sign in",
+        None,
+        "<form method=\"post\" action=\"/login\"><p><label>API token <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"off\"></label></p>\
+<p><button type=\"submit\" id=\"signin\">Sign in</button></p></form>\
+<p>Tokens are issued with <code>interceptor approvals new-token</code>.</p>",
+    )
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    Form(f): Form<LoginForm>,
+) -> Response {
+    let Some(who) = api.approver_for_token(&f.token) else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            page(
+                "Sign in",
+                None,
+                "<p class=\"denied\">Unknown token.</p><p><a href=\"/login\">Try again</a></p>",
+            ),
+        )
+            .into_response();
+    };
+    caller.set(&who.name);
+    let id = random_token();
+    api.logins.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        id.clone(),
+        Login {
+            approver: who,
+            csrf: random_token(),
+            until: Instant::now() + CONSOLE_LOGIN,
+        },
+    );
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        CONSOLE_LOGIN.as_secs(),
+        if api.secure_cookie { "; Secure" } else { "" }
+    );
+    let mut r = Redirect::to("/approvals").into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn console_list(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let Some((_, who, _)) = api.login_of(&headers) else {
+        return Redirect::to("/login").into_response();
+    };
+    caller.set(&who.name);
+    let requests = api.store.list(q.all);
+    let mut body = String::from(
+        "<table id=\"requests\"><tr><th>id</th><th>state</th><th>requested</th><th>who</th><th>target</th><th>statement</th></tr>",
+    );
+    for r in &requests {
+        body.push_str(&format!(
+            "<tr class=\"request\" data-id=\"{id}\"><td><a href=\"/approvals/{id}\">{id}</a></td><td class=\"{st}\">{st}</td><td>{w}</td><td>{p}</td><td>{t}/{d}</td><td><code>{s}</code></td></tr>",
+            id = esc(&r.id),
+            st = r.state.as_str(),
+            w = when(r.created_us),
+            p = esc(&r.principal),
+            t = esc(&r.target),
+            d = esc(&r.database),
+            s = highlight(&r.statement.chars().take(120).collect::<String>()),
+        ));
+    }
+    body.push_str("</table>");
+    if requests.is_empty() {
+        body.push_str("<p id=\"none\">Nothing is waiting for approval.</p>");
+    }
+    page(
+        if q.all {
+            "All requests"
+        } else {
+            "Pending requests"
+        },
+        Some(&who.name),
+        &body,
+    )
+    .into_response()
+}
+
+async fn console_show(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let Some((_, who, csrf)) = api.login_of(&headers) else {
+        return Redirect::to("/login").into_response();
+    };
+    caller.set(&who.name);
+    let Some(r) = api.store.get(&id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            page("Not found", Some(&who.name), "<p>No such request.</p>"),
+        )
+            .into_response();
+    };
+    let mut body = format!(
+        "<p>State: <span id=\"state\" class=\"{st}\">{st}</span></p>\
+<pre id=\"statement\">{sql}</pre>",
+        st = r.state.as_str(),
+        sql = highlight(&r.statement),
+    );
+    let row = |k: &str, v: &str| format!("<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(v));
+    body.push_str("<table>");
+    if !r.params.is_empty() {
+        let shown: Vec<String> = r
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("${} = {}", i + 1, p.as_deref().unwrap_or("NULL")))
+            .collect();
+        body.push_str(&row("parameters", &shown.join(", ")));
+    }
+    body.push_str(&row(
+        "estimate",
+        r.estimate.as_deref().unwrap_or("(computing)"),
+    ));
+    body.push_str(&row("principal", &r.principal));
+    body.push_str(&row("groups", &r.groups.join(", ")));
+    body.push_str(&row("job", &r.job));
+    body.push_str(&row("workload", &r.workload));
+    body.push_str(&row(
+        "target",
+        &format!("{} / database {} as {}", r.target, r.database, r.user),
+    ));
+    body.push_str(&row("rule", &format!("{}: {}", r.rule, r.reason)));
+    body.push_str(&row(
+        "needs",
+        &format!(
+            "{} approval(s){}",
+            r.approvals_needed,
+            if r.approver_groups.is_empty() {
+                String::new()
+            } else {
+                format!(" from {}", r.approver_groups.join(" or "))
+            }
+        ),
+    ));
+    body.push_str(&row("requested", &when(r.created_us)));
+    body.push_str(&row("times out", &when(r.deadline_us)));
+    for v in &r.votes {
+        body.push_str(&row(
+            "approved by",
+            &format!("{} ({}) {}", v.by, when(v.ts_us), v.reason),
+        ));
+    }
+    if let Some(d) = r.decided_us {
+        body.push_str(&row(
+            "decided",
+            &format!(
+                "{} by {}: {}",
+                when(d),
+                r.decided_by.join(", "),
+                r.decision_reason
+            ),
+        ));
+    }
+    body.push_str(&row("binding", &r.binding));
+    body.push_str("</table>");
+    if r.is_pending() {
+        body.push_str(&format!(
+            "<form method=\"post\" action=\"/approvals/{id}/decide\" id=\"decide\">\
+<input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
+<p><label>Reason <input type=\"text\" name=\"reason\" id=\"reason\"></label></p>\
+<p><label>Also allow this statement's fingerprint for this principal for <input type=\"number\" name=\"grant_minutes\" min=\"0\" max=\"1440\" value=\"0\"> minutes</label></p>\
+<p><button type=\"submit\" name=\"action\" value=\"approve\" id=\"approve\">Approve</button>\
+<button type=\"submit\" name=\"action\" value=\"deny\" id=\"deny\">Deny</button></p></form>",
+            id = esc(&r.id),
+            csrf = esc(&csrf),
+        ));
+    }
+    page(&format!("Request {}", r.id), Some(&who.name), &body).into_response()
+}
+
+#[derive(Deserialize)]
+struct DecideForm {
+    csrf: String,
+    action: String,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    grant_minutes: Option<String>,
+}
+
+async fn console_decide(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(f): Form<DecideForm>,
+) -> Response {
+    let Some((_, who, csrf)) = api.login_of(&headers) else {
+        return Redirect::to("/login").into_response();
+    };
+    caller.set(&who.name);
+    if f.csrf != csrf {
+        warn!(approver = %who.name, "console form with a wrong CSRF token refused");
+        return (
+            StatusCode::FORBIDDEN,
+            page(
+                "Refused",
+                Some(&who.name),
+                "<p>The form's CSRF token does not match this login; reload the page.</p>",
+            ),
+        )
+            .into_response();
+    }
+    let grant = f
+        .grant_minutes
+        .as_deref()
+        .and_then(|m| m.trim().parse::<u32>().ok())
+        .filter(|m| *m > 0);
+    let result = match f.action.as_str() {
+        "approve" => api.store.approve(&id, &who, &f.reason, grant),
+        "deny" => api.store.deny(&id, &who, &f.reason),
+        _ => return (StatusCode::BAD_REQUEST, "unknown action").into_response(),
+    };
+    match result {
+        Ok(r) => {
+            api.decided(&r, &who.name, &f.reason);
+            Redirect::to(&format!("/approvals/{id}")).into_response()
+        }
+        Err(e) => (
+            StatusCode::CONFLICT,
+            page(
+                "Not done",
+                Some(&who.name),
+                &format!("<p class=\"denied\" id=\"error\">{}</p><p><a href=\"/approvals/{}\">Back</a></p>", esc(&e.to_string()), esc(&id)),
+            ),
+        )
+            .into_response(),
+    }
+}
+
+async fn logout(AxumState(api): AxumState<Api>, headers: HeaderMap) -> Response {
+    if let Some((id, _, _)) = api.login_of(&headers) {
+        api.logins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+    Redirect::to("/login").into_response()
+}
+
+fn router(api: Api) -> Router {
+    Router::new()
+        .route("/api/approvals", get(api_list))
+        .route("/api/approvals/{id}", get(api_show))
+        .route("/api/approvals/{id}/approve", post(api_approve))
+        .route("/api/approvals/{id}/deny", post(api_deny))
+        .route("/api/whoami", get(api_whoami))
+        .route("/", get(console_root))
+        .route("/login", get(login_form).post(login))
+        .route("/logout", post(logout))
+        .route("/approvals", get(console_list))
+        .route("/approvals/{id}", get(console_show))
+        .route("/approvals/{id}/decide", post(console_decide))
+        .layer(middleware::from_fn_with_state(api.clone(), audit_calls))
+        .with_state(api)
+}
+
+/// Binds the API's listener (so a taken port fails the start).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    use anyhow::Context;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for the approvals API on {addr}"))
+}
+
+/// Serves the API and console until the daemon stops.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    store: Arc<ApprovalStore>,
+) {
+    let api = Api {
+        shared,
+        store,
+        logins: Arc::new(Mutex::new(HashMap::new())),
+        secure_cookie: tls.is_some(),
+    };
+    let app = router(api);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let app = app.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let http = hyper::server::conn::http1::Builder::new();
+            let served = match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        Ok(Ok(s)) => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                                .await
+                        }
+                        _ => return,
+                    }
+                }
+                None => {
+                    http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await
+                }
+            };
+            if let Err(e) = served {
+                tracing::debug!("approvals API connection: {e}");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn highlighting_escapes_everything() {
+        let h = highlight("UPDATE t SET note = '<script>' -- </pre>\nWHERE id = 1");
+        assert!(!h.contains("<script>"), "{h}");
+        assert!(!h.contains("</pre>"), "{h}");
+        assert!(h.contains("<span class=\"k\">UPDATE</span>"), "{h}");
+        assert!(
+            h.contains("<span class=\"s\">&#39;&lt;script&gt;&#39;</span>"),
+            "{h}"
+        );
+        assert!(h.contains("<span class=\"n\">1</span>"), "{h}");
+    }
+
+    #[test]
+    fn tokens_are_hashed_as_configured() {
+        let (token, hash) = new_token();
+        assert_eq!(hash.len(), 64);
+        assert_eq!(token_hash(&format!("{token}\n")), hash);
+        assert_ne!(token_hash("other"), hash);
+    }
+}

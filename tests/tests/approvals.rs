@@ -43,6 +43,8 @@ reason = "writes need a reviewer"
 
 struct Approvals {
     proxy: Proxy,
+    /// The API and console.
+    url: String,
     /// Tokens of alice and carol (group dba) and of the agent's owner,
     /// who is the requester under another name.
     alice: String,
@@ -100,9 +102,9 @@ fn start(pg: &PgCluster, timeout: &str) -> Approvals {
     let (alice, alice_entry) = new_token("alice", &["dba"], &[]);
     let (carol, carol_entry) = new_token("carol", &["dba"], &[]);
     let (owner, owner_entry) = new_token("owner", &["dba"], &["agent"]);
+    let api = free_port();
     let section = format!(
-        "[approvals]\nlisten = \"127.0.0.1:{}\"\ntimeout = \"{timeout}\"\n\n{alice_entry}\n{carol_entry}\n{owner_entry}",
-        free_port()
+        "[approvals]\nlisten = \"127.0.0.1:{api}\"\ntimeout = \"{timeout}\"\n\n{alice_entry}\n{carol_entry}\n{owner_entry}"
     );
     let opts = ProxyOptions {
         client_tls: false,
@@ -120,6 +122,7 @@ fn start(pg: &PgCluster, timeout: &str) -> Approvals {
     let proxy = Proxy::start_with(dir, config_path, port).unwrap();
     Approvals {
         proxy,
+        url: format!("https://127.0.0.1:{api}"),
         alice,
         carol,
         owner,
@@ -443,4 +446,53 @@ fn pending_requests_survive_a_restart_as_lost_sessions() {
     assert_eq!(value_of(&pg, 6), "6");
     let all = a.cli_ok(&a.alice, &["list", "--all"]);
     assert!(all.contains(&id) && all.contains("session_lost"), "{all}");
+}
+
+#[test]
+fn the_console_approves_and_denies_in_a_headless_browser() {
+    let chromium = std::path::Path::new("/usr/bin/chromium");
+    if !chromium.exists() && std::env::var_os("CI").is_none() {
+        eprintln!(
+            "skipped: Debian's chromium is not installed (cargo xtask setup installs it; CI requires it)"
+        );
+        return;
+    }
+    let pg = PgCluster::start().unwrap();
+    let a = start(&pg, "5m");
+    let approved = a.psql("UPDATE approval_t SET v = 7000 WHERE id = 7");
+    let approve_id = a.pending("SET v = 7000")["id"].as_str().unwrap().to_owned();
+    let denied = a.psql("UPDATE approval_t SET v = 8000 WHERE id = 8");
+    let deny_id = a.pending("SET v = 8000")["id"].as_str().unwrap().to_owned();
+    let out = Command::new(workspace_root().join("target/venv/bin/python"))
+        .arg(workspace_root().join("tests/drivers/console_check.py"))
+        .args([&a.url, &a.alice, &approve_id, &deny_id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("console OK"),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, stdout, stderr) = finish(approved);
+    assert!(ok && stdout.contains("UPDATE 1"), "{stdout}{stderr}");
+    let (ok, _, stderr) = finish(denied);
+    assert!(!ok);
+    assert!(
+        stderr.contains("denied by approver alice: wrong row"),
+        "{stderr}"
+    );
+    assert_eq!(value_of(&pg, 7), "7000");
+    assert_eq!(value_of(&pg, 8), "8");
+    let r = a.request(&approve_id);
+    assert_eq!(r["votes"][0]["reason"], "checked in the console");
+    // The console's calls are in the audit trail under the approver.
+    let console_calls = a
+        .audit_events()
+        .into_iter()
+        .filter_map(|e| e.get("Approval").cloned())
+        .filter(|e| e["event"] == "api" && e["actor"] == "alice")
+        .filter(|e| e["reason"].as_str().unwrap_or("").contains("/decide"))
+        .count();
+    assert!(console_calls >= 2, "{console_calls}");
 }

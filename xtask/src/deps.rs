@@ -26,9 +26,16 @@ const APT: &[&str] = &[
     "clickhouse-client",
     // The test OIDC issuer makes its RSA key with openssl (ring can't).
     "openssl",
+    // The approvals console is tested in a real headless browser.
+    "chromium",
+    "chromium-driver",
 ];
 
-const PIP: &[&str] = &["psycopg[binary]>=3.1,<4", "asyncpg>=0.29"];
+const PIP: &[&str] = &[
+    "psycopg[binary]>=3.1,<4",
+    "asyncpg>=0.29",
+    "selenium>=4.10,<5",
+];
 const NPM: &[&str] = &["pg@8", "pg-copy-streams@6"];
 
 fn installed(pkg: &str) -> bool {
@@ -216,7 +223,7 @@ pub fn ensure() -> Result<()> {
         )?;
     }
     let have_py = Command::new(&python)
-        .args(["-c", "import psycopg, asyncpg"])
+        .args(["-c", "import psycopg, asyncpg, selenium"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !have_py {

@@ -5,6 +5,7 @@
 //! (demo, bench, regress), so that every one of them starts things the same
 //! way.
 
+pub mod approvals;
 pub mod audit;
 pub mod clickhouse;
 #[path = "../corpus/corpus.rs"]

@@ -52,32 +52,8 @@ struct Approvals {
     owner: String,
 }
 
-/// A token and its `[[approvals.approver]]` entry, from the CLI.
 fn new_token(name: &str, groups: &[&str], identities: &[&str]) -> (String, String) {
-    let mut cmd = Command::new(binary());
-    cmd.args(["approvals", "new-token", "--name", name]);
-    for g in groups {
-        cmd.args(["--group", g]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let token = text
-        .lines()
-        .find_map(|l| l.split_once("it is shown once): ").map(|(_, t)| t.trim()))
-        .unwrap()
-        .to_owned();
-    let entry = text.split_once("\n\n").unwrap().1.to_owned();
-    assert!(entry.contains("token_sha256 = \""), "{entry}");
-    assert!(
-        !entry.contains(&token),
-        "the config entry holds only the hash"
-    );
-    let identities: Vec<String> = identities.iter().map(|i| format!("\"{i}\"")).collect();
-    (
-        token,
-        format!("{entry}\nidentities = [{}]\n", identities.join(", ")),
-    )
+    interceptor_tests::approvals::new_token(name, groups, identities).unwrap()
 }
 
 fn setup(pg: &PgCluster) {

@@ -152,20 +152,29 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
         interceptor_tests::workspace_root().join("policies/examples/agent.toml"),
     )?;
     std::fs::write(&policy_file, &reference)?;
+    // A reviewer who approves held statements, with an API token.
+    let (reviewer, reviewer_entry) =
+        interceptor_tests::approvals::new_token("reviewer", &["dba"], &[])?;
+    let approvals_port = interceptor_tests::free_port();
     let proxy = Proxy::start(
         &pg,
         ProxyOptions {
             databases: vec!["app".into()],
             intercept: Some(ic.config_section()),
             policy: Some(policy_file.clone()),
-            sections: vec![match &clickhouse {
-                Some(ch) => format!(
-                    "{}\n[audit]\n\n{}",
-                    issuer.config_section(),
-                    ch.config_section("interceptor")
+            sections: vec![
+                match &clickhouse {
+                    Some(ch) => format!(
+                        "{}\n[audit]\n\n{}",
+                        issuer.config_section(),
+                        ch.config_section("interceptor")
+                    ),
+                    None => issuer.config_section(),
+                },
+                format!(
+                    "[approvals]\nlisten = \"127.0.0.1:{approvals_port}\"\ntimeout = \"2m\"\n\n{reviewer_entry}"
                 ),
-                None => issuer.config_section(),
-            }],
+            ],
             ..Default::default()
         },
     )?;
@@ -391,9 +400,8 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
         &token_run("SELECT current_setting('application_name') AS principal")?,
     );
     print_log_lines(&proxy, "OIDC token verified");
-    show(
-        "the token's claims (repository acme/app, ref main) put it in group release-jobs: its UPDATE is held for approval",
-        &token_run("UPDATE orders SET amount = 0 WHERE id = 1")?,
+    println!(
+        "The token's claims (repository acme/app, ref main) put it in group release-jobs, whose writes are held for approval."
     );
     show(
         "the same UPDATE from a job without a token is denied outright (rule no-writes)",
@@ -434,6 +442,108 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
     );
     std::fs::write(&policy_file, &reference)?;
     wait_for_log_count(&proxy, "statement policy reloaded", 2)?;
+
+    step("Just-in-time approval: a held UPDATE waits, connection open, while a reviewer decides");
+    let held = |sql: &str| -> Result<std::process::Child> {
+        let mut cmd = ic.run_with(
+            "release",
+            &["--token-github", interceptor_tests::oidc::AUDIENCE],
+            &pg_bin("psql").to_string_lossy(),
+        );
+        cmd.args(["-X", "-v", "VERBOSITY=terse", "-d", &db, "-c", sql])
+            .env_remove("PGPASSWORD")
+            .env("ACTIONS_ID_TOKEN_REQUEST_URL", issuer.gha_request_url())
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", GHA_REQUEST_TOKEN)
+            .env("SSL_CERT_FILE", &issuer.ca_file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Ok(cmd.spawn()?)
+    };
+    let approvals = |args: &[&str]| -> Result<String> {
+        let out = Command::new(interceptor_tests::proxy::binary())
+            .arg("approvals")
+            .args(args)
+            .env("INTERCEPTOR_CONFIG", &proxy.config_path)
+            .env("INTERCEPTOR_APPROVER_TOKEN", &reviewer)
+            .output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    // The id of the pending request whose statement contains `needle`.
+    let pending = |needle: &str| -> Result<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let found = approvals(&["list", "--json"])?
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|r| r["statement"].as_str().is_some_and(|s| s.contains(needle)))
+                .and_then(|r| r["id"].as_str().map(str::to_owned));
+            match found {
+                Some(id) => return Ok(id),
+                None if std::time::Instant::now() > deadline => {
+                    bail!("no approval request for {needle}")
+                }
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    };
+    let finished = |child: std::process::Child| -> Result<String> {
+        let out = child.wait_with_output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ))
+    };
+    let sql = "UPDATE orders SET amount = 0 WHERE id = 1";
+    println!("$ {token_wrapped} -c '{sql}' &    # waits");
+    let child = held(sql)?;
+    let id = pending("id = 1")?;
+    show("interceptor approvals list", &approvals(&["list"])?);
+    // The planner's estimate arrives just after the request.
+    std::thread::sleep(Duration::from_millis(500));
+    show(
+        &format!("interceptor approvals show {id}"),
+        &approvals(&["show", &id])?,
+    );
+    show(
+        &format!("interceptor approvals approve {id} --reason 'one order, checked'"),
+        &approvals(&["approve", &id, "--reason", "one order, checked"])?,
+    );
+    show("the waiting psql then prints", &finished(child)?);
+
+    let sql = "UPDATE orders SET amount = 1 WHERE id = 2";
+    println!("$ {token_wrapped} -c '{sql}' &    # waits");
+    let child = held(sql)?;
+    let id = pending("id = 2")?;
+    let console_url = format!("https://127.0.0.1:{approvals_port}");
+    let console =
+        interceptor_tests::approvals::Console::login(&console_url, &proxy.ca_file(), &reviewer)?;
+    console.decide(&id, "approve", "approved in the console")?;
+    println!(
+        "the reviewer signs in to the console at {console_url}/approvals (token login, CSRF-checked forms) and presses Approve on {id}"
+    );
+    show("the waiting psql then prints", &finished(child)?);
+
+    let sql = "UPDATE orders SET amount = 2 WHERE id = 3";
+    println!("$ {token_wrapped} -c '{sql}' &    # waits");
+    let child = held(sql)?;
+    let id = pending("id = 3")?;
+    show(
+        &format!("interceptor approvals deny {id} --reason 'not during the freeze'"),
+        &approvals(&["deny", &id, "--reason", "not during the freeze"])?,
+    );
+    show("the waiting psql then prints", &finished(child)?);
+    show(
+        "orders 1-3 now (checked directly as postgres)",
+        &direct(
+            &pg,
+            "SELECT id, amount FROM orders WHERE id <= 3 ORDER BY id",
+        )?,
+    );
 
     step("Per-identity limits: no statement hands an agent more than 100 000 rows");
     let out = agent(
@@ -570,6 +680,15 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
             &cli(&["replay", session])?,
         );
     }
+    let decisions: Vec<String> = cli(&["audit", "tail", "-n", "100000"])?
+        .lines()
+        .filter(|l| l.contains(" approval ") && !l.contains(" api by "))
+        .map(str::to_owned)
+        .collect();
+    show(
+        "interceptor audit tail | grep approval    (every request and decision; API calls are rows too)",
+        &decisions.join("\n"),
+    );
     show(
         "interceptor audit query --decision deny --limit 5",
         &cli(&["audit", "query", "--decision", "deny", "--limit", "5"])?,

@@ -2,7 +2,9 @@
 //! daemon with `[approvals]`, psql and psycopg 3 as clients, and approvers
 //! using `interceptor approvals` against the daemon's HTTPS API.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use interceptor_tests::pg::{self, PgCluster};
@@ -68,6 +70,11 @@ fn setup(pg: &PgCluster) {
 }
 
 fn start(pg: &PgCluster, timeout: &str) -> Approvals {
+    start_with(pg, timeout, "")
+}
+
+/// `extra` is appended to the `[approvals]` section.
+fn start_with(pg: &PgCluster, timeout: &str, extra: &str) -> Approvals {
     setup(pg);
     let dir = tempfile::Builder::new()
         .prefix("interceptor-approvals-")
@@ -80,7 +87,7 @@ fn start(pg: &PgCluster, timeout: &str) -> Approvals {
     let (owner, owner_entry) = new_token("owner", &["dba"], &["agent"]);
     let api = free_port();
     let section = format!(
-        "[approvals]\nlisten = \"127.0.0.1:{api}\"\ntimeout = \"{timeout}\"\n\n{alice_entry}\n{carol_entry}\n{owner_entry}"
+        "[approvals]\nlisten = \"127.0.0.1:{api}\"\ntimeout = \"{timeout}\"\n\n{alice_entry}\n{carol_entry}\n{owner_entry}\n{extra}"
     );
     let opts = ProxyOptions {
         client_tls: false,
@@ -213,10 +220,90 @@ fn finish(child: Child) -> (bool, String, String) {
     )
 }
 
+/// Receives webhook POSTs: answers 500 to the first on each path (so the
+/// sender must retry), then 200.
+struct HookServer {
+    port: u16,
+    received: Arc<Mutex<Vec<(String, Value)>>>,
+}
+
+impl HookServer {
+    fn start() -> HookServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+        let seen = received.clone();
+        std::thread::spawn(move || {
+            let mut failed = std::collections::HashSet::new();
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap_or(0);
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let mut len = 0;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = reader.read_exact(&mut body);
+                let status = if failed.insert(path.clone()) {
+                    "500 Internal Server Error"
+                } else {
+                    seen.lock()
+                        .unwrap()
+                        .push((path, serde_json::from_slice(&body).unwrap_or(Value::Null)));
+                    "200 OK"
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+            }
+        });
+        HookServer { port, received }
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "[[approvals.webhook]]\nurl = \"http://127.0.0.1:{p}/generic\"\n\n[[approvals.webhook]]\nurl = \"http://127.0.0.1:{p}/slack\"\nformat = \"slack\"\n",
+            p = self.port
+        )
+    }
+
+    /// Waits for a delivery to `path` whose JSON contains `needle`.
+    fn wait(&self, path: &str, needle: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some((_, v)) = self
+                .received
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(p, v)| p == path && v.to_string().contains(needle))
+            {
+                return v.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no webhook to {path} with {needle}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 #[test]
 fn held_update_runs_once_approved_from_the_cli() {
     let pg = PgCluster::start().unwrap();
-    let a = start(&pg, "5m");
+    let hooks = HookServer::start();
+    let a = start_with(&pg, "5m", &hooks.config());
     let psql = a.psql("UPDATE approval_t SET v = 1000 WHERE id = 1");
     let r = a.pending("SET v = 1000");
     let id = r["id"].as_str().unwrap().to_owned();
@@ -277,6 +364,20 @@ fn held_update_runs_once_approved_from_the_cli() {
     // Deciding twice is refused.
     let again = a.cli(&a.carol, &["deny", &id, "--reason", "late"]);
     assert!(!again.status.success());
+
+    // Both webhooks were told, after a failed first try each.
+    let generic = hooks.wait("/generic", "\"requested\"");
+    assert_eq!(generic["request"]["id"], id.as_str());
+    assert_eq!(generic["url"], format!("{}/approvals/{id}", a.url));
+    let slack = hooks.wait("/slack", &id);
+    assert!(
+        slack["text"]
+            .as_str()
+            .unwrap()
+            .contains("UPDATE approval_t SET v = 1000"),
+        "{slack}"
+    );
+    hooks.wait("/generic", "\"approved\"");
 
     // The audit trail: the request, the decision, and the statement row
     // that names the approval.

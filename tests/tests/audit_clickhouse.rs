@@ -18,13 +18,24 @@ use interceptor_tests::wire::{RawClient, first_error, frame};
 use interceptor_tests::workspace_root;
 
 fn proxy_with(ch: &ClickHouse, db: &str, policy: bool, audit: &str) -> Proxy {
+    proxy_with_sections(ch, db, policy, audit, vec![])
+}
+
+fn proxy_with_sections(
+    ch: &ClickHouse,
+    db: &str,
+    policy: bool,
+    audit: &str,
+    mut sections: Vec<String>,
+) -> Proxy {
     let _ = pg::shared().psql_admin("postgres", "CREATE ROLE agent LOGIN NOSUPERUSER");
+    sections.push(format!("[audit]\n{audit}\n\n{}", ch.config_section(db)));
     Proxy::start(
         pg::shared(),
         ProxyOptions {
             client_tls: false,
             policy: policy.then(|| workspace_root().join("policies/examples/agent.toml")),
-            sections: vec![format!("[audit]\n{audit}\n\n{}", ch.config_section(db))],
+            sections,
             ..Default::default()
         },
     )
@@ -66,8 +77,27 @@ fn statements_reach_clickhouse_with_their_fields_and_shipped_segments_are_delete
              INSERT INTO ch_demo SELECT generate_series(1, 7)",
         )
         .unwrap();
-    // Small segments, so that shipping has some to delete.
-    let proxy = proxy_with(&ch, "audit_a", true, "segment_bytes = 2048");
+    // Small segments, so that shipping has some to delete. The approvals
+    // API, whose every call is an audit row.
+    let api = interceptor_tests::free_port();
+    let proxy = proxy_with_sections(
+        &ch,
+        "audit_a",
+        true,
+        "segment_bytes = 2048",
+        vec![format!(
+            "[approvals]\nlisten = \"127.0.0.1:{api}\"\ntls = false\n"
+        )],
+    );
+    {
+        use std::io::{Read, Write};
+        let mut http = std::net::TcpStream::connect(("127.0.0.1", api)).unwrap();
+        http.write_all(b"GET /api/approvals HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        http.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    }
     let (mut c, _) = RawClient::login(proxy.port, "agent", "postgres").unwrap();
     c.query("SELECT * FROM ch_demo WHERE id <= 5").unwrap();
     let r = c.query("DROP TABLE ch_demo").unwrap();
@@ -143,6 +173,10 @@ fn statements_reach_clickhouse_with_their_fields_and_shipped_segments_are_delete
             .unwrap(),
         1
     );
+    let calls = ch
+        .query("SELECT event, actor, reason FROM audit_a.approvals FORMAT TSV")
+        .unwrap();
+    assert_eq!(calls.trim(), "api\tanonymous\tGET /api/approvals -> 401");
 
     // Shipped segments are gone; the newest stays for the writer.
     let dir = spool(&proxy);

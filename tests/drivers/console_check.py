@@ -11,7 +11,9 @@ import urllib.request
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 base, token, approve_id, deny_id = sys.argv[1:5]
 
@@ -24,17 +26,26 @@ for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-sh
 options.accept_insecure_certs = True
 driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 driver.implicitly_wait(5)
+
+
+def state_becomes(want):
+    """Waits for the request page after a form post to show `want` (the old
+    page's elements go stale while the browser follows the redirect)."""
+    WebDriverWait(
+        driver, 10, ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)
+    ).until(lambda d: d.find_element(By.ID, "state").text == want)
+
 try:
     # Not signed in: sent to the login form.
     driver.get(base + "/approvals")
     assert driver.current_url.endswith("/login"), driver.current_url
     driver.find_element(By.ID, "token").send_keys("ia_wrong")
     driver.find_element(By.ID, "signin").click()
-    assert "Unknown token" in driver.page_source
+    WebDriverWait(driver, 10).until(lambda d: "Unknown token" in d.page_source)
     driver.get(base + "/login")
     driver.find_element(By.ID, "token").send_keys(token)
     driver.find_element(By.ID, "signin").click()
-    assert driver.current_url.endswith("/approvals"), driver.current_url
+    WebDriverWait(driver, 10).until(lambda d: d.current_url.endswith("/approvals"))
     assert "signed in as alice" in driver.page_source
 
     ids = [r.get_attribute("data-id") for r in driver.find_elements(By.CSS_SELECTOR, "tr.request")]
@@ -68,12 +79,12 @@ try:
     assert "interceptor:user=agent" in page and "estimate" in page, page
     driver.find_element(By.ID, "reason").send_keys("checked in the console")
     driver.find_element(By.ID, "approve").click()
-    assert driver.find_element(By.ID, "state").text == "approved", driver.page_source
+    state_becomes("approved")
 
     driver.get(f"{base}/approvals/{deny_id}")
     driver.find_element(By.ID, "reason").send_keys("wrong row")
     driver.find_element(By.ID, "deny").click()
-    assert driver.find_element(By.ID, "state").text == "denied", driver.page_source
+    state_becomes("denied")
 
     driver.get(base + "/approvals")
     assert driver.find_elements(By.ID, "none"), "nothing should be pending now"

@@ -381,7 +381,8 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
     );
 
     step("A token-bound identity: the job's OIDC token, verified, decides its groups");
-    let token_run = |sql: &str| -> Result<String> {
+    // psql in job `release`, with the job's token from the runner endpoint.
+    let token_cmd = |sql: &str| -> Command {
         let mut cmd = ic.run_with(
             "release",
             &["--token-github", interceptor_tests::oidc::AUDIENCE],
@@ -392,8 +393,9 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
             .env("ACTIONS_ID_TOKEN_REQUEST_URL", issuer.gha_request_url())
             .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", GHA_REQUEST_TOKEN)
             .env("SSL_CERT_FILE", &issuer.ca_file);
-        collect(&mut cmd)
+        cmd
     };
+    let token_run = |sql: &str| -> Result<String> { collect(&mut token_cmd(sql)) };
     let token_wrapped = "interceptor run --job release --token-github interceptor -- psql";
     show(
         &format!("{token_wrapped} -c 'SELECT current_setting(''application_name'')'"),
@@ -445,19 +447,10 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
 
     step("Just-in-time approval: a held UPDATE waits, connection open, while a reviewer decides");
     let held = |sql: &str| -> Result<std::process::Child> {
-        let mut cmd = ic.run_with(
-            "release",
-            &["--token-github", interceptor_tests::oidc::AUDIENCE],
-            &pg_bin("psql").to_string_lossy(),
-        );
-        cmd.args(["-X", "-v", "VERBOSITY=terse", "-d", &db, "-c", sql])
-            .env_remove("PGPASSWORD")
-            .env("ACTIONS_ID_TOKEN_REQUEST_URL", issuer.gha_request_url())
-            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", GHA_REQUEST_TOKEN)
-            .env("SSL_CERT_FILE", &issuer.ca_file)
+        Ok(token_cmd(sql)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        Ok(cmd.spawn()?)
+            .stderr(Stdio::piped())
+            .spawn()?)
     };
     let approvals = |args: &[&str]| -> Result<String> {
         let out = Command::new(interceptor_tests::proxy::binary())

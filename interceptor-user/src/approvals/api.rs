@@ -200,44 +200,41 @@ struct ListQuery {
     all: bool,
 }
 
+/// The approver a call's bearer token names; the call is refused with 401
+/// without one, and audited under the approver's name with one.
+struct Bearer(Approver);
+
+impl axum::extract::FromRequestParts<Api> for Bearer {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        api: &Api,
+    ) -> Result<Self, Response> {
+        let who = api.bearer(&parts.headers).ok_or_else(unauthorized)?;
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            caller.set(&who.name);
+        }
+        Ok(Bearer(who))
+    }
+}
+
 async fn api_list(
     AxumState(api): AxumState<Api>,
-    caller: axum::Extension<Caller>,
-    headers: HeaderMap,
+    _: Bearer,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    let Some(who) = api.bearer(&headers) else {
-        return unauthorized();
-    };
-    caller.set(&who.name);
     axum::Json(api.store.list(q.all)).into_response()
 }
 
-async fn api_show(
-    AxumState(api): AxumState<Api>,
-    caller: axum::Extension<Caller>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    let Some(who) = api.bearer(&headers) else {
-        return unauthorized();
-    };
-    caller.set(&who.name);
+async fn api_show(AxumState(api): AxumState<Api>, _: Bearer, Path(id): Path<String>) -> Response {
     match api.store.get(&id) {
         Some(r) => axum::Json(r).into_response(),
         None => api_error(ApprovalError::NotFound(id)),
     }
 }
 
-async fn api_whoami(
-    AxumState(api): AxumState<Api>,
-    caller: axum::Extension<Caller>,
-    headers: HeaderMap,
-) -> Response {
-    let Some(who) = api.bearer(&headers) else {
-        return unauthorized();
-    };
-    caller.set(&who.name);
+async fn api_whoami(Bearer(who): Bearer) -> Response {
     axum::Json(serde_json::json!({"name": who.name, "groups": who.groups})).into_response()
 }
 
@@ -249,48 +246,63 @@ pub struct Decision {
     pub grant_minutes: Option<u32>,
 }
 
-async fn api_approve(
-    AxumState(api): AxumState<Api>,
-    caller: axum::Extension<Caller>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
+/// What an approver does to a request.
+#[derive(Clone, Copy)]
+enum Verb {
+    Approve,
+    Deny,
+}
+
+impl Api {
+    /// Applies `verb` for `who`, and records and announces the outcome.
+    fn decide(
+        &self,
+        id: &str,
+        who: &Approver,
+        verb: Verb,
+        reason: &str,
+        grant_minutes: Option<u32>,
+    ) -> Result<Request, ApprovalError> {
+        let r = match verb {
+            Verb::Approve => self.store.approve(id, who, reason, grant_minutes),
+            Verb::Deny => self.store.deny(id, who, reason),
+        }?;
+        info!(approval = %id, approver = %who.name, state = r.state.as_str(), "decision");
+        self.decided(&r, &who.name, reason);
+        Ok(r)
+    }
+}
+
+fn api_decide(
+    api: &Api,
+    who: &Approver,
+    id: &str,
     body: Option<axum::Json<Decision>>,
+    verb: Verb,
 ) -> Response {
-    let Some(who) = api.bearer(&headers) else {
-        return unauthorized();
-    };
-    caller.set(&who.name);
     let d = body.map(|b| b.0).unwrap_or_default();
-    match api.store.approve(&id, &who, &d.reason, d.grant_minutes) {
-        Ok(r) => {
-            info!(approval = %id, approver = %who.name, state = r.state.as_str(), "approval");
-            api.decided(&r, &who.name, &d.reason);
-            axum::Json(r).into_response()
-        }
+    match api.decide(id, who, verb, &d.reason, d.grant_minutes) {
+        Ok(r) => axum::Json(r).into_response(),
         Err(e) => api_error(e),
     }
 }
 
-async fn api_deny(
+async fn api_approve(
     AxumState(api): AxumState<Api>,
-    caller: axum::Extension<Caller>,
-    headers: HeaderMap,
+    Bearer(who): Bearer,
     Path(id): Path<String>,
     body: Option<axum::Json<Decision>>,
 ) -> Response {
-    let Some(who) = api.bearer(&headers) else {
-        return unauthorized();
-    };
-    caller.set(&who.name);
-    let d = body.map(|b| b.0).unwrap_or_default();
-    match api.store.deny(&id, &who, &d.reason) {
-        Ok(r) => {
-            info!(approval = %id, approver = %who.name, "denial");
-            api.decided(&r, &who.name, &d.reason);
-            axum::Json(r).into_response()
-        }
-        Err(e) => api_error(e),
-    }
+    api_decide(&api, &who, &id, body, Verb::Approve)
+}
+
+async fn api_deny(
+    AxumState(api): AxumState<Api>,
+    Bearer(who): Bearer,
+    Path(id): Path<String>,
+    body: Option<axum::Json<Decision>>,
+) -> Response {
+    api_decide(&api, &who, &id, body, Verb::Deny)
 }
 
 // The console.
@@ -563,13 +575,7 @@ async fn console_show(
     let row = |k: &str, v: &str| format!("<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(v));
     body.push_str("<table>");
     if !r.params.is_empty() {
-        let shown: Vec<String> = r
-            .params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("${} = {}", i + 1, p.as_deref().unwrap_or("NULL")))
-            .collect();
-        body.push_str(&row("parameters", &shown.join(", ")));
+        body.push_str(&row("parameters", &r.shown_params()));
     }
     body.push_str(&row(
         "estimate",
@@ -670,16 +676,13 @@ async fn console_decide(
         .as_deref()
         .and_then(|m| m.trim().parse::<u32>().ok())
         .filter(|m| *m > 0);
-    let result = match f.action.as_str() {
-        "approve" => api.store.approve(&id, &who, &f.reason, grant),
-        "deny" => api.store.deny(&id, &who, &f.reason),
+    let verb = match f.action.as_str() {
+        "approve" => Verb::Approve,
+        "deny" => Verb::Deny,
         _ => return (StatusCode::BAD_REQUEST, "unknown action").into_response(),
     };
-    match result {
-        Ok(r) => {
-            api.decided(&r, &who.name, &f.reason);
-            Redirect::to(&format!("/approvals/{id}")).into_response()
-        }
+    match api.decide(&id, &who, verb, &f.reason, grant) {
+        Ok(_) => Redirect::to(&format!("/approvals/{id}")).into_response(),
         Err(e) => (
             StatusCode::CONFLICT,
             page(

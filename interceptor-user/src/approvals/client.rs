@@ -117,13 +117,7 @@ pub fn describe(r: &Request) -> String {
     let _ = writeln!(out, "request    {}  ({})", r.id, r.state.as_str());
     let _ = writeln!(out, "statement  {}", r.statement);
     if !r.params.is_empty() {
-        let shown: Vec<String> = r
-            .params
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("${} = {}", i + 1, p.as_deref().unwrap_or("NULL")))
-            .collect();
-        let _ = writeln!(out, "parameters {}", shown.join(", "));
+        let _ = writeln!(out, "parameters {}", r.shown_params());
     }
     let _ = writeln!(
         out,

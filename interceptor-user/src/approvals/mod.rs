@@ -114,6 +114,16 @@ impl Request {
     pub fn is_pending(&self) -> bool {
         self.state == State::Pending
     }
+
+    /// `$1 = ..., $2 = ...`, for people.
+    pub fn shown_params(&self) -> String {
+        self.params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("${} = {}", i + 1, p.as_deref().unwrap_or("NULL")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// What a parked session learns.
@@ -458,6 +468,21 @@ impl ApprovalStore {
             .collect()
     }
 
+    /// The request `id`, if it is still pending.
+    fn pending<'a>(inner: &'a mut Inner, id: &str) -> Result<&'a mut Entry, ApprovalError> {
+        let entry = inner
+            .entries
+            .get_mut(id)
+            .ok_or_else(|| ApprovalError::NotFound(id.into()))?;
+        if !entry.request.is_pending() {
+            return Err(ApprovalError::Decided {
+                id: id.into(),
+                state: entry.request.state.as_str(),
+            });
+        }
+        Ok(entry)
+    }
+
     fn check_approver(r: &Request, who: &Approver) -> Result<(), ApprovalError> {
         let names = std::iter::once(&who.name).chain(&who.identities);
         if names
@@ -491,17 +516,8 @@ impl ApprovalStore {
         grant_minutes: Option<u32>,
     ) -> Result<Request, ApprovalError> {
         let mut inner = self.lock();
-        let entry = inner
-            .entries
-            .get_mut(id)
-            .ok_or_else(|| ApprovalError::NotFound(id.into()))?;
+        let entry = Self::pending(&mut inner, id)?;
         let r = &mut entry.request;
-        if !r.is_pending() {
-            return Err(ApprovalError::Decided {
-                id: id.into(),
-                state: r.state.as_str(),
-            });
-        }
         Self::check_approver(r, who)?;
         if r.votes.iter().any(|v| v.by == who.name) {
             return Err(ApprovalError::AlreadyVoted {
@@ -561,17 +577,8 @@ impl ApprovalStore {
             return Err(ApprovalError::NoReason);
         }
         let mut inner = self.lock();
-        let entry = inner
-            .entries
-            .get_mut(id)
-            .ok_or_else(|| ApprovalError::NotFound(id.into()))?;
+        let entry = Self::pending(&mut inner, id)?;
         let r = &mut entry.request;
-        if !r.is_pending() {
-            return Err(ApprovalError::Decided {
-                id: id.into(),
-                state: r.state.as_str(),
-            });
-        }
         // Anyone qualified may refuse, the requester included: a refusal
         // never lets anything run.
         if !r.approver_groups.is_empty()

@@ -327,7 +327,9 @@ impl Enforcer {
             }
             FrontendMessage::Parse(p) => {
                 // A new statement under this name replaces an approved one.
-                self.approved_statements.remove(p.name);
+                if !self.approved_statements.is_empty() {
+                    self.approved_statements.remove(p.name);
+                }
                 match self.check_sql(p.sql, Some(p.name)) {
                     Checked::Allowed(_) => {
                         self.refused_statements.remove(p.name);
@@ -343,19 +345,21 @@ impl Enforcer {
             FrontendMessage::Bind(b) if self.refused_statements.contains(b.statement) => {
                 Action::Replace(build::empty_bind(b.portal, b.statement))
             }
-            FrontendMessage::Bind(b) => match self.approved_statements.get(b.statement) {
-                Some(until) if *until <= Instant::now() => {
-                    info!(
-                        session_id = self.session_id,
-                        "approved prepared statement executed after its approval expired: refused"
-                    );
-                    // The server has the approved statement itself: a Bind
-                    // naming none makes it raise an error, whatever the
-                    // statement's parameters.
-                    Action::Replace(build::empty_bind(b.portal, EXPIRED_APPROVAL))
+            FrontendMessage::Bind(b) if !self.approved_statements.is_empty() => {
+                match self.approved_statements.get(b.statement) {
+                    Some(until) if *until <= Instant::now() => {
+                        info!(
+                            session_id = self.session_id,
+                            "approved prepared statement executed after its approval expired: refused"
+                        );
+                        // The server has the approved statement itself: a Bind
+                        // naming none makes it raise an error, whatever the
+                        // statement's parameters.
+                        Action::Replace(build::empty_bind(b.portal, EXPIRED_APPROVAL))
+                    }
+                    _ => Action::Forward,
                 }
-                _ => Action::Forward,
-            },
+            }
             FrontendMessage::Close {
                 target: Target::Statement,
                 name,

@@ -28,7 +28,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
-use super::{ApprovalError, ApprovalStore, Approver, Request, State, event, hex};
+use super::{ApprovalError, ApprovalStore, Approver, Request, State, event, when};
+use crate::audit::cli::hex;
 use crate::audit::{ApprovalRow, Event, now_us};
 use crate::runtime::Shared;
 
@@ -99,19 +100,21 @@ impl Api {
         Some((id, l.approver.clone(), l.csrf.clone()))
     }
 
-    fn record(&self, event: Event) {
+    /// Waits while the audit queue is full, as sessions do: an API call's
+    /// row is never dropped.
+    async fn record(&self, event: Event) {
         if let Some(a) = &self.shared.audit {
-            a.record_now(event);
+            a.record(event).await;
         }
     }
 
-    fn decided(&self, r: &Request, actor: &str, reason: &str) {
+    async fn decided(&self, r: &Request, actor: &str, reason: &str) {
         let what = match r.state {
             State::Approved => "approved",
             State::Denied => "denied",
             _ => "vote",
         };
-        self.record(event(r, what, actor, reason));
+        self.record(event(r, what, actor, reason)).await;
         if r.state != State::Pending {
             super::webhook::notify(&self.shared.runtime.load(), r, what);
         }
@@ -159,7 +162,8 @@ async fn audit_calls(AxumState(api): AxumState<Api>, mut req: HttpRequest, next:
         statement: String::new(),
         binding: String::new(),
         rule: String::new(),
-    })));
+    })))
+    .await;
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
@@ -255,7 +259,7 @@ enum Verb {
 
 impl Api {
     /// Applies `verb` for `who`, and records and announces the outcome.
-    fn decide(
+    async fn decide(
         &self,
         id: &str,
         who: &Approver,
@@ -268,12 +272,12 @@ impl Api {
             Verb::Deny => self.store.deny(id, who, reason),
         }?;
         info!(approval = %id, approver = %who.name, state = r.state.as_str(), "decision");
-        self.decided(&r, &who.name, reason);
+        self.decided(&r, &who.name, reason).await;
         Ok(r)
     }
 }
 
-fn api_decide(
+async fn api_decide(
     api: &Api,
     who: &Approver,
     id: &str,
@@ -281,7 +285,7 @@ fn api_decide(
     verb: Verb,
 ) -> Response {
     let d = body.map(|b| b.0).unwrap_or_default();
-    match api.decide(id, who, verb, &d.reason, d.grant_minutes) {
+    match api.decide(id, who, verb, &d.reason, d.grant_minutes).await {
         Ok(r) => axum::Json(r).into_response(),
         Err(e) => api_error(e),
     }
@@ -293,7 +297,7 @@ async fn api_approve(
     Path(id): Path<String>,
     body: Option<axum::Json<Decision>>,
 ) -> Response {
-    api_decide(&api, &who, &id, body, Verb::Approve)
+    api_decide(&api, &who, &id, body, Verb::Approve).await
 }
 
 async fn api_deny(
@@ -302,7 +306,7 @@ async fn api_deny(
     Path(id): Path<String>,
     body: Option<axum::Json<Decision>>,
 ) -> Response {
-    api_decide(&api, &who, &id, body, Verb::Deny)
+    api_decide(&api, &who, &id, body, Verb::Deny).await
 }
 
 // The console.
@@ -441,13 +445,6 @@ button{{padding:.4em 1em;margin-right:.5em}}input[type=text]{{width:30em}}</styl
             esc(n)
         )),
     ))
-}
-
-fn when(us: i64) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_micros(us.max(0) as u64),
-    )
-    .to_string()
 }
 
 async fn console_root() -> Redirect {
@@ -681,7 +678,7 @@ async fn console_decide(
         "deny" => Verb::Deny,
         _ => return (StatusCode::BAD_REQUEST, "unknown action").into_response(),
     };
-    match api.decide(&id, &who, verb, &f.reason, grant) {
+    match api.decide(&id, &who, verb, &f.reason, grant).await {
         Ok(_) => Redirect::to(&format!("/approvals/{id}")).into_response(),
         Err(e) => (
             StatusCode::CONFLICT,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use super::Request;
+use super::{Request, when};
 use crate::cli::{ApprovalsApi, ApprovalsCommand};
 use crate::config::Config;
 
@@ -93,13 +93,6 @@ impl Client {
         }
         Ok(value)
     }
-}
-
-fn when(us: i64) -> String {
-    humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + Duration::from_micros(us.max(0) as u64),
-    )
-    .to_string()
 }
 
 fn one_line(s: &str, n: usize) -> String {

@@ -264,11 +264,12 @@ pub fn binding(
             }
         }
     }
-    hex(&h.finalize())
+    crate::audit::cli::hex(&h.finalize())
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// A timestamp for approvers, to the second.
+pub fn when(us: i64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + micros(us)).to_string()
 }
 
 fn new_id() -> String {

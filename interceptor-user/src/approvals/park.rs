@@ -1,6 +1,7 @@
 //! The session's side of an approval: a held statement waits here, with
 //! the rest of its batch unsent, while the client's connection stays open.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -109,7 +110,7 @@ fn show(format: i16, type_oid: u32, v: &[u8]) -> String {
             .map(str::to_owned),
         _ => None,
     };
-    decoded.unwrap_or_else(|| format!("\\x{}", super::hex(v)))
+    decoded.unwrap_or_else(|| format!("\\x{}", crate::audit::cli::hex(v)))
 }
 
 /// Cancels the request if the session goes away while it waits (the
@@ -278,7 +279,7 @@ pub async fn park<R: AsyncRead + Unpin>(
     };
     info!(approval = %id, principal = %request.principal, "statement held for approval");
     super::webhook::notify(&runtime, &request, "requested");
-    estimate(shared, &runtime, &request, &held, &params);
+    estimate(shared, store, &runtime, &request, &held, &params);
     let mut notice = BytesMut::new();
     build::notice_with(
         &format!(
@@ -359,15 +360,13 @@ fn workload(p: &policies::Principal) -> String {
 /// statement would touch; the request shows it once known.
 fn estimate(
     shared: &Shared,
+    store: &Arc<ApprovalStore>,
     runtime: &crate::runtime::Runtime,
     request: &Request,
     held: &Held,
     params: &[Option<Vec<u8>>],
 ) {
     let Some(target) = runtime.targets.get(&request.target) else {
-        return;
-    };
-    let Some(store) = shared.approvals.clone() else {
         return;
     };
     let catalog = shared.catalogs.get(
@@ -377,6 +376,7 @@ fn estimate(
         runtime.upstream_mark,
     );
     let (sql, params, id) = (held.sql.clone(), params.to_vec(), request.id.clone());
+    let store = store.clone();
     tokio::spawn(async move {
         let text = match catalog.explain(&sql, &params).await {
             Ok(e) => e,

@@ -13,7 +13,7 @@ use super::spool;
 use super::warehouse::{self, Version, Warehouse};
 use crate::config::{ClickHouseConfig, Secret};
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().fold(String::new(), |mut s, x| {
         let _ = write!(s, "{x:02x}");
         s

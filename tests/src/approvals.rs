@@ -94,6 +94,16 @@ impl Console {
             .text()?)
     }
 
+    /// The ids of the pending requests, as the console lists them.
+    pub fn pending(&self) -> Result<Vec<String>> {
+        Ok(self
+            .page("/approvals")?
+            .split("data-id=\"")
+            .skip(1)
+            .filter_map(|s| s.split_once('"').map(|(id, _)| id.to_owned()))
+            .collect())
+    }
+
     /// Presses Approve or Deny on a request's page, with a reason.
     pub fn decide(&self, id: &str, action: &str, reason: &str) -> Result<()> {
         let page = self.page(&format!("/approvals/{id}"))?;

@@ -1,6 +1,7 @@
 //! Developer commands. `cargo xtask --help` lists them.
 
 mod bench;
+mod bench_approvals;
 mod bench_audit;
 mod bench_connect;
 mod bench_masking;
@@ -58,8 +59,11 @@ enum Cmd {
     /// into ClickHouse, and pgbench -S with audit off, spooled, and
     /// shipped to ClickHouse. `masking`: MB/s per core of column rules and
     /// detectors (criterion), and a 1M-row SELECT masked vs unmasked.
+    /// `approvals`: pgbench -S without and with [approvals], Approve-to-result
+    /// latency, and memory per parked statement.
     Bench {
-        /// Which benchmark: `proxy`, `connect`, `policy` or `audit`.
+        /// Which benchmark: `proxy`, `connect`, `policy`, `audit`,
+        /// `masking` or `approvals`.
         name: String,
     },
     /// Run a cargo-fuzz target (nightly; installs cargo-fuzz once), seeded
@@ -165,6 +169,7 @@ fn main() -> Result<()> {
                 "policy" => bench_policy::run(),
                 "audit" => bench_audit::run(),
                 "masking" => bench_masking::run(),
+                "approvals" => bench_approvals::run(),
                 other => {
                     bail!(
                         "unknown benchmark `{other}`; available: proxy, connect, policy, audit, masking"

@@ -264,6 +264,62 @@ pub struct ApprovalsConfig {
     /// Where new requests and decisions are posted.
     #[serde(default, rename = "webhook")]
     pub webhooks: Vec<WebhookConfig>,
+    /// Console sign-in through an OpenID Connect provider, besides tokens.
+    pub oidc: Option<ConsoleOidc>,
+}
+
+/// The console as an OpenID Connect client (authorization code flow with
+/// PKCE). The provider's ID token names the approver through `claim`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleOidc {
+    /// The provider's issuer URL, exactly as its tokens' `iss` says.
+    pub issuer: String,
+    /// The client registered at the provider for the console.
+    pub client_id: String,
+    /// The client secret, read from this file...
+    pub client_secret_file: Option<PathBuf>,
+    /// ...or from this environment variable. Neither: a public client,
+    /// which PKCE alone protects.
+    pub client_secret_env: Option<String>,
+    /// Where the provider's metadata is (default:
+    /// `{issuer}/.well-known/openid-configuration`).
+    pub discovery_url: Option<String>,
+    /// PEM CA bundle for the provider's HTTPS (default: the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// The redirect URI registered at the provider (default:
+    /// `{url}/login/oidc/callback`).
+    pub redirect_url: Option<String>,
+    #[serde(default = "default_console_scopes")]
+    pub scopes: Vec<String>,
+    /// The ID-token claim matched against approvers' `oidc` lists. An
+    /// `email` with `email_verified = false` is refused.
+    #[serde(default = "default_console_claim")]
+    pub claim: String,
+    /// Shown on the sign-in button.
+    #[serde(default = "default_console_provider")]
+    pub name: String,
+}
+
+impl ConsoleOidc {
+    pub fn client_secret(&self) -> Option<SecretRef> {
+        (self.client_secret_file.is_some() || self.client_secret_env.is_some()).then(|| SecretRef {
+            file: self.client_secret_file.clone(),
+            env: self.client_secret_env.clone(),
+        })
+    }
+}
+
+fn default_console_scopes() -> Vec<String> {
+    vec!["openid".into(), "email".into()]
+}
+
+fn default_console_claim() -> String {
+    "email".into()
+}
+
+fn default_console_provider() -> String {
+    "single sign-on".into()
 }
 
 /// One approver.
@@ -277,7 +333,11 @@ pub struct ApproverConfig {
     pub groups: Vec<String>,
     /// SHA-256 (hex) of the approver's API token: `interceptor approvals
     /// new-token` makes a token and prints this.
-    pub token_sha256: String,
+    pub token_sha256: Option<String>,
+    /// Values of `[approvals.oidc] claim` (such as e-mail addresses) that
+    /// sign in to the console as this approver.
+    #[serde(default)]
+    pub oidc: Vec<String>,
     /// Names this person has as a requester (database user, token
     /// subject, actor claim, job): they cannot approve those requests.
     #[serde(default)]
@@ -810,6 +870,14 @@ impl Config {
                         relative_to_config(ca);
                     }
                 }
+                if let Some(o) = &mut a.get_mut().oidc {
+                    if let Some(ca) = &mut o.ca_file {
+                        relative_to_config(ca);
+                    }
+                    if let Some(f) = &mut o.client_secret_file {
+                        relative_to_config(f);
+                    }
+                }
             }
             if let Some(o) = &mut config.oidc {
                 for i in &mut o.get_mut().issuers {
@@ -892,8 +960,8 @@ impl Config {
             }
             for (i, ap) in a.approvers.iter().enumerate() {
                 let at = text.find(&format!("\"{}\"", ap.name)).unwrap_or(at);
-                if ap.token_sha256.len() != 64
-                    || !ap.token_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                if let Some(hash) = &ap.token_sha256
+                    && (hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()))
                 {
                     return Err(invalid(
                         at,
@@ -901,11 +969,56 @@ impl Config {
                         "must be 64 hex digits (the SHA-256 of the token; `interceptor approvals new-token` prints it)".into(),
                     ));
                 }
+                if ap.token_sha256.is_none() && ap.oidc.is_empty() {
+                    return Err(invalid(
+                        at,
+                        format!("approvals.approver.{}", ap.name),
+                        "has no way to sign in: give token_sha256, or oidc logins with an [approvals.oidc] provider".into(),
+                    ));
+                }
+                if !ap.oidc.is_empty() && a.oidc.is_none() {
+                    return Err(invalid(
+                        at,
+                        format!("approvals.approver.{}.oidc", ap.name),
+                        "needs an [approvals.oidc] provider to sign in with".into(),
+                    ));
+                }
                 if a.approvers[..i].iter().any(|o| o.name == ap.name) {
                     return Err(invalid(
                         at,
                         format!("approvals.approver.{}", ap.name),
                         "the name is used twice".into(),
+                    ));
+                }
+            }
+            if let Some(o) = &a.oidc {
+                let at = text.find("[approvals.oidc]").unwrap_or(at);
+                if !o.issuer.starts_with("https://") {
+                    return Err(invalid(
+                        at,
+                        "approvals.oidc.issuer".into(),
+                        format!("{:?} is not an https:// URL", o.issuer),
+                    ));
+                }
+                if let Some(secret) = o.client_secret()
+                    && let Err(e) = secret.load()
+                {
+                    return Err(invalid(at, "approvals.oidc.client_secret".into(), e));
+                }
+                if !o.scopes.iter().any(|s| s == "openid") {
+                    return Err(invalid(
+                        at,
+                        "approvals.oidc.scopes".into(),
+                        "must include \"openid\", or the provider returns no ID token".into(),
+                    ));
+                }
+                if let Some(u) = &o.redirect_url
+                    && !(u.starts_with("https://") || u.starts_with("http://"))
+                {
+                    return Err(invalid(
+                        at,
+                        "approvals.oidc.redirect_url".into(),
+                        format!("{u:?} is not an http:// or https:// URL"),
                     ));
                 }
             }
@@ -1121,6 +1234,43 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn approvals_section_is_checked() {
+        let base = "listen = [\"127.0.0.1:15432\"]\n[[target]]\nname = \"m\"\nupstream = { host = \"127.0.0.1\" }\ndatabases = [\"*\"]\nupstream_auth = { user = \"u\" }\n\
+                    [approvals]\nlisten = \"127.0.0.1:7443\"\n";
+        let parse = |extra: &str| Config::parse(Path::new("x.toml"), &format!("{base}{extra}"));
+        let err = |extra: &str| parse(extra).unwrap_err().to_string();
+        let sso = "[approvals.oidc]\nissuer = \"https://idp.example\"\nclient_id = \"c\"\n";
+        let dana = "[[approvals.approver]]\nname = \"dana\"\noidc = [\"dana@example.com\"]\n";
+
+        let c = parse(&format!("{dana}{sso}")).unwrap();
+        let a = c.approvals.unwrap().into_inner();
+        let o = a.oidc.unwrap();
+        assert_eq!(o.claim, "email");
+        assert_eq!(o.scopes, ["openid", "email"]);
+        assert!(o.client_secret().is_none(), "no secret: a public client");
+        assert!(a.approvers[0].token_sha256.is_none());
+
+        let e = err(dana);
+        assert!(
+            e.contains("approvals.approver.dana.oidc") && e.contains("[approvals.oidc]"),
+            "{e}"
+        );
+        let e = err("[[approvals.approver]]\nname = \"eve\"\n");
+        assert!(e.contains("has no way to sign in"), "{e}");
+        let e = err(&format!("{dana}{}", sso.replace("https://", "http://")));
+        assert!(e.contains("approvals.oidc.issuer"), "{e}");
+        let e = err(&format!("{dana}{sso}scopes = [\"email\"]\n"));
+        assert!(e.contains("must include \"openid\""), "{e}");
+        let e = err(&format!(
+            "{dana}{sso}client_secret_file = \"/nonexistent/secret\"\n"
+        ));
+        assert!(
+            e.contains("cannot read secret file /nonexistent/secret"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn intercept_section_is_checked() {

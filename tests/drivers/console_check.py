@@ -1,7 +1,8 @@
 """The approvals console in a real headless Chromium: sign in, see the
-pending requests, have a forged form refused, approve one and deny one.
+pending requests, have a forged form refused, approve one and deny one;
+then sign out, and sign in again through the OIDC provider as OIDC_EMAIL.
 
-usage: console_check.py BASE_URL TOKEN APPROVE_ID DENY_ID
+usage: console_check.py BASE_URL TOKEN APPROVE_ID DENY_ID OIDC_EMAIL
 """
 import ssl
 import sys
@@ -15,7 +16,7 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-base, token, approve_id, deny_id = sys.argv[1:5]
+base, token, approve_id, deny_id, oidc_email = sys.argv[1:6]
 
 options = webdriver.ChromeOptions()
 options.binary_location = "/usr/bin/chromium"
@@ -88,6 +89,19 @@ try:
 
     driver.get(base + "/approvals")
     assert driver.find_elements(By.ID, "none"), "nothing should be pending now"
+
+    # Sign out, then in through the provider: its form, then back to the
+    # console, which moves on to the requests by itself.
+    driver.find_element(By.ID, "signout").click()
+    WebDriverWait(driver, 10).until(lambda d: d.current_url.endswith("/login"))
+    driver.get(base + "/approvals")
+    assert driver.current_url.endswith("/login"), "signed out, yet " + driver.current_url
+    driver.find_element(By.ID, "oidc").click()
+    WebDriverWait(driver, 10).until(lambda d: "/authorize" in d.current_url)
+    driver.find_element(By.ID, "email").send_keys(oidc_email)
+    driver.find_element(By.ID, "idp-signin").click()
+    WebDriverWait(driver, 10).until(lambda d: d.current_url.endswith("/approvals"))
+    assert "signed in as dana" in driver.page_source, driver.page_source
     print("console OK")
 finally:
     driver.quit()

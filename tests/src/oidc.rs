@@ -1,7 +1,10 @@
 //! A local OIDC issuer for tests and the demo: RSA, P-256 and Ed25519
-//! signing keys, a private CA, and the discovery document, the JWKS and a
-//! GitHub Actions-style ID-token endpoint served over HTTPS on loopback.
+//! signing keys, a private CA, and the discovery document, the JWKS, a
+//! GitHub Actions-style ID-token endpoint, and an authorization server
+//! for the console's sign-in (a form to pick the user, the code flow with
+//! PKCE checked, ID tokens with the nonce) served over HTTPS on loopback.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,8 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+use axum::extract::Form;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
@@ -25,6 +30,9 @@ use crate::run_ok;
 pub const AUDIENCE: &str = "interceptor";
 /// The bearer the ID-token endpoint wants (ACTIONS_ID_TOKEN_REQUEST_TOKEN).
 pub const GHA_REQUEST_TOKEN: &str = "gha-request-token-for-tests";
+/// The console's client at the authorization server.
+pub const CONSOLE_CLIENT_ID: &str = "interceptor-console";
+pub const CONSOLE_CLIENT_SECRET: &str = "console-secret-for-tests";
 
 /// One signing key, with its public half as a JWK.
 #[derive(Clone)]
@@ -115,6 +123,18 @@ struct Shared {
     jwks_fetches: AtomicUsize,
     /// The key the ID-token endpoint signs with.
     gha_key: SigningKey,
+    /// Authorization codes not yet exchanged.
+    codes: Mutex<HashMap<String, Grant>>,
+    /// The nonce the next ID token carries instead of the sign-in's.
+    forged_nonce: Mutex<Option<String>>,
+}
+
+/// What an authorization code stands for.
+struct Grant {
+    redirect_uri: String,
+    nonce: String,
+    challenge: String,
+    email: String,
 }
 
 pub struct TestIssuer {
@@ -137,7 +157,180 @@ pub fn now() -> u64 {
 }
 
 async fn discovery(State(s): State<Arc<Shared>>) -> Json<Value> {
-    Json(json!({"issuer": s.issuer, "jwks_uri": format!("{}/jwks", s.issuer)}))
+    Json(json!({
+        "issuer": s.issuer,
+        "jwks_uri": format!("{}/jwks", s.issuer),
+        "authorization_endpoint": format!("{}/authorize", s.issuer),
+        "token_endpoint": format!("{}/token", s.issuer),
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
+    }))
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('"', "&quot;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The sign-in page: the test types who signs in, as a person would.
+async fn authorize_form(Query(q): Query<HashMap<String, String>>) -> Response {
+    let get = |k: &str| q.get(k).map(String::as_str).unwrap_or_default();
+    let bad = |why: &str| (StatusCode::BAD_REQUEST, why.to_owned()).into_response();
+    if get("response_type") != "code" {
+        return bad("response_type must be code");
+    }
+    if get("client_id") != CONSOLE_CLIENT_ID {
+        return bad("unknown client_id");
+    }
+    if get("code_challenge_method") != "S256" || get("code_challenge").is_empty() {
+        return bad("PKCE with S256 is required");
+    }
+    if !get("scope").split(' ').any(|s| s == "openid") || get("nonce").is_empty() {
+        return bad("scope openid and a nonce are required");
+    }
+    let hidden: String = ["redirect_uri", "state", "nonce", "code_challenge"]
+        .iter()
+        .map(|k| {
+            format!(
+                "<input type=\"hidden\" name=\"{k}\" value=\"{}\">",
+                html_escape(get(k))
+            )
+        })
+        .collect();
+    Html(format!(
+        "<!doctype html><title>test issuer</title><form method=\"post\" action=\"/authorize\">{hidden}\
+<label>E-mail <input name=\"email\" id=\"email\"></label>\
+<button type=\"submit\" id=\"idp-signin\">Sign in</button>\
+<button type=\"submit\" name=\"deny\" value=\"1\" id=\"idp-deny\">Cancel</button></form>"
+    ))
+    .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct AuthorizeForm {
+    redirect_uri: String,
+    state: String,
+    nonce: String,
+    code_challenge: String,
+    email: String,
+    deny: Option<String>,
+}
+
+fn with_query(base: &str, params: &[(&str, &str)]) -> String {
+    let mut url = reqwest::Url::parse(base).expect("redirect_uri is a URL");
+    url.query_pairs_mut().extend_pairs(params);
+    url.to_string()
+}
+
+async fn authorize(State(s): State<Arc<Shared>>, Form(f): Form<AuthorizeForm>) -> Redirect {
+    if f.deny.is_some() {
+        return Redirect::to(&with_query(
+            &f.redirect_uri,
+            &[
+                ("error", "access_denied"),
+                ("error_description", "the user cancelled"),
+                ("state", &f.state),
+            ],
+        ));
+    }
+    let code = URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>());
+    s.codes.lock().expect("codes").insert(
+        code.clone(),
+        Grant {
+            redirect_uri: f.redirect_uri.clone(),
+            nonce: f.nonce,
+            challenge: f.code_challenge,
+            email: f.email,
+        },
+    );
+    Redirect::to(&with_query(
+        &f.redirect_uri,
+        &[("code", &code), ("state", &f.state)],
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct TokenForm {
+    grant_type: String,
+    code: String,
+    redirect_uri: String,
+    code_verifier: String,
+}
+
+/// The code exchange, checked as RFC 6749 and 7636 say: the client's
+/// credentials, one use per code, the same redirect URI, and the PKCE
+/// verifier that hashes to the challenge.
+async fn token(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Form(f): Form<TokenForm>,
+) -> Response {
+    let refuse = |error: &str, why: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": error, "error_description": why})),
+        )
+            .into_response()
+    };
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("{CONSOLE_CLIENT_ID}:{CONSOLE_CLIENT_SECRET}"));
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if auth != format!("Basic {basic}") {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client", "error_description": "bad client credentials"})),
+        )
+            .into_response();
+    }
+    if f.grant_type != "authorization_code" {
+        return refuse("unsupported_grant_type", "only authorization_code");
+    }
+    let Some(grant) = s.codes.lock().expect("codes").remove(&f.code) else {
+        return refuse("invalid_grant", "unknown or already used code");
+    };
+    if grant.redirect_uri != f.redirect_uri {
+        return refuse(
+            "invalid_grant",
+            "redirect_uri differs from the authorization's",
+        );
+    }
+    use sha2::Digest;
+    if URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(f.code_verifier.as_bytes())) != grant.challenge {
+        return refuse(
+            "invalid_grant",
+            "PKCE verifier does not match the challenge",
+        );
+    }
+    let nonce = s
+        .forged_nonce
+        .lock()
+        .expect("nonce")
+        .take()
+        .unwrap_or(grant.nonce);
+    let now = now();
+    let claims = json!({
+        "iss": s.issuer,
+        "aud": CONSOLE_CLIENT_ID,
+        "azp": CONSOLE_CLIENT_ID,
+        "sub": format!("user:{}", grant.email),
+        "email": grant.email,
+        "email_verified": !grant.email.starts_with("unverified"),
+        "nonce": nonce,
+        "iat": now,
+        "exp": now + 300,
+    });
+    Json(json!({
+        "access_token": URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>()),
+        "token_type": "Bearer",
+        "expires_in": 300,
+        "id_token": s.gha_key.sign(&claims),
+    }))
+    .into_response()
 }
 
 async fn jwks(State(s): State<Arc<Shared>>) -> Json<Value> {
@@ -232,11 +425,15 @@ impl TestIssuer {
             published: Mutex::new(vec![rsa.jwk.clone(), ec.jwk.clone(), ed.jwk.clone()]),
             jwks_fetches: AtomicUsize::new(0),
             gha_key: rsa.clone(),
+            codes: Mutex::new(HashMap::new()),
+            forged_nonce: Mutex::new(None),
         });
         let app = Router::new()
             .route("/.well-known/openid-configuration", get(discovery))
             .route("/jwks", get(jwks))
             .route("/gha/token", get(gha_token))
+            .route("/authorize", get(authorize_form).post(authorize))
+            .route("/token", axum::routing::post(token))
             .with_state(shared.clone());
         rt.spawn(async move {
             loop {
@@ -303,6 +500,23 @@ impl TestIssuer {
             self.url,
             self.ca_file.display()
         )
+    }
+
+    /// The `[approvals.oidc]` section of a daemon config whose console
+    /// signs in here, with the client secret in `secret_file`.
+    pub fn console_section(&self, secret_file: &std::path::Path) -> Result<String> {
+        std::fs::write(secret_file, format!("{CONSOLE_CLIENT_SECRET}\n"))?;
+        Ok(format!(
+            "[approvals.oidc]\nissuer = \"{}\"\nclient_id = \"{CONSOLE_CLIENT_ID}\"\nclient_secret_file = \"{}\"\nca_file = \"{}\"\nname = \"the test issuer\"\n",
+            self.url,
+            secret_file.display(),
+            self.ca_file.display()
+        ))
+    }
+
+    /// The next ID token carries this nonce instead of the sign-in's.
+    pub fn forge_next_nonce(&self, nonce: &str) {
+        *self.shared.forged_nonce.lock().expect("nonce") = Some(nonce.to_owned());
     }
 
     /// ACTIONS_ID_TOKEN_REQUEST_URL for this issuer's ID-token endpoint.

@@ -525,6 +525,17 @@ fn pending_requests_survive_a_restart_as_lost_sessions() {
     assert!(all.contains(&id) && all.contains("session_lost"), "{all}");
 }
 
+/// Approvers dana and "unverified" (no API tokens), who sign in to the
+/// console through `issuer`.
+fn dana_signs_in_through(issuer: &interceptor_tests::oidc::TestIssuer) -> String {
+    let secret = issuer.dir.path().join("console-secret");
+    format!(
+        "[[approvals.approver]]\nname = \"dana\"\ngroups = [\"dba\"]\noidc = [\"dana@example.com\"]\n\n\
+         [[approvals.approver]]\nname = \"unverified\"\ngroups = [\"dba\"]\noidc = [\"unverified@example.com\"]\n\n{}",
+        issuer.console_section(&secret).unwrap()
+    )
+}
+
 #[test]
 fn the_console_approves_and_denies_in_a_headless_browser() {
     let chromium = std::path::Path::new("/usr/bin/chromium");
@@ -534,15 +545,16 @@ fn the_console_approves_and_denies_in_a_headless_browser() {
         );
         return;
     }
+    let issuer = interceptor_tests::oidc::TestIssuer::start().unwrap();
     let pg = PgCluster::start().unwrap();
-    let a = start(&pg, "5m");
+    let a = start_with(&pg, "5m", &dana_signs_in_through(&issuer));
     let approved = a.psql("UPDATE approval_t SET v = 7000 WHERE id = 7");
     let approve_id = a.pending("SET v = 7000")["id"].as_str().unwrap().to_owned();
     let denied = a.psql("UPDATE approval_t SET v = 8000 WHERE id = 8");
     let deny_id = a.pending("SET v = 8000")["id"].as_str().unwrap().to_owned();
     let out = Command::new(workspace_root().join("target/venv/bin/python"))
         .arg(workspace_root().join("tests/drivers/console_check.py"))
-        .args([&a.url, &a.alice, &approve_id, &deny_id])
+        .args([&a.url, &a.alice, &approve_id, &deny_id, "dana@example.com"])
         .output()
         .unwrap();
     assert!(
@@ -572,4 +584,105 @@ fn the_console_approves_and_denies_in_a_headless_browser() {
         .filter(|e| e["reason"].as_str().unwrap_or("").contains("/decide"))
         .count();
     assert!(console_calls >= 2, "{console_calls}");
+}
+
+#[test]
+fn the_console_signs_in_through_an_oidc_provider() {
+    use interceptor_tests::approvals::OidcSignIn;
+    let issuer = interceptor_tests::oidc::TestIssuer::start().unwrap();
+    let pg = PgCluster::start().unwrap();
+    let a = start_with(&pg, "5m", &dana_signs_in_through(&issuer));
+    let ca = a.proxy.ca_file();
+    let sign_in = |email: &str| OidcSignIn::start(&a.url, &ca, &issuer.ca_file, email, false);
+
+    let psql = a.psql("UPDATE approval_t SET v = 9000 WHERE id = 9");
+    let id = a.pending("SET v = 9000")["id"].as_str().unwrap().to_owned();
+
+    // Dana has no API token: the provider is her only way in.
+    let dana = sign_in("Dana@example.com").unwrap();
+    let console = dana.finish().unwrap();
+    let list = console.page("/approvals").unwrap();
+    assert!(list.contains("signed in as dana"), "{list}");
+    assert_eq!(console.pending().unwrap(), vec![id.clone()]);
+    console
+        .decide(&id, "approve", "signed in with SSO")
+        .unwrap();
+    let (ok, stdout, stderr) = finish(psql);
+    assert!(ok && stdout.contains("UPDATE 1"), "{stdout}{stderr}");
+    assert_eq!(value_of(&pg, 9), "9000");
+    assert_eq!(a.request(&id)["decided_by"], serde_json::json!(["dana"]));
+
+    // Each way a sign-in can go wrong is refused with its reason.
+    let refused = |s: &OidcSignIn, cookie: &str, status: u16, says: &str| {
+        let (got, page, login) = s.finish_with(cookie).unwrap();
+        assert_eq!(got, status, "{page}");
+        assert!(page.contains(says), "{says:?} not in {page}");
+        assert!(login.is_none(), "a refused sign-in set a login cookie");
+    };
+    let s = sign_in("mallory@example.com").unwrap();
+    refused(
+        &s,
+        &s.state_cookie,
+        403,
+        "mallory@example.com signed in, but is not an approver here",
+    );
+    let s = sign_in("unverified@example.com").unwrap();
+    refused(&s, &s.state_cookie, 403, "is not verified by the provider");
+    // A used redirect cannot be replayed.
+    refused(
+        &dana,
+        &dana.state_cookie,
+        400,
+        "not started from this browser",
+    );
+    // A redirect carried to another browser (login CSRF) is refused, and
+    // spends the state.
+    let s = sign_in("dana@example.com").unwrap();
+    refused(
+        &s,
+        "interceptor_sso=someone-elses",
+        400,
+        "not started from this browser",
+    );
+    refused(&s, &s.state_cookie, 400, "not started from this browser");
+    let s = sign_in("dana@example.com").unwrap();
+    issuer.forge_next_nonce("replayed-token");
+    refused(&s, &s.state_cookie, 401, "nonce does not match");
+    let s = OidcSignIn::start(&a.url, &ca, &issuer.ca_file, "dana@example.com", true).unwrap();
+    refused(
+        &s,
+        &s.state_cookie,
+        401,
+        "refused the sign-in: access_denied",
+    );
+
+    // The sign-ins are in the audit trail: who, and why one was refused.
+    let calls: Vec<Value> = a
+        .audit_events()
+        .into_iter()
+        .filter_map(|e| e.get("Approval").cloned())
+        .filter(|e| e["event"] == "api")
+        .filter(|e| {
+            e["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("/login/oidc/callback")
+        })
+        .collect();
+    assert!(
+        calls.iter().any(|e| e["actor"] == "dana"
+            && e["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("signed in at {} as Dana@example.com", issuer.url))),
+        "{calls:?}"
+    );
+    assert!(
+        calls.iter().any(|e| e["actor"] == "anonymous"
+            && e["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("-> 403: mallory@example.com")),
+        "{calls:?}"
+    );
 }

@@ -171,8 +171,12 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
                     ),
                     None => issuer.config_section(),
                 },
+                // A second reviewer, dana, signs in to the console through
+                // the OIDC issuer rather than with a token.
                 format!(
-                    "[approvals]\nlisten = \"127.0.0.1:{approvals_port}\"\ntimeout = \"2m\"\n\n{reviewer_entry}"
+                    "[approvals]\nlisten = \"127.0.0.1:{approvals_port}\"\ntimeout = \"2m\"\n\n{reviewer_entry}\n\
+                     [[approvals.approver]]\nname = \"dana\"\ngroups = [\"dba\"]\noidc = [\"dana@example.com\"]\n\n{}",
+                    issuer.console_section(&issuer.dir.path().join("console-secret"))?
                 ),
             ],
             ..Default::default()
@@ -513,11 +517,19 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
     let child = held(sql)?;
     let id = pending("id = 2")?;
     let console_url = format!("https://127.0.0.1:{approvals_port}");
-    let console =
-        interceptor_tests::approvals::Console::login(&console_url, &proxy.ca_file(), &reviewer)?;
+    let sign_in = interceptor_tests::approvals::OidcSignIn::start(
+        &console_url,
+        &proxy.ca_file(),
+        &issuer.ca_file,
+        "dana@example.com",
+        false,
+    )?;
+    let console = sign_in.finish()?;
     console.decide(&id, "approve", "approved in the console")?;
     println!(
-        "the reviewer signs in to the console at {console_url}/approvals (token login, CSRF-checked forms) and presses Approve on {id}"
+        "dana opens {console_url}/login, presses \"Sign in with the test issuer\", signs in at {} as dana@example.com \
+(code flow with PKCE; the ID token's signature, audience and nonce checked), and presses Approve on {id} (CSRF-checked form)",
+        issuer.url
     );
     show("the waiting psql then prints", &finished(child)?);
 

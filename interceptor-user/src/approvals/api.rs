@@ -5,7 +5,8 @@
 //!   `POST /api/approvals/{id}/deny` (`{"reason"}`), `GET /api/whoami`:
 //!   JSON, authenticated by `Authorization: Bearer TOKEN`.
 //! - `/login`, `/approvals`, `/approvals/{id}`: the console, which logs
-//!   approvers in with the same tokens, keeps them in an HttpOnly,
+//!   approvers in with the same tokens or through an OIDC provider
+//!   (`/login/oidc`, see [`super::sso`]), keeps them in an HttpOnly,
 //!   SameSite=Strict cookie, and checks a per-login CSRF token on every
 //!   form.
 //!
@@ -28,14 +29,18 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
+use super::sso::{self, Sso, SsoError};
 use super::{ApprovalError, ApprovalStore, Approver, Request, State, event, when};
 use crate::audit::cli::hex;
 use crate::audit::{ApprovalRow, Event, now_us};
+use crate::config::ConsoleOidc;
 use crate::runtime::Shared;
 
 /// How long a console login lasts.
 const CONSOLE_LOGIN: Duration = Duration::from_secs(8 * 3600);
 const COOKIE: &str = "interceptor_console";
+/// The `state` of a console sign-in through OIDC.
+const SSO_COOKIE: &str = "interceptor_sso";
 
 struct Login {
     approver: Approver,
@@ -48,6 +53,7 @@ struct Api {
     shared: Arc<Shared>,
     store: Arc<ApprovalStore>,
     logins: Arc<Mutex<HashMap<String, Login>>>,
+    sso: Arc<Sso>,
     secure_cookie: bool,
 }
 
@@ -77,7 +83,11 @@ impl Api {
         config
             .approvers
             .iter()
-            .find(|a| a.token_sha256.eq_ignore_ascii_case(&hash))
+            .find(|a| {
+                a.token_sha256
+                    .as_deref()
+                    .is_some_and(|t| t.eq_ignore_ascii_case(&hash))
+            })
             .map(|a| Approver {
                 name: a.name.clone(),
                 groups: a.groups.clone(),
@@ -89,6 +99,44 @@ impl Api {
         let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
         let token = value.strip_prefix("Bearer ")?;
         self.approver_for_token(token)
+    }
+
+    /// The console's OIDC provider, and the console's base URL.
+    fn console_oidc(&self) -> Option<(ConsoleOidc, String)> {
+        let runtime = self.shared.runtime.load();
+        let a = runtime.config.approvals.as_ref()?.get_ref();
+        Some((a.oidc.clone()?, a.base_url()))
+    }
+
+    /// Starts a console login for `who`, setting its cookie on a response.
+    fn sign_in(&self, who: Approver, headers: &mut HeaderMap) {
+        let id = random_token();
+        self.logins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.clone(),
+                Login {
+                    approver: who,
+                    csrf: random_token(),
+                    until: Instant::now() + CONSOLE_LOGIN,
+                },
+            );
+        self.set_cookie(
+            headers,
+            &format!(
+                "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+                CONSOLE_LOGIN.as_secs()
+            ),
+        );
+    }
+
+    /// Adds a Set-Cookie, marked Secure when the console is on HTTPS.
+    fn set_cookie(&self, headers: &mut HeaderMap, cookie: &str) {
+        let secure = if self.secure_cookie { "; Secure" } else { "" };
+        if let Ok(v) = HeaderValue::from_str(&format!("{cookie}{secure}")) {
+            headers.append(header::SET_COOKIE, v);
+        }
     }
 
     fn login_of(&self, headers: &HeaderMap) -> Option<(String, Approver, String)> {
@@ -132,30 +180,39 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
-/// Who made a call, for its audit row: set by the handlers.
+/// Who made a call, and why it failed when that is not plain from its
+/// status, for its audit row: set by the handlers.
 #[derive(Clone)]
-struct Caller(Arc<Mutex<String>>);
+struct Caller(Arc<Mutex<(String, String)>>);
 
 impl Caller {
     fn set(&self, name: &str) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = name.to_owned();
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).0 = name.to_owned();
+    }
+
+    fn note(&self, why: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).1 = why.to_owned();
     }
 }
 
 /// Audits every call: method, path, status, and who.
 async fn audit_calls(AxumState(api): AxumState<Api>, mut req: HttpRequest, next: Next) -> Response {
-    let caller = Caller(Arc::new(Mutex::new("anonymous".into())));
+    let caller = Caller(Arc::new(Mutex::new(("anonymous".into(), String::new()))));
     req.extensions_mut().insert(caller.clone());
     let line = format!("{} {}", req.method(), req.uri().path());
     let mut response = next.run(req).await;
-    let actor = caller.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (actor, note) = caller.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
     api.record(Event::Approval(Box::new(ApprovalRow {
         session: uuid::Uuid::nil(),
         ts_us: now_us(),
         approval: String::new(),
         event: "api".into(),
         actor,
-        reason: format!("{line} -> {}", response.status().as_u16()),
+        reason: if note.is_empty() {
+            format!("{line} -> {}", response.status().as_u16())
+        } else {
+            format!("{line} -> {}: {note}", response.status().as_u16())
+        },
         principal: String::new(),
         target: String::new(),
         database: String::new(),
@@ -441,7 +498,8 @@ button{{padding:.4em 1em;margin-right:.5em}}input[type=text]{{width:30em}}</styl
 <header><b>interceptor approvals</b>{w}</header><h1>{t}</h1>{body}</body></html>",
         t = esc(title),
         w = who.map_or_else(String::new, |n| format!(
-            " &middot; signed in as {} &middot; <a href=\"/approvals\">requests</a> &middot; <a href=\"/approvals?all=true\">all</a>",
+            " &middot; signed in as {} &middot; <a href=\"/approvals\">requests</a> &middot; <a href=\"/approvals?all=true\">all</a> \
+&middot; <form method=\"post\" action=\"/logout\" style=\"display:inline\"><button type=\"submit\" id=\"signout\">sign out</button></form>",
             esc(n)
         )),
     ))
@@ -451,13 +509,21 @@ async fn console_root() -> Redirect {
     Redirect::to("/approvals")
 }
 
-async fn login_form() -> Html<String> {
+async fn login_form(AxumState(api): AxumState<Api>) -> Html<String> {
+    let sso = api.console_oidc().map_or_else(String::new, |(o, _)| {
+        format!(
+            "<p><a href=\"/login/oidc\" id=\"oidc\">Sign in with {}</a></p><p>or</p>",
+            esc(&o.name)
+        )
+    });
     page(
         "Sign in",
         None,
-        "<form method=\"post\" action=\"/login\"><p><label>API token <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"off\"></label></p>\
+        &format!(
+            "{sso}<form method=\"post\" action=\"/login\"><p><label>API token <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"off\"></label></p>\
 <p><button type=\"submit\" id=\"signin\">Sign in</button></p></form>\
-<p>Tokens are issued with <code>interceptor approvals new-token</code>.</p>",
+<p>Tokens are issued with <code>interceptor approvals new-token</code>.</p>"
+        ),
     )
 }
 
@@ -483,25 +549,109 @@ async fn login(
             .into_response();
     };
     caller.set(&who.name);
-    let id = random_token();
-    api.logins.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        id.clone(),
-        Login {
-            approver: who,
-            csrf: random_token(),
-            until: Instant::now() + CONSOLE_LOGIN,
-        },
-    );
-    let cookie = format!(
-        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
-        CONSOLE_LOGIN.as_secs(),
-        if api.secure_cookie { "; Secure" } else { "" }
-    );
     let mut r = Redirect::to("/approvals").into_response();
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
+    api.sign_in(who, r.headers_mut());
     r
+}
+
+/// Sends the browser to the provider, with the sign-in's `state` in a
+/// cookie that comes back with the provider's redirect (SameSite=Lax: it
+/// is a top-level navigation from another site).
+async fn oidc_begin(AxumState(api): AxumState<Api>, caller: axum::Extension<Caller>) -> Response {
+    let Some((config, base)) = api.console_oidc() else {
+        return sso_failed(&caller, SsoError::NotConfigured);
+    };
+    match api.sso.begin(&config, &base).await {
+        Ok((to, state)) => {
+            let mut r = Redirect::to(&to).into_response();
+            api.set_cookie(
+                r.headers_mut(),
+                &format!(
+                    "{SSO_COOKIE}={state}; Path=/login/oidc; HttpOnly; SameSite=Lax; Max-Age={}",
+                    sso::PENDING_FOR.as_secs()
+                ),
+            );
+            r
+        }
+        Err(e) => sso_failed(&caller, e),
+    }
+}
+
+async fn oidc_callback(
+    AxumState(api): AxumState<Api>,
+    caller: axum::Extension<Caller>,
+    headers: HeaderMap,
+    Query(callback): Query<sso::Callback>,
+) -> Response {
+    let Some((config, base)) = api.console_oidc() else {
+        return sso_failed(&caller, SsoError::NotConfigured);
+    };
+    let approvers = {
+        let runtime = api.shared.runtime.load();
+        runtime
+            .config
+            .approvals
+            .as_ref()
+            .map(|a| a.get_ref().approvers.clone())
+            .unwrap_or_default()
+    };
+    let result = api
+        .sso
+        .finish(
+            &config,
+            &base,
+            &approvers,
+            callback,
+            cookie(&headers, SSO_COOKIE),
+        )
+        .await;
+    let mut r = match result {
+        Ok((who, login)) => {
+            caller.set(&who.name);
+            caller.note(&format!("signed in at {} as {login}", config.issuer));
+            info!(approver = %who.name, login, "console sign-in through OIDC");
+            // The console's cookie is SameSite=Strict, and a browser holds
+            // such cookies back for the whole redirect chain the provider
+            // started; a page that moves on by itself starts a new one.
+            let mut r = page(
+                "Signed in",
+                None,
+                &format!(
+                    "<p>Signed in as {}. <a href=\"/approvals\" id=\"continue\">Continue to the requests</a></p>",
+                    esc(&who.name)
+                ),
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str("0; url=/approvals") {
+                r.headers_mut().insert(header::REFRESH, v);
+            }
+            api.sign_in(who, r.headers_mut());
+            r
+        }
+        Err(e) => sso_failed(&caller, e),
+    };
+    api.set_cookie(
+        r.headers_mut(),
+        &format!("{SSO_COOKIE}=; Path=/login/oidc; HttpOnly; SameSite=Lax; Max-Age=0"),
+    );
+    r
+}
+
+fn sso_failed(caller: &Caller, e: SsoError) -> Response {
+    warn!("console sign-in through OIDC failed: {e}");
+    caller.note(&e.to_string());
+    (
+        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED),
+        page(
+            "Sign-in failed",
+            None,
+            &format!(
+                "<p class=\"denied\" id=\"error\">{}</p><p><a href=\"/login\">Back to sign-in</a></p>",
+                esc(&e.to_string())
+            ),
+        ),
+    )
+        .into_response()
 }
 
 async fn console_list(
@@ -699,7 +849,12 @@ async fn logout(AxumState(api): AxumState<Api>, headers: HeaderMap) -> Response 
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
     }
-    Redirect::to("/login").into_response()
+    let mut r = Redirect::to("/login").into_response();
+    api.set_cookie(
+        r.headers_mut(),
+        &format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    r
 }
 
 fn router(api: Api) -> Router {
@@ -711,6 +866,8 @@ fn router(api: Api) -> Router {
         .route("/api/whoami", get(api_whoami))
         .route("/", get(console_root))
         .route("/login", get(login_form).post(login))
+        .route("/login/oidc", get(oidc_begin))
+        .route("/login/oidc/callback", get(oidc_callback))
         .route("/logout", post(logout))
         .route("/approvals", get(console_list))
         .route("/approvals/{id}", get(console_show))
@@ -738,6 +895,7 @@ pub async fn serve(
         shared,
         store,
         logins: Arc::new(Mutex::new(HashMap::new())),
+        sso: Arc::new(Sso::default()),
         secure_cookie: tls.is_some(),
     };
     let app = router(api);

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod client;
 pub mod park;
+pub mod sso;
 pub mod webhook;
 
 use std::collections::BTreeMap;

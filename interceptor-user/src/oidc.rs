@@ -299,19 +299,26 @@ impl Issuer {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        let resp = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
-        if !resp.status().is_success() {
-            return Err(format!("GET {url}: HTTP {}", resp.status()));
-        }
-        resp.json::<T>()
-            .await
-            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))
+        get_json(&self.client, url).await
     }
+}
+
+/// A JSON document from an issuer; the error names the URL and the cause.
+pub async fn get_json<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    url: &str,
+) -> Result<T, String> {
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+    if !resp.status().is_success() {
+        return Err(format!("GET {url}: HTTP {}", resp.status()));
+    }
+    resp.json::<T>()
+        .await
+        .map_err(|e| format!("GET {url}: {}", error_chain(&e)))
 }
 
 fn find(set: Option<&JwkSet>, kid: &str, alg: Algorithm) -> Option<Jwk> {

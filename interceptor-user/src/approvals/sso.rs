@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Approver;
 use crate::config::{ApproverConfig, ConsoleOidc, Oidc, OidcIssuer};
-use crate::oidc::{TokenError, Verifier, error_chain};
+use crate::oidc::{TokenError, Verifier, error_chain, get_json};
 
 /// How long a browser has to come back from the provider.
 pub const PENDING_FOR: Duration = Duration::from_secs(600);
@@ -117,7 +117,10 @@ struct Pending {
     started: Instant,
 }
 
-/// Sign-ins in progress, and the provider as last configured.
+/// Sign-ins in progress, and the provider as last configured. The
+/// provider is behind one lock for its discovery and code exchanges, so a
+/// slow provider makes concurrent sign-ins queue (each call is bounded by
+/// a 10 s timeout).
 #[derive(Default)]
 pub struct Sso {
     provider: tokio::sync::Mutex<Option<Provider>>,
@@ -185,19 +188,7 @@ impl Provider {
                     c.issuer.trim_end_matches('/')
                 )
             });
-            let resp = self
-                .http
-                .get(&url)
-                .send()
-                .await
-                .map_err(|e| failed(format!("GET {url}: {}", error_chain(&e))))?;
-            if !resp.status().is_success() {
-                return Err(failed(format!("GET {url}: HTTP {}", resp.status())));
-            }
-            let d: Discovery = resp
-                .json()
-                .await
-                .map_err(|e| failed(format!("GET {url}: {}", error_chain(&e))))?;
+            let d: Discovery = get_json(&self.http, &url).await.map_err(failed)?;
             if d.issuer != c.issuer {
                 return Err(failed(format!(
                     "discovery document {url} is for issuer \"{}\"",
@@ -260,7 +251,7 @@ pub fn approver_for_login(
 
 impl Sso {
     /// The provider for this config, rebuilt when the config changed.
-    async fn provider<'a>(
+    fn provider<'a>(
         slot: &'a mut Option<Provider>,
         config: &ConsoleOidc,
         base_url: &str,
@@ -286,7 +277,7 @@ impl Sso {
         base_url: &str,
     ) -> Result<(String, String), SsoError> {
         let mut slot = self.provider.lock().await;
-        let provider = Self::provider(&mut slot, config, base_url).await?;
+        let provider = Self::provider(&mut slot, config, base_url)?;
         let client = provider.client().await?;
         let (challenge, pkce) = PkceCodeChallenge::new_random_sha256();
         let nonce = CsrfToken::new_random().secret().clone();
@@ -357,7 +348,7 @@ impl Sso {
             .code
             .ok_or_else(|| SsoError::Refused("no code in the redirect".into()))?;
         let mut slot = self.provider.lock().await;
-        let provider = Self::provider(&mut slot, config, base_url).await?;
+        let provider = Self::provider(&mut slot, config, base_url)?;
         let client = provider.client().await?.clone();
         let response = client
             .exchange_code(AuthorizationCode::new(code))

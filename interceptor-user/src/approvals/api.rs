@@ -280,6 +280,30 @@ impl axum::extract::FromRequestParts<Api> for Bearer {
     }
 }
 
+/// A console page's signed-in approver and their login's CSRF token;
+/// without a login, the browser is sent to the sign-in form.
+struct Signed {
+    who: Approver,
+    csrf: String,
+}
+
+impl axum::extract::FromRequestParts<Api> for Signed {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        api: &Api,
+    ) -> Result<Self, Response> {
+        let (_, who, csrf) = api
+            .login_of(&parts.headers)
+            .ok_or_else(|| Redirect::to("/login").into_response())?;
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            caller.set(&who.name);
+        }
+        Ok(Signed { who, csrf })
+    }
+}
+
 async fn api_list(
     AxumState(api): AxumState<Api>,
     _: Bearer,
@@ -656,14 +680,9 @@ fn sso_failed(caller: &Caller, e: SsoError) -> Response {
 
 async fn console_list(
     AxumState(api): AxumState<Api>,
-    caller: axum::Extension<Caller>,
-    headers: HeaderMap,
+    Signed { who, .. }: Signed,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    let Some((_, who, _)) = api.login_of(&headers) else {
-        return Redirect::to("/login").into_response();
-    };
-    caller.set(&who.name);
     let requests = api.store.list(q.all);
     let mut body = String::from(
         "<table id=\"requests\"><tr><th>id</th><th>state</th><th>requested</th><th>who</th><th>target</th><th>statement</th></tr>",
@@ -698,14 +717,9 @@ async fn console_list(
 
 async fn console_show(
     AxumState(api): AxumState<Api>,
-    caller: axum::Extension<Caller>,
-    headers: HeaderMap,
+    Signed { who, csrf }: Signed,
     Path(id): Path<String>,
 ) -> Response {
-    let Some((_, who, csrf)) = api.login_of(&headers) else {
-        return Redirect::to("/login").into_response();
-    };
-    caller.set(&who.name);
     let Some(r) = api.store.get(&id) else {
         return (
             StatusCode::NOT_FOUND,
@@ -797,15 +811,10 @@ struct DecideForm {
 
 async fn console_decide(
     AxumState(api): AxumState<Api>,
-    caller: axum::Extension<Caller>,
-    headers: HeaderMap,
+    Signed { who, csrf }: Signed,
     Path(id): Path<String>,
     Form(f): Form<DecideForm>,
 ) -> Response {
-    let Some((_, who, csrf)) = api.login_of(&headers) else {
-        return Redirect::to("/login").into_response();
-    };
-    caller.set(&who.name);
     if f.csrf != csrf {
         warn!(approver = %who.name, "console form with a wrong CSRF token refused");
         return (

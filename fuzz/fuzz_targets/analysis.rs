@@ -27,6 +27,7 @@ fn analyzer() -> &'static Analyzer {
 fuzz_target!(|data: &[u8]| {
     let result = match std::str::from_utf8(data) {
         Ok(sql) => {
+            assert!(policies::analysis::quick_shape_agrees(sql), "{sql:?}");
             let fresh = policies::analyze(sql);
             let cached = analyzer().analyze(sql);
             assert_eq!(format!("{cached:?}"), format!("{fresh:?}"));

@@ -14,8 +14,9 @@ pub mod catalog;
 pub mod rewrite;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
+use aho_corasick::AhoCorasick;
 use bytes::{BufMut, BytesMut};
 use policies::analysis::lineage::{Flow, Lineage, LineageCache, StatementLineage};
 use policies::masking::{Masks, Relations, Taint, ValueType};
@@ -36,19 +37,18 @@ enum Source {
 /// Whether a text may define or use a name (PREPARE, EXECUTE, DECLARE,
 /// FETCH, MOVE): its lineage is then needed as it is sent, in order.
 fn names_anything(sql: &str) -> bool {
-    mentions_any(
-        sql,
-        &[b"prepare", b"execute", b"declare", b"fetch", b"move"],
-    )
+    static WORDS: LazyLock<AhoCorasick> =
+        LazyLock::new(|| any_case(&["prepare", "execute", "declare", "fetch", "move"]));
+    WORDS.is_match(sql)
 }
 
-/// Whether `sql` holds any of `words` (ASCII, any case): a cheap test
-/// before lineage, which may be needed only then.
-fn mentions_any(sql: &str, words: &[&[u8]]) -> bool {
-    let b = sql.as_bytes();
-    words
-        .iter()
-        .any(|w| b.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
+/// A searcher for `words` in any ASCII case: a cheap test before lineage,
+/// which may be needed only when one of them is in the text.
+fn any_case(words: &[&str]) -> AhoCorasick {
+    AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .build(words)
+        .expect("a few short literal words")
 }
 
 /// A reply the server owes for a frontend message, in order.
@@ -981,18 +981,18 @@ pub struct LaunderCheck {
 
 /// Whether a text may store values.
 fn may_store(sql: &str) -> bool {
-    mentions_any(
-        sql,
-        &[
-            b"insert",
-            b"update",
-            b"merge",
-            b"create",
-            b"into",
-            b"notify",
-            b"set_config",
-        ],
-    )
+    static WORDS: LazyLock<AhoCorasick> = LazyLock::new(|| {
+        any_case(&[
+            "insert",
+            "update",
+            "merge",
+            "create",
+            "into",
+            "notify",
+            "set_config",
+        ])
+    });
+    WORDS.is_match(sql)
 }
 
 impl LaunderCheck {

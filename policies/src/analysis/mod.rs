@@ -11,6 +11,7 @@
 
 pub mod catalog;
 pub mod lineage;
+mod shape;
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use serde::Serialize;
 
 pub use catalog::FunctionClass;
 use catalog::{classify_function, is_credential_catalog, runs_query_text, setting_is_guarded};
+use shape::shape;
 
 /// What a statement does, from least to most risky. A statement's kind is
 /// the riskiest thing anything inside it does.
@@ -246,6 +248,13 @@ pub fn redact_literals(sql: &str) -> String {
 pub fn analyze(sql: &str) -> Result<Analysis, AnalysisError> {
     let shape = shape(sql);
     analyze_detailed(sql, shape.as_deref()).map(|(a, _)| a)
+}
+
+/// Whether the quick reading of `sql`'s shape, where it answers, is the
+/// scanner's (for the fuzz target).
+#[doc(hidden)]
+pub fn quick_shape_agrees(sql: &str) -> bool {
+    shape::quick(sql).is_none_or(|q| Some(q) == shape::scanned(sql))
 }
 
 fn fingerprint(shape: Option<&[u8]>) -> u64 {
@@ -875,39 +884,6 @@ impl Analyzer {
         // invariant: keep using it.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-/// `sql`'s tokens with literal values and comments left out, or `None` when
-/// the scanner rejects it (the full analysis then says why). Each token is
-/// its kind and, unless a literal, its exact text: identifiers keep their
-/// case and quotes, operators their spelling.
-fn shape(sql: &str) -> Option<Vec<u8>> {
-    use pg_query::protobuf::Token as T;
-    // pg_query 18.1's scan_tokens builds a slice from the scanner's null
-    // token array when there are no tokens, which is undefined behaviour.
-    // Only PostgreSQL's whitespace (a subset of Rust's) yields no tokens.
-    if sql.trim().is_empty() {
-        return None;
-    }
-    let tokens = pg_query::scan_tokens(sql).ok()?;
-    let mut key = Vec::with_capacity(sql.len() + 2 * tokens.len());
-    for t in &tokens {
-        let kind = T::try_from(t.token).unwrap_or(T::Nul);
-        if matches!(kind, T::SqlComment | T::CComment) {
-            continue;
-        }
-        key.extend_from_slice(&t.token.to_le_bytes()[..2]);
-        if !matches!(
-            kind,
-            T::Sconst | T::Usconst | T::Bconst | T::Xconst | T::Iconst | T::Fconst
-        ) {
-            let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
-            // Length-prefixed, so no two token sequences share a key.
-            key.extend_from_slice(&u32::try_from(text.len()).ok()?.to_le_bytes());
-            key.extend_from_slice(text.as_bytes());
-        }
-    }
-    Some(key)
 }
 
 #[cfg(test)]

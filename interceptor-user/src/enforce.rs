@@ -264,7 +264,7 @@ impl Enforcer {
             let mut info = audit_info(sql, &analysis, &check, &policy);
             info.approval = approval;
             if held.is_some() {
-                info.decision = "hold".into();
+                info.decision = "hold";
             }
             self.last = Some(info);
         }
@@ -422,8 +422,7 @@ fn audit_info(
             .iter()
             .map(|s| s.kind())
             .max()
-            .map_or("", |k| k.as_str())
-            .to_owned();
+            .map_or("", |k| k.as_str());
         for st in &a.statements {
             for t in st.reads.iter().chain(st.changed_tables()) {
                 if !info.tables.contains(t) {
@@ -434,7 +433,7 @@ fn audit_info(
     }
     match check {
         Check::Allowed(rules) => {
-            info.decision = "allow".into();
+            info.decision = "allow";
             info.rule = rules
                 .iter()
                 .flatten()
@@ -442,7 +441,7 @@ fn audit_info(
                 .map_or_else(String::new, |r| r.to_string());
         }
         Check::Refused(r) => {
-            info.decision = if r.held { "hold" } else { "deny" }.into();
+            info.decision = if r.held { "hold" } else { "deny" };
             info.rule = r.rule.as_deref().unwrap_or("default-deny").to_owned();
         }
     }

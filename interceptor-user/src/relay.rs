@@ -112,7 +112,7 @@ impl FrontendState {
         };
         warn!("statement refused: the audit spool cannot be written");
         self.gated = Some(StatementInfo {
-            decision: "deny".into(),
+            decision: "deny",
             rule: "audit-spool-unwritable".into(),
             ..StatementInfo::unchecked(sql)
         });
@@ -155,8 +155,7 @@ impl FrontendState {
                     "deny"
                 } else {
                     "unchecked"
-                }
-                .into(),
+                },
                 ..Default::default()
             }),
             _ => {}

@@ -183,7 +183,57 @@ pub struct ApprovalRow {
     pub rule: String,
 }
 
+/// A statement row as it is encoded, borrowing its strings, so that
+/// sealing one per statement copies none of them. Field for field what
+/// [`StatementRow`] is, so its bytes decode as one (a spool test holds the
+/// two encodings equal).
+#[derive(Serialize)]
+pub struct StatementRowRef<'a> {
+    #[serde(with = "clickhouse::serde::uuid")]
+    pub session: Uuid,
+    pub seq: u64,
+    pub ts_us: i64,
+    pub principal: &'a str,
+    pub text: &'a str,
+    pub fingerprint: u64,
+    pub kind: &'a str,
+    pub tables: &'a [String],
+    pub decision: &'a str,
+    pub rule: &'a str,
+    pub approval: &'a str,
+    pub duration_us: u64,
+    pub rows: u64,
+    pub bytes: u64,
+    pub masked: u64,
+    pub sqlstate: &'a str,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
 impl StatementRow {
+    pub fn as_ref(&self) -> StatementRowRef<'_> {
+        StatementRowRef {
+            session: self.session,
+            seq: self.seq,
+            ts_us: self.ts_us,
+            principal: &self.principal,
+            text: &self.text,
+            fingerprint: self.fingerprint,
+            kind: &self.kind,
+            tables: &self.tables,
+            decision: &self.decision,
+            rule: &self.rule,
+            approval: &self.approval,
+            duration_us: self.duration_us,
+            rows: self.rows,
+            bytes: self.bytes,
+            masked: self.masked,
+            sqlstate: &self.sqlstate,
+            prev_hash: self.prev_hash,
+            hash: self.hash,
+        }
+    }
+
     /// The chain hash of this row as it is now (its `hash` field aside).
     pub fn compute_hash(&self) -> [u8; 32] {
         let mut row = self.clone();

@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
-pub use event::{ApprovalRow, Event, MaskRow, SessionEnd, SessionStart, StatementRow, now_us};
+pub use event::{
+    ApprovalRow, Event, MaskRow, SessionEnd, SessionStart, StatementRow, StatementRowRef, now_us,
+};
 
 use crate::config::{AuditConfig, Fsync, SpoolFailure};
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use uuid::Uuid;
 
-use super::event::{Event, MaskRow, StatementRow, now_us};
+use super::event::{Event, MaskRow, StatementRowRef, now_us};
 use super::spool::{encode_frame, seal_statement_frame};
 
 /// What is known of a statement when it is sent: from its text and the
@@ -20,9 +20,9 @@ use super::spool::{encode_frame, seal_statement_frame};
 pub struct StatementInfo {
     pub text: String,
     pub fingerprint: u64,
-    pub kind: String,
+    pub kind: &'static str,
     pub tables: Vec<String>,
-    pub decision: String,
+    pub decision: &'static str,
     pub rule: String,
     /// The approval request that decided a held statement.
     pub approval: String,
@@ -33,7 +33,7 @@ impl StatementInfo {
     pub fn unchecked(text: &[u8]) -> Self {
         StatementInfo {
             text: String::from_utf8_lossy(text).into_owned(),
-            decision: "unchecked".into(),
+            decision: "unchecked",
             ..Default::default()
         }
     }
@@ -289,29 +289,28 @@ impl BackendAudit {
     }
 
     fn seal(&mut self, o: Open) {
-        // A simple Query's info is its row's alone: move it, don't copy.
-        let info = Arc::try_unwrap(o.info).unwrap_or_else(|shared| (*shared).clone());
-        let mut row = StatementRow {
+        let info = &*o.info;
+        let row = StatementRowRef {
             session: self.shared.session,
             seq: o.seq,
             ts_us: o.ts_us,
-            principal: self.shared.principal.clone(),
-            text: info.text,
+            principal: &self.shared.principal,
+            text: &info.text,
             fingerprint: info.fingerprint,
             kind: info.kind,
-            tables: info.tables,
+            tables: &info.tables,
             decision: info.decision,
-            rule: info.rule,
-            approval: info.approval,
+            rule: &info.rule,
+            approval: &info.approval,
             duration_us: o.start.elapsed().as_micros() as u64,
             rows: if o.returned > 0 { o.returned } else { o.tagged },
             bytes: o.bytes,
             masked: o.masked,
-            sqlstate: o.sqlstate,
+            sqlstate: &o.sqlstate,
             prev_hash: [0; 32],
             hash: [0; 32],
         };
-        self.prev = seal_statement_frame(&mut row, self.prev, &mut self.done);
+        self.prev = seal_statement_frame(row, self.prev, &mut self.done);
         for c in o.mask_counts {
             let event = Event::Masked(Box::new(MaskRow {
                 session: self.shared.session,
@@ -331,6 +330,7 @@ impl BackendAudit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::StatementRow;
 
     fn rows(b: &mut BackendAudit) -> Vec<StatementRow> {
         let dir = tempfile::tempdir().unwrap();

@@ -399,18 +399,13 @@ mod tests {
             "'\0'",
             "\0",
         ];
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
         let mut quick_ones = 0;
         for _ in 0..20000 {
-            let n = 1 + next() % 12;
+            let n = rng.random_range(1..=12);
             let sql: String = (0..n)
-                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .map(|_| pieces[rng.random_range(..pieces.len())])
                 .collect();
             if agree(&sql) {
                 quick_ones += 1;

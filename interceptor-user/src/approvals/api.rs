@@ -751,18 +751,7 @@ async fn console_show(
         &format!("{} / database {} as {}", r.target, r.database, r.user),
     ));
     body.push_str(&row("rule", &format!("{}: {}", r.rule, r.reason)));
-    body.push_str(&row(
-        "needs",
-        &format!(
-            "{} approval(s){}",
-            r.approvals_needed,
-            if r.approver_groups.is_empty() {
-                String::new()
-            } else {
-                format!(" from {}", r.approver_groups.join(" or "))
-            }
-        ),
-    ));
+    body.push_str(&row("needs", &r.needs()));
     body.push_str(&row("requested", &when(r.created_us)));
     body.push_str(&row("times out", &when(r.deadline_us)));
     for v in &r.votes {

@@ -135,16 +135,7 @@ pub fn describe(r: &Request) -> String {
         r.target, r.database, r.user
     );
     let _ = writeln!(out, "rule       {}: {}", r.rule, r.reason);
-    let _ = writeln!(
-        out,
-        "needs      {} approval(s){}",
-        r.approvals_needed,
-        if r.approver_groups.is_empty() {
-            String::new()
-        } else {
-            format!(" from {}", r.approver_groups.join(" or "))
-        }
-    );
+    let _ = writeln!(out, "needs      {}", r.needs());
     let _ = writeln!(
         out,
         "requested  {}, times out {}",

@@ -116,6 +116,16 @@ impl Request {
         self.state == State::Pending
     }
 
+    /// "2 approval(s) from dba or sre", for people.
+    pub fn needs(&self) -> String {
+        let from = if self.approver_groups.is_empty() {
+            String::new()
+        } else {
+            format!(" from {}", self.approver_groups.join(" or "))
+        };
+        format!("{} approval(s){from}", self.approvals_needed)
+    }
+
     /// `$1 = ..., $2 = ...`, for people.
     pub fn shown_params(&self) -> String {
         self.params

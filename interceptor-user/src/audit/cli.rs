@@ -26,6 +26,15 @@ fn when(ts_us: i64) -> String {
 }
 
 /// One line per event, for people.
+/// `value` between `before` and `after`, or nothing when it is empty.
+fn around(before: &str, value: &str, after: &str) -> String {
+    if value.is_empty() {
+        String::new()
+    } else {
+        format!("{before}{value}{after}")
+    }
+}
+
 fn line(e: &Event) -> String {
     match e {
         Event::DaemonStart {
@@ -45,11 +54,7 @@ fn line(e: &Event) -> String {
             "{} policy {} {file}{}",
             when(*ts_us),
             if *ok { "reloaded" } else { "rejected" },
-            if detail.is_empty() {
-                String::new()
-            } else {
-                format!(": {detail}")
-            }
+            around(": ", detail, "")
         ),
         Event::SessionStart(s) => format!(
             "{} session {} start principal={:?} user={} db={} target={} from={} tls={}{}",
@@ -84,19 +89,11 @@ fn line(e: &Event) -> String {
             s.seq,
             s.decision,
             if s.kind.is_empty() { "-" } else { &s.kind },
-            if s.rule.is_empty() {
-                String::new()
-            } else {
-                format!(" rule={}", s.rule)
-            },
+            around(" rule=", &s.rule, ""),
             s.rows,
             s.bytes,
             s.duration_us,
-            if s.sqlstate.is_empty() {
-                String::new()
-            } else {
-                format!(" sqlstate={}", s.sqlstate)
-            },
+            around(" sqlstate=", &s.sqlstate, ""),
             s.text
         ),
         Event::Masked(m) => format!(
@@ -106,16 +103,8 @@ fn line(e: &Event) -> String {
             m.seq,
             m.count,
             m.rule,
-            if m.column.is_empty() {
-                String::new()
-            } else {
-                format!(" column={}", m.column)
-            },
-            if m.detector.is_empty() {
-                String::new()
-            } else {
-                format!(" detector={}", m.detector)
-            }
+            around(" column=", &m.column, ""),
+            around(" detector=", &m.detector, "")
         ),
         Event::Approval(a) => format!(
             "{} approval {} {} by {}{}{}",
@@ -132,11 +121,7 @@ fn line(e: &Event) -> String {
             } else {
                 format!(" session {}", a.session)
             },
-            if a.reason.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", a.reason)
-            }
+            around(": ", &a.reason, "")
         ),
     }
 }
@@ -323,11 +308,7 @@ pub fn replay(source: &Source, session: Uuid) -> Result<String> {
             r.seq,
             when(r.ts_us),
             r.decision,
-            if r.rule.is_empty() {
-                String::new()
-            } else {
-                format!(" [{}]", r.rule)
-            },
+            around(" [", &r.rule, "]"),
             r.text
         );
         let _ = writeln!(
@@ -342,11 +323,7 @@ pub fn replay(source: &Source, session: Uuid) -> Result<String> {
                 format!("SQLSTATE {}", r.sqlstate)
             },
             r.duration_us,
-            if r.approval.is_empty() {
-                String::new()
-            } else {
-                format!(", approval {}", r.approval)
-            }
+            around(", approval ", &r.approval, "")
         );
     }
     match &rec.end {

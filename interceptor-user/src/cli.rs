@@ -36,8 +36,10 @@ pub enum Command {
         #[arg(long, short, value_name = "FILE", env = "INTERCEPTOR_CONFIG")]
         config: PathBuf,
         /// Session threads (default: one per CPU). Each session lives on
-        /// one thread; on a runner that also runs the database, fewer
-        /// threads leave more CPU to it.
+        /// one thread. With one per CPU, each thread is bound to its CPU
+        /// and takes the sessions whose client runs there; any other
+        /// number leaves threads unbound (on a runner that also runs the
+        /// database, fewer threads leave more CPU to it).
         #[arg(long, value_name = "N", env = "INTERCEPTOR_WORKER_THREADS")]
         worker_threads: Option<usize>,
     },

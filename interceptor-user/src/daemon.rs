@@ -212,7 +212,11 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
     }
     let sessions =
         Arc::new(SessionThreads::start(threads).context("cannot start session threads")?);
-    info!(threads = sessions.len(), "session threads started");
+    info!(
+        threads = sessions.len(),
+        bound_to_cpus = sessions.bound(),
+        "session threads started"
+    );
 
     for listener in listeners {
         let addr = listener.local_addr()?;
@@ -462,9 +466,10 @@ async fn accept_loop(
             Some(slot) => {
                 // The socket moves to the session thread's IO driver.
                 let Ok(std) = tcp.into_std() else { continue };
+                let cpu = socket2::SockRef::from(&std).cpu_affinity().ok();
                 let shared = shared.clone();
                 let intercept = intercept.clone();
-                sessions.spawn(async move {
+                sessions.spawn(cpu, async move {
                     let arrival =
                         match (record, intercept) {
                             (Some(rec), Some(ctx)) => Arrival::Intercepted(Box::new(

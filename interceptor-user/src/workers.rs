@@ -13,9 +13,10 @@
 //! packets arrived on (SO_INCOMING_CPU). The client, its session and (by
 //! the kernel's wake-affine placement) its server backend then tend to
 //! share a CPU, so a round trip wakes tasks locally instead of
-//! interrupting the other CPU. Measured with pgbench -S at 10 clients on 2
-//! CPUs: 1.13-1.21x pgbouncer's TPS (median of 5 rounds) against
-//! 0.96-1.19x unbound, and far fewer runs stuck in a slow placement.
+//! interrupting the other CPU. On 2 CPUs, in `cargo xtask bench proxy`
+//! (median rounds), the worst interceptor/pgbouncer ratio went from 0.79
+//! unbound to 0.90; the cost is a higher p99, as a bound thread cannot
+//! leave a busy CPU.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -37,7 +37,8 @@ pub struct SessionThreads {
     by_cpu: Vec<Option<usize>>,
 }
 
-/// The CPUs this process may run on, in order.
+/// The CPUs the calling thread may run on, in order (at start-up: the
+/// process's).
 fn allowed_cpus() -> Vec<usize> {
     match sched_getaffinity(Pid::from_raw(0)) {
         Ok(set) => (0..CpuSet::count())
@@ -173,17 +174,13 @@ mod tests {
             let (tx, rx) = std::sync::mpsc::channel();
             threads.spawn(Some(*cpu), async move {
                 let name = std::thread::current().name().map(str::to_owned);
-                let on = sched_getaffinity(Pid::from_raw(0)).map(|s| {
-                    (0..CpuSet::count())
-                        .filter(|c| s.is_set(*c).unwrap_or(false))
-                        .collect::<Vec<_>>()
-                });
-                let _ = tx.send((name, on.ok()));
+                // The calling thread's own mask.
+                let _ = tx.send((name, allowed_cpus()));
             });
             let (name, on) = rx.recv().unwrap();
             if threads.bound() {
                 assert_eq!(name.as_deref(), Some(format!("interceptor-s{i}").as_str()));
-                assert_eq!(on, Some(vec![*cpu]));
+                assert_eq!(on, vec![*cpu]);
             }
         }
     }

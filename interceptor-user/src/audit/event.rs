@@ -234,20 +234,15 @@ impl StatementRow {
         }
     }
 
-    /// The chain hash of this row as it is now (its `hash` field aside).
+    /// The chain hash of this row as it is now (its `hash` field aside):
+    /// SHA-256 over `prev_hash` and the row as encoded with `hash` zeroed.
     pub fn compute_hash(&self) -> [u8; 32] {
-        let mut row = self.clone();
+        let mut row = self.as_ref();
         row.hash = [0; 32];
-        row.digest()
-    }
-
-    /// SHA-256 over `prev_hash` and the row as encoded; `hash` must be
-    /// zero.
-    fn digest(&self) -> [u8; 32] {
         // Encoding plain structs into memory cannot fail; an empty body
         // would still hash the same way on both sides.
         let body =
-            bincode::serde::encode_to_vec(self, bincode::config::standard()).unwrap_or_default();
+            bincode::serde::encode_to_vec(&row, bincode::config::standard()).unwrap_or_default();
         Self::chain_hash(&self.prev_hash, &body)
     }
 
@@ -263,8 +258,7 @@ impl StatementRow {
     /// Links this row after `prev` (the previous row's hash) and seals it.
     pub fn seal(&mut self, prev: [u8; 32]) {
         self.prev_hash = prev;
-        self.hash = [0; 32];
-        self.hash = self.digest();
+        self.hash = self.compute_hash();
     }
 }
 

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::workers::Sched;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "interceptor",
@@ -42,6 +44,20 @@ pub enum Command {
         /// database, fewer threads leave more CPU to it).
         #[arg(long, value_name = "N", env = "INTERCEPTOR_WORKER_THREADS")]
         worker_threads: Option<usize>,
+        /// How session threads are scheduled. `batch`: a thread woken by a
+        /// reply does not preempt the client or server that sent it, which
+        /// is about to block anyway; more throughput when the proxy shares
+        /// its CPUs with them, at the cost of waiting up to a scheduler
+        /// slice (a few ms) on CPUs saturated by other work. `normal`: the
+        /// kernel's default, with wakeup preemption.
+        #[arg(
+            long,
+            value_enum,
+            value_name = "POLICY",
+            default_value_t = Sched::Batch,
+            env = "INTERCEPTOR_SESSION_SCHED"
+        )]
+        session_sched: Sched,
     },
     /// Check a configuration file and exit: 0 if it is valid, 1 with
     /// `file:line: key: problem` if not. Secrets it references are read

@@ -25,7 +25,7 @@ use crate::protocol::build::ProxyError;
 use crate::runtime::{Phase, Runtime, Shared};
 use crate::session;
 use crate::session::Arrival;
-use crate::workers::SessionThreads;
+use crate::workers::{Sched, SessionThreads};
 
 /// A large backlog: CI jobs open connection bursts, and a full backlog
 /// costs clients a 1 s SYN retransmit.
@@ -68,7 +68,12 @@ struct InterceptAccept {
 /// Runs the daemon until SIGTERM/SIGINT. `threads` session threads serve
 /// the connections; this (current-thread) runtime accepts and handles
 /// signals.
-pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow::Result<()> {
+pub async fn run(
+    config_path: PathBuf,
+    config: Config,
+    threads: usize,
+    sched: Sched,
+) -> anyhow::Result<()> {
     let listen_addrs = config.listen_addrs();
     let intercept = config.intercept.as_ref().map(|i| i.get_ref().clone());
     let runtime = Runtime::build(config).context("cannot prepare the configuration")?;
@@ -211,10 +216,11 @@ pub async fn run(config_path: PathBuf, config: Config, threads: usize) -> anyhow
         ));
     }
     let sessions =
-        Arc::new(SessionThreads::start(threads).context("cannot start session threads")?);
+        Arc::new(SessionThreads::start(threads, sched).context("cannot start session threads")?);
     info!(
         threads = sessions.len(),
         bound_to_cpus = sessions.bound(),
+        sched = ?sched,
         "session threads started"
     );
 

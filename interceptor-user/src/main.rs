@@ -100,6 +100,7 @@ fn main() -> ExitCode {
         Command::Daemon {
             config,
             worker_threads,
+            session_sched,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -131,7 +132,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(interceptor::daemon::run(config, loaded, threads)) {
+            match rt.block_on(interceptor::daemon::run(
+                config,
+                loaded,
+                threads,
+                session_sched,
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("interceptor: {e:#}");

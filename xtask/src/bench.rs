@@ -222,7 +222,7 @@ fn idle_sessions(port: u16, n: usize, user: &str) -> Result<Vec<TcpStream>> {
 }
 
 pub fn proxy() -> Result<()> {
-    let (seconds, rounds) = crate::bench::run_lengths(3);
+    let (seconds, rounds) = crate::bench::run_lengths(5, 3);
     const IDLE: usize = 1000;
 
     let pg = PgCluster::start_with(IDLE as u32 + 150)?;
@@ -456,11 +456,17 @@ pub fn pgbench_init(pg: &PgCluster, scale: u32) -> Result<()> {
     Ok(())
 }
 
-/// `BENCH_SECONDS` per run (default 5) and `BENCH_ROUNDS` (default `rounds`).
-pub fn run_lengths(rounds: u32) -> (u32, u32) {
+/// `BENCH_SECONDS` per run and `BENCH_ROUNDS`, defaulting to `seconds`
+/// and `rounds`.
+///
+/// The pgbench comparisons default to many short rounds: on this kind of
+/// machine (2 shared vCPUs) whole runs of one route vary by 20-30 % from
+/// one to the next, while seconds within a run vary less, so more rounds
+/// narrow a median more than longer ones do.
+pub fn run_lengths(rounds: u32, seconds: u32) -> (u32, u32) {
     let var = |k: &str| std::env::var(k).ok().and_then(|s| s.parse().ok());
     (
-        var("BENCH_SECONDS").unwrap_or(5),
+        var("BENCH_SECONDS").unwrap_or(seconds),
         var("BENCH_ROUNDS").unwrap_or(rounds),
     )
 }

@@ -46,7 +46,7 @@ const PARKED: usize = 100;
 const DECISIONS: usize = 20;
 
 pub fn run() -> Result<()> {
-    let (seconds, rounds) = run_lengths(5);
+    let (seconds, rounds) = run_lengths(9, 3);
     let pg = PgCluster::start_with(PARKED as u32 + 100)?;
     pgbench_init(&pg, 10)?;
     pg.psql_admin(

@@ -37,7 +37,7 @@ pub fn run() -> Result<()> {
         serde_json::from_str(out.trim()).context("audit_bench output")?;
     let f = |k: &str| micro[k].as_f64().unwrap_or(f64::NAN);
 
-    let (seconds, rounds) = run_lengths(5);
+    let (seconds, rounds) = run_lengths(9, 3);
     let pg = PgCluster::start()?;
     pgbench_init(&pg, 10)?;
     let start = |audit: &str| {

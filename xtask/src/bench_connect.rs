@@ -130,7 +130,7 @@ pub fn run() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("bench connect loads eBPF programs: run it as root");
     }
-    let (seconds, rounds) = crate::bench::run_lengths(3);
+    let (seconds, rounds) = crate::bench::run_lengths(3, 5);
     let n = 5000;
     let pg = PgCluster::start()?;
     crate::bench::pgbench_init(&pg, 1)?;

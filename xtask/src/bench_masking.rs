@@ -68,7 +68,7 @@ pub fn run() -> Result<()> {
     let passthrough = criterion_mb_per_s("passthrough")?;
     let detectors = criterion_mb_per_s("detectors")?;
 
-    let (_, rounds) = run_lengths(3);
+    let (_, rounds) = run_lengths(3, 5);
     let pg = PgCluster::start()?;
     pg.psql_admin(
         "postgres",

@@ -193,13 +193,18 @@ impl Writer {
         let mut buf = Vec::with_capacity(BATCH_BYTES + 4096);
         let mut dirty = false;
         let mut busy = false;
+        // The last collection stopped at BATCH_BYTES with more queued.
+        let mut behind = false;
         let mut last_sync = Instant::now();
         loop {
             let first = if busy {
                 // Under load the writer polls every LINGER instead of
                 // sleeping on the queue: a sender then never has to wake
                 // it, which costs the session more than the event itself.
-                std::thread::sleep(linger);
+                // A writer that is behind goes on at once.
+                if !behind {
+                    std::thread::sleep(linger);
+                }
                 match self.rx.try_recv() {
                     Ok(m) => m,
                     Err(mpsc::error::TryRecvError::Empty) => {
@@ -233,10 +238,14 @@ impl Writer {
                 Msg::Stop => stop = true,
             };
             take(first, &mut buf);
+            behind = true;
             while buf.len() < BATCH_BYTES {
                 match self.rx.try_recv() {
                     Ok(m) => take(m, &mut buf),
-                    Err(_) => break,
+                    Err(_) => {
+                        behind = false;
+                        break;
+                    }
                 }
             }
             if !buf.is_empty() {

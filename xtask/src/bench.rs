@@ -249,11 +249,7 @@ pub fn proxy() -> Result<()> {
     for round in 0..rounds {
         for mode in ["simple", "prepared"] {
             for clients in [1u32, 10, 50] {
-                // Each round starts at the next path, so drift in the
-                // machine hits every path alike.
-                let n = Route::ALL.len();
-                let order = (0..n).map(|i| Route::ALL[(i + round as usize) % n]);
-                for path in order {
+                for path in rotated(&Route::ALL, round) {
                     eprintln!(
                         "bench: round {} {mode} c={clients} {}",
                         round + 1,
@@ -323,11 +319,7 @@ pub fn proxy() -> Result<()> {
     // Report: each cell's median round. On 2 shared cores one run in
     // several lands 20-30 % off the others, and a best-of would report the
     // luckiest.
-    let median = |k: &(String, u32, Route)| -> RunResult {
-        let mut runs = results[k].clone();
-        runs.sort_by(|a, b| a.tps.total_cmp(&b.tps));
-        runs.get(runs.len() / 2).cloned().unwrap_or_default()
-    };
+    let median = |k: &(String, u32, Route)| median_run(&results[k]);
     println!(
         "\n{:<9} {:>3} {:<12} {:>10} {:>8} {:>8} {:>9} {:>9}",
         "mode", "c", "path", "tps", "p50 ms", "p99 ms", "vs direct", "vs relay"
@@ -456,6 +448,20 @@ pub fn pgbench_init(pg: &PgCluster, scale: u32) -> Result<()> {
     Ok(())
 }
 
+/// The run with the median tps.
+fn median_run(runs: &[RunResult]) -> RunResult {
+    let mut runs = runs.to_vec();
+    runs.sort_by(|a, b| a.tps.total_cmp(&b.tps));
+    runs.get(runs.len() / 2).cloned().unwrap_or_default()
+}
+
+/// `items` starting at the `round`-th: each round starts at the next
+/// route, so drift in the machine hits every route alike.
+fn rotated<T: Copy>(items: &[T], round: u32) -> impl Iterator<Item = T> + '_ {
+    let n = items.len();
+    (0..n).map(move |i| items[(i + round as usize) % n])
+}
+
 /// `BENCH_SECONDS` per run and `BENCH_ROUNDS`, defaulting to `seconds`
 /// and `rounds`.
 ///
@@ -507,9 +513,7 @@ impl<'a> OnOff<'a> {
         };
         for round in 0..rounds {
             for (mode, clients) in ON_OFF_CASES {
-                let n = routes.len().max(1);
-                let order = (0..n).map(|i| routes[(i + round as usize) % n]);
-                for (name, port, proxy) in order {
+                for (name, port, proxy) in rotated(routes, round) {
                     eprintln!("bench: round {} {mode} c={clients} {name}", round + 1);
                     let cpu = proxy.map(|p| p.cpu_time());
                     let r = pgbench(port, mode, clients, seconds, &logdir)?;
@@ -532,9 +536,7 @@ impl<'a> OnOff<'a> {
     }
 
     fn median(&self, k: (&'static str, u32, &'a str)) -> RunResult {
-        let mut runs = self.results[&k].clone();
-        runs.sort_by(|a, b| a.tps.total_cmp(&b.tps));
-        runs.get(runs.len() / 2).cloned().unwrap_or_default()
+        median_run(&self.results[&k])
     }
 
     /// Transactions run through `route` in all rounds.

@@ -25,7 +25,6 @@ fn when(ts_us: i64) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
-/// One line per event, for people.
 /// `value` between `before` and `after`, or nothing when it is empty.
 fn around(before: &str, value: &str, after: &str) -> String {
     if value.is_empty() {
@@ -35,6 +34,7 @@ fn around(before: &str, value: &str, after: &str) -> String {
     }
 }
 
+/// One line per event, for people.
 fn line(e: &Event) -> String {
     match e {
         Event::DaemonStart {

@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
 
     // Spool appends as the daemon makes them: sessions encode their frames
     // on their own threads, and the writer thread appends 1 MiB batches
-    // and fsyncs at most every 10 ms (the default fsync policy).
+    // and fsyncs at most every `fsync_interval` (the default fsync policy).
     let dir = tempfile::tempdir()?;
     let (mut w, _) = SpoolWriter::open(dir.path(), 64 << 20)?;
     let events: Vec<Event> = (1..=rows).map(|i| row(session, i)).collect();
@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
         let mut synced = Instant::now();
         for mut batch in full_rx {
             w.append(&batch)?;
-            if synced.elapsed() >= Duration::from_millis(10) {
+            if synced.elapsed() >= AuditConfig::default().fsync_interval {
                 w.sync()?;
                 synced = Instant::now();
             }
@@ -106,7 +106,7 @@ fn main() -> anyhow::Result<()> {
         if buf.len() >= 1 << 20 {
             w1.append(&buf)?;
             buf.clear();
-            if synced.elapsed() >= Duration::from_millis(10) {
+            if synced.elapsed() >= AuditConfig::default().fsync_interval {
                 w1.sync()?;
                 synced = Instant::now();
             }

@@ -489,7 +489,8 @@ where
         if let (Some(a), Some(auditor)) = (&mut state.audit, auditor)
             && !a.done.is_empty()
         {
-            auditor.record_frames(std::mem::take(&mut a.done)).await;
+            let events = std::mem::take(&mut a.done_events);
+            auditor.record_frames(&mut a.done, events).await;
         }
         if used > 0 {
             let out = edits.output(buf, used);

@@ -1,12 +1,12 @@
 //! The audit trail: every session, statement and decision, written first
 //! to a durable local spool.
 //!
-//! The data path hands events to a bounded channel and goes on; one
-//! writer thread batches them into the spool (every millisecond while
+//! The data path appends encoded events to a bounded queue and goes on;
+//! one writer thread moves them into the spool (every millisecond while
 //! events keep coming), fsyncing per batch at most every
 //! `fsync_interval` (group commit). When the spool cannot be written
 //! (a full disk) the writer keeps the batch and retries, and
-//! [`Auditor::healthy`] says so.
+//! [`SpoolGate`] says so.
 
 pub mod cli;
 pub mod event;
@@ -16,12 +16,12 @@ pub mod spool;
 pub mod warehouse;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 pub use event::{
@@ -30,7 +30,8 @@ pub use event::{
 
 use crate::config::{AuditConfig, Fsync, SpoolFailure};
 
-/// A batch is written once it reaches this size, even if more is queued.
+/// A writer that collected at least this much goes on at once instead of
+/// lingering: it is behind.
 const BATCH_BYTES: usize = 1 << 20;
 /// How often a busy writer collects queued events. A daemon killed with -9
 /// loses at most what arrived in the last one, and `interceptor audit
@@ -42,18 +43,46 @@ const LINGER: Duration = Duration::from_millis(1);
 /// Most event bytes held in memory while the spool cannot be written.
 const HOLD_BYTES: usize = 256 << 20;
 
-enum Msg {
-    Event(Event),
-    /// Whole frames, encoded by the session (statement rows, sealed).
-    Frames(Vec<u8>),
-    Stop,
+/// Encoded frames waiting for the writer.
+///
+/// One lock for all sessions, held for a copy of a few hundred bytes: a
+/// session's statement costs one uncontended lock and no allocation, where
+/// a channel message per reply cost an allocation, a semaphore and a free
+/// on the writer's thread. One queue also keeps the spool in the order
+/// events happened.
+#[derive(Default)]
+struct Queue {
+    frames: Vec<u8>,
+    events: usize,
+    /// The writer is parked on an empty queue: the next event wakes it.
+    /// A busy writer polls every [`LINGER`], so sessions under load never
+    /// pay for a wakeup.
+    idle: bool,
+    /// [`Auditor::close`] has run: the writer drains what is here and
+    /// stops, and later events are refused.
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Events that may wait before sessions wait (`audit.queue`).
+    cap: usize,
+    /// Sessions waiting for room are woken when the writer collects.
+    drained: Notify,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 pub struct Auditor {
-    tx: mpsc::Sender<Msg>,
-    healthy: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     on_failure: SpoolFailure,
-    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
+    thread: Thread,
+    writer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Auditor {
@@ -73,77 +102,100 @@ impl Auditor {
             events = recovery.events,
             "audit spool open"
         );
-        let (tx, rx) = mpsc::channel(config.queue.max(1));
-        let healthy = Arc::new(AtomicBool::new(true));
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            cap: config.queue.max(1),
+            drained: Notify::new(),
+            healthy: Arc::new(AtomicBool::new(true)),
+        });
         let writer = Writer {
-            rx,
+            shared: shared.clone(),
+            spare: Vec::new(),
             spool,
             fsync: config.fsync,
             interval: config.fsync_interval,
-            healthy: healthy.clone(),
             on_failure: config.on_spool_failure,
         };
         let handle = std::thread::Builder::new()
             .name("interceptor-audit".into())
             .spawn(move || writer.run())?;
         Ok(Auditor {
-            tx,
-            healthy,
+            shared,
             on_failure: config.on_spool_failure,
-            writer: std::sync::Mutex::new(Some(handle)),
+            thread: handle.thread().clone(),
+            writer: Mutex::new(Some(handle)),
         })
     }
 
     /// Queues an event; waits only while the queue is full (the spool is
     /// behind), never for ClickHouse.
     pub async fn record(&self, event: Event) {
-        self.send(Msg::Event(event)).await
-    }
-
-    /// Queues an event without waiting, for code that cannot (a drop);
-    /// with the queue full, the event is lost and the loss logged.
-    pub fn record_now(&self, event: Event) {
-        if let Err(e) = self.tx.try_send(Msg::Event(event)) {
-            error!(
-                "audit event not recorded: the audit queue is {}",
-                match e {
-                    mpsc::error::TrySendError::Full(_) => "full",
-                    mpsc::error::TrySendError::Closed(_) => "closed",
-                }
-            );
+        if self.append(|b| spool::encode_frame(&event, b), 1) {
+            self.room().await;
         }
     }
 
-    /// Queues frames already encoded (see `spool::seal_statement_frame`).
-    pub async fn record_frames(&self, frames: Vec<u8>) {
-        self.send(Msg::Frames(frames)).await
+    /// Queues an event without waiting, for code that cannot (a drop),
+    /// even past a full queue.
+    pub fn record_now(&self, event: Event) {
+        self.append(|b| spool::encode_frame(&event, b), 1);
     }
 
-    /// Waits only when the queue is full; the common case takes no trip
-    /// through the scheduler.
-    async fn send(&self, msg: Msg) {
-        let msg = match self.tx.try_send(msg) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(m)) => m,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                error!("audit event after the audit writer stopped; it is not recorded");
-                return;
-            }
-        };
-        if self.tx.send(msg).await.is_err() {
+    /// Queues `events` frames already encoded (see
+    /// `spool::seal_statement_frame`) and clears `frames` for reuse.
+    pub async fn record_frames(&self, frames: &mut Vec<u8>, events: usize) {
+        let full = self.append(|b| b.extend_from_slice(frames), events);
+        frames.clear();
+        if full {
+            self.room().await;
+        }
+    }
+
+    /// True when the queue is now over its bound.
+    fn append(&self, fill: impl FnOnce(&mut Vec<u8>), events: usize) -> bool {
+        let mut q = self.shared.queue();
+        if q.closed {
+            drop(q);
             error!("audit event after the audit writer stopped; it is not recorded");
+            return false;
+        }
+        fill(&mut q.frames);
+        q.events += events;
+        let wake = std::mem::take(&mut q.idle);
+        let full = q.events > self.shared.cap;
+        drop(q);
+        if wake {
+            self.thread.unpark();
+        }
+        full
+    }
+
+    /// Waits until the writer has collected the queue.
+    async fn room(&self) {
+        loop {
+            let drained = self.shared.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            {
+                let q = self.shared.queue();
+                if q.events <= self.shared.cap || q.closed {
+                    return;
+                }
+            }
+            drained.await;
         }
     }
 
     /// What sessions check before each statement, when they are to refuse
     /// statements that could not be audited.
     pub fn refusal_gate(&self) -> Option<SpoolGate> {
-        (self.on_failure == SpoolFailure::Refuse).then(|| SpoolGate(self.healthy.clone()))
+        (self.on_failure == SpoolFailure::Refuse).then(|| SpoolGate(self.shared.healthy.clone()))
     }
 
     /// Writes and fsyncs everything queued so far, then stops the writer.
     pub async fn close(&self) {
-        let _ = self.tx.send(Msg::Stop).await;
+        self.shared.queue().closed = true;
+        self.thread.unpark();
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
@@ -162,106 +214,103 @@ impl SpoolGate {
 }
 
 struct Writer {
-    rx: mpsc::Receiver<Msg>,
+    shared: Arc<Shared>,
+    /// What the queue's frames are swapped with when `collect` appends.
+    spare: Vec<u8>,
     spool: spool::SpoolWriter,
     fsync: Fsync,
     interval: Duration,
-    healthy: Arc<AtomicBool>,
     on_failure: SpoolFailure,
 }
 
 impl Writer {
     fn run(mut self) {
-        // Only for waiting on the queue with a timeout.
-        let clock = match tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                error!("audit writer cannot start its timer ({e}); events are not recorded");
-                return;
-            }
-        };
-        let mut buf = Vec::with_capacity(BATCH_BYTES + 4096);
+        let mut buf = Vec::new();
         let mut dirty = false;
-        let mut busy = false;
-        // The last collection stopped at BATCH_BYTES with more queued.
-        let mut behind = false;
         let mut last_sync = Instant::now();
         loop {
-            let first = if busy {
-                // Under load the writer polls every LINGER instead of
-                // sleeping on the queue: a sender then never has to wake
-                // it, which costs the session more than the event itself.
-                // A writer that is behind goes on at once.
-                if !behind {
-                    std::thread::sleep(LINGER);
+            let stop = self.collect(&mut buf);
+            if buf.is_empty() {
+                if stop {
+                    self.sync();
+                    return;
                 }
-                match self.rx.try_recv() {
-                    Ok(m) => m,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        busy = false;
-                        continue;
-                    }
-                    Err(mpsc::error::TryRecvError::Disconnected) => Msg::Stop,
+                if !self.park_if_empty() {
+                    continue;
                 }
-            } else if dirty {
-                // Idle with an fsync due: wait for the next event or the
-                // fsync, whichever comes first.
-                let wait = self.interval.saturating_sub(last_sync.elapsed());
-                let rx = &mut self.rx;
-                match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
-                    Ok(m) => m.unwrap_or(Msg::Stop),
-                    Err(_) => {
+                if dirty {
+                    // Idle with an fsync due: until the next event or the
+                    // fsync, whichever comes first.
+                    std::thread::park_timeout(self.interval.saturating_sub(last_sync.elapsed()));
+                    if last_sync.elapsed() >= self.interval {
                         self.sync();
                         dirty = false;
                         last_sync = Instant::now();
-                        continue;
                     }
+                } else {
+                    std::thread::park();
                 }
-            } else {
-                self.rx.blocking_recv().unwrap_or(Msg::Stop)
-            };
-            busy = true;
-            let mut stop = false;
-            let mut take = |m: Msg, buf: &mut Vec<u8>| match m {
-                Msg::Event(e) => spool::encode_frame(&e, buf),
-                Msg::Frames(f) => buf.extend_from_slice(&f),
-                Msg::Stop => stop = true,
-            };
-            take(first, &mut buf);
-            behind = true;
-            while buf.len() < BATCH_BYTES {
-                match self.rx.try_recv() {
-                    Ok(m) => take(m, &mut buf),
-                    Err(_) => {
-                        behind = false;
-                        break;
-                    }
-                }
+                continue;
             }
-            if !buf.is_empty() {
-                self.write(&mut buf, &mut stop);
-                buf.clear();
-                match self.fsync {
-                    Fsync::Always => {
-                        self.sync();
-                        last_sync = Instant::now();
-                    }
-                    Fsync::Batch if last_sync.elapsed() >= self.interval => {
-                        self.sync();
-                        last_sync = Instant::now();
-                    }
-                    Fsync::Batch => dirty = true,
-                    Fsync::Never => {}
+            let behind = buf.len() >= BATCH_BYTES;
+            let mut stop = stop;
+            self.write(&mut buf, &mut stop);
+            buf.clear();
+            match self.fsync {
+                Fsync::Always => {
+                    self.sync();
+                    last_sync = Instant::now();
                 }
+                Fsync::Batch if last_sync.elapsed() >= self.interval => {
+                    self.sync();
+                    last_sync = Instant::now();
+                }
+                Fsync::Batch => dirty = true,
+                Fsync::Never => {}
             }
             if stop {
                 self.sync();
                 return;
             }
+            if !behind {
+                std::thread::sleep(LINGER);
+            }
         }
+    }
+
+    /// Moves everything queued onto the end of `buf`, and wakes sessions
+    /// waiting for room. True once the auditor is closed.
+    fn collect(&mut self, buf: &mut Vec<u8>) -> bool {
+        let mut q = self.shared.queue();
+        q.idle = false;
+        let full = q.events > self.shared.cap;
+        q.events = 0;
+        let closed = q.closed;
+        if buf.is_empty() {
+            // The queue takes the emptied buffer of the last batch: no
+            // copy, and no allocation once both have grown.
+            std::mem::swap(&mut q.frames, buf);
+            drop(q);
+        } else {
+            std::mem::swap(&mut q.frames, &mut self.spare);
+            drop(q);
+            buf.extend_from_slice(&self.spare);
+            self.spare.clear();
+        }
+        if full {
+            self.shared.drained.notify_waiters();
+        }
+        closed
+    }
+
+    /// Marks the writer idle unless something was queued meanwhile.
+    fn park_if_empty(&self) -> bool {
+        let mut q = self.shared.queue();
+        if q.events > 0 || q.closed {
+            return false;
+        }
+        q.idle = true;
+        true
     }
 
     /// Retries until the frames are written: events are never dropped for
@@ -276,7 +325,7 @@ impl Writer {
         loop {
             match self.spool.append(frames) {
                 Ok(()) => {
-                    if !self.healthy.swap(true, Ordering::Relaxed) {
+                    if !self.shared.healthy.swap(true, Ordering::Relaxed) {
                         info!(
                             "audit spool is writable again after {:.1} s; {} bytes of held events written",
                             started.elapsed().as_secs_f64(),
@@ -286,7 +335,7 @@ impl Writer {
                     return;
                 }
                 Err(e) => {
-                    if self.healthy.swap(false, Ordering::Relaxed) {
+                    if self.shared.healthy.swap(false, Ordering::Relaxed) {
                         error!(
                             "audit spool write failed: {e}; events are held in memory and retried{}",
                             match self.on_failure {
@@ -311,13 +360,8 @@ impl Writer {
                         );
                         return;
                     }
-                    while !*stop && frames.len() < HOLD_BYTES {
-                        match self.rx.try_recv() {
-                            Ok(Msg::Event(ev)) => spool::encode_frame(&ev, frames),
-                            Ok(Msg::Frames(f)) => frames.extend_from_slice(&f),
-                            Ok(Msg::Stop) => *stop = true,
-                            Err(_) => break,
-                        }
+                    if frames.len() < HOLD_BYTES {
+                        *stop |= self.collect(frames);
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -327,7 +371,7 @@ impl Writer {
 
     fn sync(&mut self) {
         if let Err(e) = self.spool.sync()
-            && self.healthy.swap(false, Ordering::Relaxed)
+            && self.shared.healthy.swap(false, Ordering::Relaxed)
         {
             error!("audit spool fsync failed: {e}");
         }

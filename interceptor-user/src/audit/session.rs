@@ -40,7 +40,8 @@ impl StatementInfo {
 }
 
 enum Entry {
-    Open(Box<Open>),
+    /// Inline rather than boxed: no allocation per statement.
+    Open(Open),
     /// A Sync: the next ReadyForQuery ends the batch up to here.
     Sync,
 }
@@ -89,6 +90,9 @@ pub struct FrontendAudit {
     shared: Arc<SessionAudit>,
     seq: u64,
     statements: HashMap<Vec<u8>, Arc<StatementInfo>>,
+    /// The unnamed portal, kept apart: most drivers bind it for every
+    /// statement, and a field costs no hashing.
+    unnamed: Option<Arc<StatementInfo>>,
     portals: HashMap<Vec<u8>, Arc<StatementInfo>>,
 }
 
@@ -98,6 +102,7 @@ impl FrontendAudit {
             shared,
             seq: 0,
             statements: HashMap::new(),
+            unnamed: None,
             portals: HashMap::new(),
         }
     }
@@ -109,7 +114,7 @@ impl FrontendAudit {
     fn open(&mut self, info: Arc<StatementInfo>, simple: bool) {
         self.seq += 1;
         let mut q = self.shared.queue();
-        q.push_back(Entry::Open(Box::new(Open {
+        q.push_back(Entry::Open(Open {
             info,
             seq: self.seq,
             ts_us: now_us(),
@@ -121,7 +126,7 @@ impl FrontendAudit {
             masked: 0,
             mask_counts: Vec::new(),
             sqlstate: String::new(),
-        })));
+        }));
     }
 
     /// A simple Query (or what the proxy sent in place of a refused one).
@@ -138,15 +143,20 @@ impl FrontendAudit {
             self.statements.get(statement).cloned().unwrap_or_else(|| {
                 Arc::new(StatementInfo::unchecked(b"(unknown prepared statement)"))
             });
-        self.portals.insert(portal.to_vec(), info);
+        if portal.is_empty() {
+            self.unnamed = Some(info);
+        } else {
+            self.portals.insert(portal.to_vec(), info);
+        }
     }
 
     pub fn execute(&mut self, portal: &[u8]) {
-        let info = self
-            .portals
-            .get(portal)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(StatementInfo::unchecked(b"(unknown portal)")));
+        let info = if portal.is_empty() {
+            self.unnamed.clone()
+        } else {
+            self.portals.get(portal).cloned()
+        };
+        let info = info.unwrap_or_else(|| Arc::new(StatementInfo::unchecked(b"(unknown portal)")));
         self.open(info, false);
     }
 
@@ -155,7 +165,11 @@ impl FrontendAudit {
     }
 
     pub fn close_portal(&mut self, name: &[u8]) {
-        self.portals.remove(name);
+        if name.is_empty() {
+            self.unnamed = None;
+        } else {
+            self.portals.remove(name);
+        }
     }
 
     pub fn sync(&mut self) {
@@ -170,6 +184,8 @@ pub struct BackendAudit {
     prev: [u8; 32],
     /// Sealed rows, as spool frames, waiting to be handed to the auditor.
     pub done: Vec<u8>,
+    /// How many frames `done` holds.
+    pub done_events: usize,
 }
 
 impl BackendAudit {
@@ -178,6 +194,7 @@ impl BackendAudit {
             shared,
             prev: [0; 32],
             done: Vec::new(),
+            done_events: 0,
         }
     }
 
@@ -214,11 +231,7 @@ impl BackendAudit {
 
     /// CommandComplete: `tag` as the server sent it ("INSERT 0 3").
     pub fn complete(&mut self, tag: &[u8]) {
-        let n = std::str::from_utf8(tag)
-            .ok()
-            .and_then(|t| t.trim_end_matches('\0').rsplit(' ').next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
+        let n = tag_count(tag);
         let mut simple = true;
         self.with_front(|o| {
             o.tagged += n;
@@ -269,7 +282,7 @@ impl BackendAudit {
                 None | Some(Entry::Sync) => return,
                 Some(Entry::Open(o)) => {
                     let simple = o.simple;
-                    self.seal(*o);
+                    self.seal(o);
                     if simple {
                         return;
                     }
@@ -281,7 +294,7 @@ impl BackendAudit {
     fn finish_front(&mut self) {
         let entry = self.shared.queue().pop_front();
         match entry {
-            Some(Entry::Open(o)) => self.seal(*o),
+            Some(Entry::Open(o)) => self.seal(o),
             // Replies out of step with requests; put the marker back.
             Some(Entry::Sync) => self.shared.queue().push_front(Entry::Sync),
             None => {}
@@ -311,6 +324,7 @@ impl BackendAudit {
             hash: [0; 32],
         };
         self.prev = seal_statement_frame(row, self.prev, &mut self.done);
+        self.done_events += 1 + o.mask_counts.len();
         for c in o.mask_counts {
             let event = Event::Masked(Box::new(MaskRow {
                 session: self.shared.session,
@@ -325,6 +339,22 @@ impl BackendAudit {
             encode_frame(&event, &mut self.done);
         }
     }
+}
+
+/// The row count at the end of a command tag ("INSERT 0 3", "SELECT 1"),
+/// or 0 for tags without one.
+fn tag_count(tag: &[u8]) -> u64 {
+    let tag = tag.strip_suffix(b"\0").unwrap_or(tag);
+    let digits = tag.rsplit(|b| *b == b' ').next().unwrap_or_default();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return 0;
+    }
+    digits
+        .iter()
+        .try_fold(0u64, |n, d| {
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -352,6 +382,16 @@ mod tests {
             FrontendAudit::new(shared.clone()),
             BackendAudit::new(shared),
         )
+    }
+
+    #[test]
+    fn command_tags_give_their_counts() {
+        assert_eq!(tag_count(b"INSERT 0 3\0"), 3);
+        assert_eq!(tag_count(b"SELECT 1\0"), 1);
+        assert_eq!(tag_count(b"COPY 1000000"), 1_000_000);
+        assert_eq!(tag_count(b"CREATE TABLE\0"), 0);
+        assert_eq!(tag_count(b"\0"), 0);
+        assert_eq!(tag_count(b"SELECT 99999999999999999999\0"), 0);
     }
 
     #[test]

@@ -342,7 +342,11 @@ impl Enforcer {
                     Checked::Held(h) => Action::Hold(h),
                 }
             }
-            FrontendMessage::Bind(b) if self.refused_statements.contains(b.statement) => {
+            // Most sessions have no refused statement: skip hashing the name.
+            FrontendMessage::Bind(b)
+                if !self.refused_statements.is_empty()
+                    && self.refused_statements.contains(b.statement) =>
+            {
                 Action::Replace(build::empty_bind(b.portal, b.statement))
             }
             FrontendMessage::Bind(b) if !self.approved_statements.is_empty() => {

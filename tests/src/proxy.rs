@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -192,6 +192,7 @@ impl Proxy {
             .stderr(log)
             .spawn()
             .context("spawn interceptor")?;
+        running(|pids| pids.push(child.id()));
         let mut proxy = Proxy {
             child,
             port,
@@ -315,5 +316,31 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let pid = self.child.id();
+        running(|pids| pids.retain(|p| *p != pid));
     }
+}
+
+/// Daemons started and not yet dropped. A test file's shared proxy lives
+/// in a static, which is never dropped: at exit, the hook kills what is
+/// left, or every test process would leave a daemon running.
+fn running(f: impl FnOnce(&mut Vec<u32>)) {
+    static PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+    static HOOK: OnceLock<()> = OnceLock::new();
+    extern "C" fn kill_running() {
+        running(|pids| {
+            for pid in pids.drain(..) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        });
+    }
+    HOOK.get_or_init(|| {
+        // SAFETY: registers a plain function with no captured state; it
+        // only takes a lock and sends signals.
+        unsafe { libc::atexit(kill_running) };
+    });
+    f(&mut PIDS.lock().unwrap_or_else(|p| p.into_inner()));
 }

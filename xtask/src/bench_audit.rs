@@ -75,7 +75,7 @@ pub fn run() -> Result<()> {
         f("spool_bytes_per_row")
     );
     println!(
-        "  spool appends:      {:>12.0} rows/s  ({:.0} MB/s; encoded on one thread, appended and fsynced every 10 ms on another, as in the daemon)",
+        "  spool appends:      {:>12.0} rows/s  ({:.0} MB/s; encoded on one thread, appended and fsynced every fsync_interval on another, as in the daemon)",
         f("spool_appends_per_s"),
         f("spool_mb_per_s")
     );

@@ -648,7 +648,7 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         ))
     };
-    // The writer batches (fsync at most every 10 ms): give it a moment.
+    // The writer collects queued events every millisecond: give it a moment.
     std::thread::sleep(Duration::from_millis(200));
     let tail = cli(&["audit", "tail", "-n", "14"])?;
     show("interceptor audit tail -n 14", &tail);

@@ -213,6 +213,18 @@ impl SpoolGate {
     }
 }
 
+/// Closes the queue when the writer stops, however it stops: sessions
+/// waiting for room go on (and later events are logged as lost) rather
+/// than wait for a writer that is gone.
+struct Closed(Arc<Shared>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.0.queue().closed = true;
+        self.0.drained.notify_waiters();
+    }
+}
+
 struct Writer {
     shared: Arc<Shared>,
     /// What the queue's frames are swapped with when `collect` appends.
@@ -225,6 +237,7 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
+        let _closed = Closed(self.shared.clone());
         let mut buf = Vec::new();
         let mut dirty = false;
         let mut last_sync = Instant::now();
@@ -256,6 +269,11 @@ impl Writer {
             let mut stop = stop;
             self.write(&mut buf, &mut stop);
             buf.clear();
+            // A backlog (a spool that could not be written for a while)
+            // must not keep its memory for the daemon's life.
+            if buf.capacity() > 4 * BATCH_BYTES {
+                buf = Vec::new();
+            }
             match self.fsync {
                 Fsync::Always => {
                     self.sync();
@@ -296,6 +314,9 @@ impl Writer {
             drop(q);
             buf.extend_from_slice(&self.spare);
             self.spare.clear();
+            if self.spare.capacity() > 4 * BATCH_BYTES {
+                self.spare = Vec::new();
+            }
         }
         if full {
             self.shared.drained.notify_waiters();
@@ -375,5 +396,96 @@ impl Writer {
         {
             error!("audit spool fsync failed: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stop(i: usize) -> Event {
+        Event::DaemonStop {
+            ts_us: i as i64,
+            reason: format!("event {i}"),
+        }
+    }
+
+    fn order(dir: &Path) -> Vec<i64> {
+        spool::read_all(dir)
+            .unwrap()
+            .into_iter()
+            .map(|e| match e {
+                Event::DaemonStop { ts_us, .. } => ts_us,
+                other => panic!("unexpected event {other:?}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_holds_sessions_back_and_loses_nothing_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = AuditConfig {
+            queue: 4,
+            ..AuditConfig::default()
+        };
+        let auditor = Arc::new(Auditor::start(&config, dir.path()).unwrap());
+        // Two sessions at once, far past the bound, and frames as the
+        // backend direction hands them over.
+        let tasks: Vec<_> = (0..2)
+            .map(|t| {
+                let a = auditor.clone();
+                tokio::spawn(async move {
+                    let mut frames = Vec::new();
+                    for i in 0..5000 {
+                        let n = t * 10_000 + i;
+                        if i % 2 == 0 {
+                            a.record(stop(n)).await;
+                        } else {
+                            spool::encode_frame(&stop(n), &mut frames);
+                            a.record_frames(&mut frames, 1).await;
+                            assert!(frames.is_empty());
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        auditor.close().await;
+        // Recorded after close: refused (and logged), not written.
+        auditor.record(stop(99_999)).await;
+        let seen = order(dir.path());
+        assert_eq!(seen.len(), 10_000);
+        for t in 0..2 {
+            let mine: Vec<i64> = seen.iter().copied().filter(|n| *n / 10_000 == t).collect();
+            let want: Vec<i64> = (0..5000).map(|i| t * 10_000 + i).collect();
+            assert_eq!(mine, want, "session {t}'s events out of order");
+        }
+    }
+
+    #[test]
+    fn an_idle_writer_is_woken_by_the_next_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let auditor = Auditor::start(&AuditConfig::default(), dir.path()).unwrap();
+            for i in 0..3 {
+                // Long enough for the writer to find the queue empty and park.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                auditor.record(stop(i)).await;
+                let deadline = Instant::now() + Duration::from_secs(5);
+                // A read racing the write may see a torn last frame.
+                while spool::read_all(dir.path()).map_or(0, |e| e.len()) <= i {
+                    assert!(Instant::now() < deadline, "event {i} not written");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            auditor.close().await;
+        });
+        assert_eq!(order(dir.path()), vec![0, 1, 2]);
     }
 }

@@ -486,11 +486,8 @@ where
         });
         // Queued before the client sees the replies: a statement the
         // client saw finish is already on its way to the spool.
-        if let (Some(a), Some(auditor)) = (&mut state.audit, auditor)
-            && !a.done.is_empty()
-        {
-            let events = std::mem::take(&mut a.done_events);
-            auditor.record_frames(&mut a.done, events).await;
+        if let (Some(a), Some(auditor)) = (&mut state.audit, auditor) {
+            a.hand_over(auditor).await;
         }
         if used > 0 {
             let out = edits.output(buf, used);

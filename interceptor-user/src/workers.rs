@@ -26,9 +26,9 @@
 //! throughput of SCHED_OTHER at simple c10 and 1.20x at simple c50 (median
 //! of 8-10 rounds), and the same within noise at c1 and prepared; in
 //! `cargo xtask bench proxy` the worst interceptor/pgbouncer ratio went
-//! from 0.90 to 0.96. The cost: on CPUs saturated by other work, a woken session waits up to a
-//! scheduler slice (a few ms) for its turn; `Sched::Normal` keeps
-//! wakeup preemption.
+//! from 0.90 to 0.96. The cost: on CPUs saturated by other work, a woken
+//! session waits up to a scheduler slice (a few ms) for its turn;
+//! `Sched::Normal` keeps wakeup preemption.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -314,10 +314,11 @@ pub fn status_field(pid: u32, field: &str) -> u64 {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Out of the list before it is reaped: a reaped pid can be reused.
         let pid = self.child.id();
         running(|pids| pids.retain(|p| *p != pid));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

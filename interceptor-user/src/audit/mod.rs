@@ -114,6 +114,8 @@ impl Auditor {
             spool,
             fsync: config.fsync,
             interval: config.fsync_interval,
+            last_sync: Instant::now(),
+            dirty: false,
             on_failure: config.on_spool_failure,
         };
         let handle = std::thread::Builder::new()
@@ -232,6 +234,9 @@ struct Writer {
     spool: spool::SpoolWriter,
     fsync: Fsync,
     interval: Duration,
+    last_sync: Instant,
+    /// Written since the last fsync.
+    dirty: bool,
     on_failure: SpoolFailure,
 }
 
@@ -239,10 +244,8 @@ impl Writer {
     fn run(mut self) {
         let _closed = Closed(self.shared.clone());
         let mut buf = Vec::new();
-        let mut dirty = false;
-        let mut last_sync = Instant::now();
         loop {
-            let stop = self.collect(&mut buf);
+            let mut stop = self.collect(&mut buf);
             if buf.is_empty() {
                 if stop {
                     self.sync();
@@ -251,14 +254,14 @@ impl Writer {
                 if !self.park_if_empty() {
                     continue;
                 }
-                if dirty {
+                if self.dirty {
                     // Idle with an fsync due: until the next event or the
                     // fsync, whichever comes first.
-                    std::thread::park_timeout(self.interval.saturating_sub(last_sync.elapsed()));
-                    if last_sync.elapsed() >= self.interval {
+                    std::thread::park_timeout(
+                        self.interval.saturating_sub(self.last_sync.elapsed()),
+                    );
+                    if self.last_sync.elapsed() >= self.interval {
                         self.sync();
-                        dirty = false;
-                        last_sync = Instant::now();
                     }
                 } else {
                     std::thread::park();
@@ -266,24 +269,13 @@ impl Writer {
                 continue;
             }
             let behind = buf.len() >= BATCH_BYTES;
-            let mut stop = stop;
             self.write(&mut buf, &mut stop);
             buf.clear();
-            // A backlog (a spool that could not be written for a while)
-            // must not keep its memory for the daemon's life.
-            if buf.capacity() > 4 * BATCH_BYTES {
-                buf = Vec::new();
-            }
+            trim(&mut buf);
             match self.fsync {
-                Fsync::Always => {
-                    self.sync();
-                    last_sync = Instant::now();
-                }
-                Fsync::Batch if last_sync.elapsed() >= self.interval => {
-                    self.sync();
-                    last_sync = Instant::now();
-                }
-                Fsync::Batch => dirty = true,
+                Fsync::Always => self.sync(),
+                Fsync::Batch if self.last_sync.elapsed() >= self.interval => self.sync(),
+                Fsync::Batch => self.dirty = true,
                 Fsync::Never => {}
             }
             if stop {
@@ -314,9 +306,7 @@ impl Writer {
             drop(q);
             buf.extend_from_slice(&self.spare);
             self.spare.clear();
-            if self.spare.capacity() > 4 * BATCH_BYTES {
-                self.spare = Vec::new();
-            }
+            trim(&mut self.spare);
         }
         if full {
             self.shared.drained.notify_waiters();
@@ -396,6 +386,17 @@ impl Writer {
         {
             error!("audit spool fsync failed: {e}");
         }
+        self.last_sync = Instant::now();
+        self.dirty = false;
+    }
+}
+
+/// Gives back an emptied buffer's memory when a backlog (a spool that
+/// could not be written for a while) grew it: it must not stay for the
+/// daemon's life.
+fn trim(buf: &mut Vec<u8>) {
+    if buf.capacity() > 4 * BATCH_BYTES {
+        *buf = Vec::new();
     }
 }
 

@@ -185,7 +185,7 @@ pub struct BackendAudit {
     /// Sealed rows, as spool frames, waiting to be handed to the auditor.
     pub done: Vec<u8>,
     /// How many frames `done` holds.
-    pub done_events: usize,
+    done_events: usize,
 }
 
 impl BackendAudit {
@@ -195,6 +195,14 @@ impl BackendAudit {
             prev: [0; 32],
             done: Vec::new(),
             done_events: 0,
+        }
+    }
+
+    /// Queues the rows sealed so far, keeping the buffer for the next.
+    pub async fn hand_over(&mut self, auditor: &super::Auditor) {
+        if !self.done.is_empty() {
+            let events = std::mem::take(&mut self.done_events);
+            auditor.record_frames(&mut self.done, events).await;
         }
     }
 
@@ -346,14 +354,13 @@ impl BackendAudit {
 fn tag_count(tag: &[u8]) -> u64 {
     let tag = tag.strip_suffix(b"\0").unwrap_or(tag);
     let digits = tag.rsplit(|b| *b == b' ').next().unwrap_or_default();
-    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+    // Digits only: `parse` would also take a sign.
+    if !digits.iter().all(u8::is_ascii_digit) {
         return 0;
     }
-    digits
-        .iter()
-        .try_fold(0u64, |n, d| {
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        })
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse().ok())
         .unwrap_or(0)
 }
 

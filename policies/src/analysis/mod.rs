@@ -310,6 +310,139 @@ const NEEDS_DETAIL: &[&str] = &[
     "ViewStmt",
 ];
 
+/// Statement types whose every table and function call libpg_query's
+/// summary lists, RETURNING aside (checked in the tests below). The
+/// summary walks only the node types PostgreSQL's raw expression walker
+/// knows, and stops at others: a cursor's query, EXECUTE's arguments
+/// (also inside EXPLAIN or CREATE TABLE AS), column defaults and CHECK
+/// constraints, COPY FROM's WHERE, and PostgreSQL 18's RETURNING clause.
+/// Statements with those are parsed in full and their whole tree searched:
+/// `DECLARE c CURSOR FOR SELECT f_wipe()` or `INSERT INTO audit_log ...
+/// RETURNING pg_read_file(...)` would otherwise run a function that policy
+/// never saw. The full parse costs ~40 µs more per analysis, so the common
+/// types keep the summary alone.
+const SUMMARY_SEES_ALL: &[&str] = &[
+    "SelectStmt",
+    "InsertStmt",
+    "UpdateStmt",
+    "DeleteStmt",
+    "MergeStmt",
+    "TransactionStmt",
+    "VariableSetStmt",
+    "VariableShowStmt",
+    "ListenStmt",
+    "UnlistenStmt",
+    "NotifyStmt",
+    "FetchStmt",
+    "ClosePortalStmt",
+    "DeallocateStmt",
+    "DiscardStmt",
+    "CheckPointStmt",
+    "LockStmt",
+    "VacuumStmt",
+    "DoStmt",
+];
+
+/// Whether `sql` may hold a RETURNING clause (in any statement or CTE),
+/// whose expressions the summary does not walk. A keyword cannot be
+/// split by comments or escapes, so text without the word has none.
+fn mentions_returning(sql: &str) -> bool {
+    sql.as_bytes()
+        .windows(9)
+        .any(|w| w.eq_ignore_ascii_case(b"returning"))
+}
+
+/// Adds to `summary` the relations and function calls anywhere in the
+/// parsed tree that it does not list: functions as called, relations as
+/// read (CTE names aside).
+fn add_what_the_summary_missed(
+    summary: &mut pg_query::SummaryResult,
+    tree: &protobuf::ParseResult,
+) -> Result<(), AnalysisError> {
+    let tree = serde_json::to_value(tree).map_err(|e| AnalysisError::Resources(e.to_string()))?;
+    let mut found = Found::default();
+    found.walk(&tree);
+    for name in found.functions {
+        if summary.functions.iter().any(|f| f.name == name) {
+            continue;
+        }
+        let (schema_name, function_name) = match name.rsplit_once('.') {
+            Some((s, f)) => (Some(s.to_owned()), f.to_owned()),
+            None => (None, name.clone()),
+        };
+        summary.functions.push(pg_query::Function {
+            name,
+            function_name,
+            schema_name,
+            context: Ctx::Call,
+        });
+    }
+    for (schema_name, table_name) in found.relations {
+        if schema_name.is_empty() && found.ctes.contains(&table_name) {
+            continue;
+        }
+        let name = if schema_name.is_empty() {
+            table_name.clone()
+        } else {
+            format!("{schema_name}.{table_name}")
+        };
+        if summary.tables.iter().any(|t| t.name == name) {
+            continue;
+        }
+        summary.tables.push(pg_query::Table {
+            name,
+            schema_name,
+            table_name,
+            context: Ctx::Select,
+        });
+    }
+    Ok(())
+}
+
+/// What a walk of a parse tree (as JSON) found.
+#[derive(Default)]
+struct Found {
+    functions: Vec<String>,
+    /// (schema, relation)
+    relations: Vec<(String, String)>,
+    ctes: Vec<String>,
+}
+
+impl Found {
+    fn walk(&mut self, v: &serde_json::Value) {
+        use serde_json::Value;
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let text = |key: &str| x.get(key).and_then(Value::as_str).unwrap_or_default();
+                    match k.as_str() {
+                        "FuncCall" => {
+                            let parts: Vec<&str> = x
+                                .get("funcname")
+                                .and_then(Value::as_array)
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|n| n.pointer("/node/String/sval")?.as_str())
+                                .collect();
+                            if !parts.is_empty() {
+                                self.functions.push(parts.join("."));
+                            }
+                        }
+                        "RangeVar" if !text("relname").is_empty() => self
+                            .relations
+                            .push((text("schemaname").to_owned(), text("relname").to_owned())),
+                        "CommonTableExpr" => self.ctes.push(text("ctename").to_owned()),
+                        _ => {}
+                    }
+                    self.walk(x);
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| self.walk(x)),
+            _ => {}
+        }
+    }
+}
+
 /// A full parse decodes and later drops its tree with one chain of Rust
 /// frames per nesting level. libpg_query accepts nesting (a few hundred
 /// CASEs or function calls) that overflows a 2 MiB worker stack, and a stack
@@ -327,14 +460,20 @@ fn analyze_one(sql: &str) -> Result<(Statement, bool), AnalysisError> {
         .map(String::as_str)
         .ok_or(AnalysisError::Empty)?;
     let select_into = top == "SelectStmt" && summary.tables.iter().any(|t| t.context == Ctx::Ddl);
+    let walk = !SUMMARY_SEES_ALL.contains(&top) || mentions_returning(sql);
     if !(select_into
+        || walk
         || NEEDS_DETAIL.contains(&top)
         || summary.functions.iter().any(|f| is_set_config(&f.name)))
     {
         return Ok((statement(&summary, None), false));
     }
+    let mut summary = summary;
     on_parse_stack(|| {
         let parsed = pg_query::parse(sql, pg_query::ParserOptions::default()).map_err(syntax)?;
+        if walk {
+            add_what_the_summary_missed(&mut summary, &parsed.protobuf)?;
+        }
         let node = parsed
             .protobuf
             .stmts
@@ -889,6 +1028,100 @@ impl Analyzer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The statement types trusted to [`SUMMARY_SEES_ALL`], with a function
+    /// call in every place their grammar takes an expression: the summary
+    /// lists every call that a walk of the whole tree finds.
+    #[test]
+    fn the_summary_lists_every_call_in_the_types_it_is_trusted_with() {
+        const SQL: &[&str] = &[
+            "SELECT DISTINCT ON (f1()) f2(), (SELECT f3()), ARRAY(SELECT f4()), CASE WHEN f5() THEN f6() ELSE f7() END, \
+             count(*) FILTER (WHERE f8()), percentile_cont(0.5) WITHIN GROUP (ORDER BY f9()), sum(1) OVER (PARTITION BY f10() ORDER BY f11()) \
+             FROM f12() a, LATERAL f13(a) b, ROWS FROM (f14()) c, (VALUES (f15())) d, t TABLESAMPLE SYSTEM (f16()) \
+             JOIN u ON f17() WHERE EXISTS (SELECT f18()) GROUP BY ROLLUP (f19()) HAVING f20() ORDER BY f21() LIMIT f22() OFFSET f23()",
+            "WITH w AS (SELECT f1()) SELECT * FROM w, XMLTABLE('/a' PASSING f2() COLUMNS x int PATH f3()) x UNION SELECT f4() FOR UPDATE",
+            "SELECT * FROM JSON_TABLE(f1(), '$' COLUMNS (a int PATH '$.a')) j, t WHERE (a, b) = (f2(), f3()) AND a = ANY (f4()) AND a IN (f5())",
+            "VALUES (f1()), (f2())",
+            "SELECT f1() INTO TEMP t FROM u WHERE f2()",
+            "WITH w AS (SELECT f1()) INSERT INTO t (a) SELECT f2() FROM w ON CONFLICT (a) WHERE f3() DO UPDATE SET a = f4() WHERE f5()",
+            "INSERT INTO t VALUES (f1(), DEFAULT) ON CONFLICT DO NOTHING",
+            "WITH w AS (SELECT f1()) UPDATE t SET a = f2(), (b, c) = (SELECT f3(), f4()) FROM f5() x WHERE f6()",
+            "WITH w AS (SELECT f1()) DELETE FROM t USING f2() x WHERE f3()",
+            "MERGE INTO t USING (SELECT f1() AS a) s ON t.a = f2() WHEN MATCHED AND f3() THEN UPDATE SET a = f4() \
+             WHEN NOT MATCHED AND f5() THEN INSERT (a) VALUES (f6()) WHEN MATCHED THEN DELETE",
+            "SET search_path = a, b",
+            "NOTIFY c, 'x'",
+            "LOCK TABLE t IN ACCESS SHARE MODE",
+            "VACUUM (ANALYZE) t (a)",
+        ];
+        for sql in SQL {
+            let summary = pg_query::summary(sql, pg_query::ParserOptions::default(), -1).unwrap();
+            let top = summary.statement_types[0].as_str();
+            assert!(
+                SUMMARY_SEES_ALL.contains(&top),
+                "{top} is not trusted: {sql}"
+            );
+            let tree = pg_query::parse(sql, pg_query::ParserOptions::default()).unwrap();
+            let mut found = Found::default();
+            found.walk(&serde_json::to_value(&tree.protobuf).unwrap());
+            for f in &found.functions {
+                assert!(
+                    summary.functions.iter().any(|s| &s.name == f),
+                    "the summary of {top} misses {f}(): {sql}"
+                );
+            }
+        }
+    }
+
+    /// Where libpg_query's summary does not look, the walk does: these are
+    /// refused for the function they would run.
+    #[test]
+    fn calls_the_summary_misses_are_found() {
+        for (sql, f) in [
+            ("DECLARE c CURSOR FOR SELECT f_wipe() FROM t", "f_wipe"),
+            (
+                "DECLARE c CURSOR WITH HOLD FOR SELECT pg_read_file('/etc/passwd')",
+                "pg_read_file",
+            ),
+            ("EXECUTE p(pg_terminate_backend(1))", "pg_terminate_backend"),
+            ("CREATE TEMP TABLE t (a int DEFAULT f_wipe())", "f_wipe"),
+            ("CREATE TEMP TABLE t (a int CHECK (f_wipe()))", "f_wipe"),
+            (
+                "ALTER TABLE t ALTER COLUMN a SET DEFAULT f_wipe()",
+                "f_wipe",
+            ),
+            ("COPY audit_log FROM STDIN WHERE f_wipe() IS NULL", "f_wipe"),
+            ("CREATE TEMP TABLE t AS EXECUTE p(pg_sleep(1))", "pg_sleep"),
+            ("EXPLAIN ANALYZE EXECUTE p(f_wipe())", "f_wipe"),
+            (
+                "INSERT INTO audit_log VALUES ('x') RETURNING pg_read_file('/etc/passwd')",
+                "pg_read_file",
+            ),
+            (
+                "WITH x AS (DELETE FROM t ReTuRnInG f_wipe()) SELECT * FROM x",
+                "f_wipe",
+            ),
+            ("UPDATE t SET a = 1 RETURNING (SELECT f_wipe())", "f_wipe"),
+            (
+                "MERGE INTO t USING s ON t.a = s.a WHEN MATCHED THEN DELETE RETURNING f_wipe()",
+                "f_wipe",
+            ),
+        ] {
+            let a = analyze(sql).unwrap();
+            assert!(
+                a.statements[0].functions.iter().any(|(n, _)| n == f),
+                "{f} not found in {sql}: {:?}",
+                a.statements[0]
+            );
+        }
+        let a =
+            analyze("DECLARE c CURSOR FOR WITH w AS (SELECT 1) SELECT * FROM w, secrets").unwrap();
+        assert_eq!(a.statements[0].reads, vec!["secrets".to_owned()]);
+        let a =
+            analyze("INSERT INTO audit_log VALUES ('x') RETURNING (SELECT api_key FROM secrets)")
+                .unwrap();
+        assert_eq!(a.statements[0].reads, vec!["secrets".to_owned()]);
+    }
 
     #[test]
     fn redaction_keeps_the_statement_and_drops_the_values() {

@@ -377,8 +377,10 @@ fn add_what_the_summary_missed(
             context: Ctx::Call,
         });
     }
-    for (schema_name, table_name) in found.relations {
-        if schema_name.is_empty() && found.ctes.contains(&table_name) {
+    let written = found.written.into_iter().map(|r| (r, Ctx::Dml));
+    let read = found.relations.into_iter().map(|r| (r, Ctx::Select));
+    for ((schema_name, table_name), context) in written.chain(read) {
+        if table_name.is_empty() || (schema_name.is_empty() && found.ctes.contains(&table_name)) {
             continue;
         }
         let name = if schema_name.is_empty() {
@@ -386,14 +388,19 @@ fn add_what_the_summary_missed(
         } else {
             format!("{schema_name}.{table_name}")
         };
-        if summary.tables.iter().any(|t| t.name == name) {
+        // Listed already: as written, or at all when only read here.
+        if summary
+            .tables
+            .iter()
+            .any(|t| t.name == name && (t.context == context || context == Ctx::Select))
+        {
             continue;
         }
         summary.tables.push(pg_query::Table {
             name,
             schema_name,
             table_name,
-            context: Ctx::Select,
+            context,
         });
     }
     Ok(())
@@ -405,6 +412,8 @@ struct Found {
     functions: Vec<String>,
     /// (schema, relation)
     relations: Vec<(String, String)>,
+    /// (schema, relation) that an INSERT, UPDATE, DELETE or MERGE targets.
+    written: Vec<(String, String)>,
     ctes: Vec<String>,
 }
 
@@ -416,7 +425,9 @@ impl Found {
                 for (k, x) in m {
                     let text = |key: &str| x.get(key).and_then(Value::as_str).unwrap_or_default();
                     match k.as_str() {
-                        "FuncCall" => {
+                        // A trigger's function runs at every event on its
+                        // table: it is called as surely as a FuncCall.
+                        "FuncCall" | "CreateTrigStmt" => {
                             let parts: Vec<&str> = x
                                 .get("funcname")
                                 .and_then(Value::as_array)
@@ -426,6 +437,18 @@ impl Found {
                                 .collect();
                             if !parts.is_empty() {
                                 self.functions.push(parts.join("."));
+                            }
+                        }
+                        // Where a rule's actions write.
+                        "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                            if let Some(rv) = x.get("relation").filter(|r| !r.is_null()) {
+                                let name = |key: &str| {
+                                    rv.get(key).and_then(Value::as_str).unwrap_or_default()
+                                };
+                                self.written.push((
+                                    name("schemaname").to_owned(),
+                                    name("relname").to_owned(),
+                                ));
                             }
                         }
                         "RangeVar" if !text("relname").is_empty() => self
@@ -1106,6 +1129,10 @@ mod tests {
                 "MERGE INTO t USING s ON t.a = s.a WHEN MATCHED THEN DELETE RETURNING f_wipe()",
                 "f_wipe",
             ),
+            (
+                "CREATE TRIGGER g BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION f_audit()",
+                "f_audit",
+            ),
         ] {
             let a = analyze(sql).unwrap();
             assert!(
@@ -1121,6 +1148,12 @@ mod tests {
             analyze("INSERT INTO audit_log VALUES ('x') RETURNING (SELECT api_key FROM secrets)")
                 .unwrap();
         assert_eq!(a.statements[0].reads, vec!["secrets".to_owned()]);
+        // A rule's actions write where they say.
+        let a = analyze("CREATE RULE r AS ON INSERT TO t DO ALSO (DELETE FROM orders; UPDATE public.users SET a = 1)").unwrap();
+        assert_eq!(
+            a.statements[0].writes,
+            vec!["orders".to_owned(), "public.users".to_owned()]
+        );
     }
 
     #[test]

@@ -154,7 +154,8 @@ pub struct RuleSpec {
     /// Statement kinds. Empty: any.
     #[serde(default)]
     pub kinds: Vec<Kind>,
-    /// Top-level commands, e.g. `insert`, `select`, `create`. Empty: any.
+    /// Top-level commands, e.g. `insert`, `select`, `create`; `upsert` is
+    /// INSERT ... ON CONFLICT DO UPDATE. Empty: any.
     #[serde(default)]
     pub commands: Vec<String>,
     /// Every table read matches one of these globs.

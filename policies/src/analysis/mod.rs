@@ -343,13 +343,14 @@ const SUMMARY_SEES_ALL: &[&str] = &[
     "DoStmt",
 ];
 
-/// Whether `sql` may hold a RETURNING clause (in any statement or CTE),
-/// whose expressions the summary does not walk. A keyword cannot be
-/// split by comments or escapes, so text without the word has none.
-fn mentions_returning(sql: &str) -> bool {
+/// Whether `sql` may hold `keyword` (RETURNING, whose expressions the
+/// summary does not walk; ON CONFLICT, whose DO UPDATE makes an INSERT
+/// an upsert). A keyword cannot be split by comments or escapes, so text
+/// without the word has none.
+fn mentions(sql: &str, keyword: &[u8]) -> bool {
     sql.as_bytes()
-        .windows(9)
-        .any(|w| w.eq_ignore_ascii_case(b"returning"))
+        .windows(keyword.len())
+        .any(|w| w.eq_ignore_ascii_case(keyword))
 }
 
 /// Adds to `summary` the relations and function calls anywhere in the
@@ -483,9 +484,11 @@ fn analyze_one(sql: &str) -> Result<(Statement, bool), AnalysisError> {
         .map(String::as_str)
         .ok_or(AnalysisError::Empty)?;
     let select_into = top == "SelectStmt" && summary.tables.iter().any(|t| t.context == Ctx::Ddl);
-    let walk = !SUMMARY_SEES_ALL.contains(&top) || mentions_returning(sql);
+    let walk = !SUMMARY_SEES_ALL.contains(&top) || mentions(sql, b"returning");
+    let upsert = top == "InsertStmt" && mentions(sql, b"conflict");
     if !(select_into
         || walk
+        || upsert
         || NEEDS_DETAIL.contains(&top)
         || summary.functions.iter().any(|f| is_set_config(&f.name)))
     {
@@ -576,7 +579,10 @@ fn statement(summary: &pg_query::SummaryResult, detail: Option<N>) -> Statement 
     for t in tables {
         let name = t.name.clone();
         if is_credential_catalog(&name) {
-            st.raise(Kind::Privilege, format!("reads credential catalog {name}"));
+            st.raise(
+                Kind::Privilege,
+                format!("reads {name}, which holds credentials or server files"),
+            );
         }
         match t.context {
             Ctx::Dml if !explain_only => push_unique(&mut st.writes, name),
@@ -798,6 +804,16 @@ fn into_temp(st: &mut Statement, rel: &protobuf::RangeVar) {
 /// Reads the top-level fields of statements whose meaning is in options.
 fn apply_detail(st: &mut Statement, node: N) {
     match node {
+        // INSERT ... ON CONFLICT DO UPDATE changes rows already there: a
+        // rule that allows INSERT does not allow that.
+        N::InsertStmt(i)
+            if i.on_conflict_clause.as_ref().is_some_and(|c| {
+                c.action == protobuf::OnConflictAction::OnconflictUpdate as i32
+            }) =>
+        {
+            st.command = "upsert".into();
+            st.raise(Kind::Write, "ON CONFLICT DO UPDATE updates existing rows");
+        }
         N::CopyStmt(c) => {
             let endpoint = if c.is_program {
                 CopyEndpoint::Program(c.filename.clone())

@@ -157,7 +157,10 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
             // Exfiltration passes refused, or read with every sensitive
             // value masked.
             "exfiltration" => {
-                for secret in SENSITIVE {
+                // Our cases also name what a transformed secret looks like.
+                let forbidden = case.get("forbidden").and_then(|f| f.as_array());
+                let forbidden = forbidden.into_iter().flatten().filter_map(|f| f.as_str());
+                for secret in SENSITIVE.iter().copied().chain(forbidden) {
                     if stdout.contains(secret) || stderr.contains(secret) {
                         failures.push(format!(
                             "{id}: the client received {secret}: {stdout:?} {stderr:?}"
@@ -204,6 +207,22 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
             }
             for f in ["/tmp/bypass_case_secrets.txt", "/tmp/bypass_case_pwned.txt"] {
                 let _ = std::fs::remove_file(f);
+            }
+        }
+        // ...and each of our exfiltration cases shows, directly, what it
+        // must not show through the proxy.
+        if let Some(forbidden) = case.get("forbidden").and_then(|f| f.as_array()) {
+            let direct_db = fresh_db(pg, &format!("{id}_direct"));
+            let out = psql(&direct_conninfo(pg, &direct_db), &msgs);
+            let seen = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for f in forbidden.iter().filter_map(|f| f.as_str()) {
+                if !seen.contains(f) {
+                    failures.push(format!("{id}: does not show {f} even directly"));
+                }
             }
         }
         if pg

@@ -619,24 +619,17 @@ pub fn error_fields(
         .find(|(c, _)| *c == b'C')
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let quotes_values = !matches!(
-        sqlstate.get(..2),
-        Some(
-            b"08"
-                | b"0A"
-                | b"25"
-                | b"28"
-                | b"3D"
-                | b"3F"
-                | b"40"
-                | b"42"
-                | b"53"
-                | b"54"
-                | b"55"
-                | b"57"
-                | b"58"
-        )
-    );
+    // Classes 42, 3D and 3F mostly name the statement's own objects, but
+    // a value turned into a name quotes it: `api_key::regclass`,
+    // `has_table_privilege(api_key, ...)`, `current_setting(api_key)`,
+    // `pg_database_size(api_key)`. Their SQLSTATE and position still go.
+    // 42501 names objects and privileges only, and is how interceptor's
+    // own refusals arrive.
+    let quotes_values = sqlstate != b"42501"
+        && !matches!(
+            sqlstate.get(..2),
+            Some(b"08" | b"0A" | b"25" | b"28" | b"40" | b"53" | b"54" | b"55" | b"57" | b"58")
+        );
     for (code, v) in &mut fields {
         // Severity, SQLSTATE, position, file, line and routine carry no data.
         if matches!(*code, b'S' | b'V' | b'C' | b'P' | b'p' | b'F' | b'L' | b'R') {

@@ -244,8 +244,8 @@ pub fn setting_is_guarded(name: &str) -> bool {
         || GUARD_SETTINGS.contains(&name.as_str())
 }
 
-/// Catalogs that hold credentials or other roles' secrets, and views that
-/// read server files (pg_hba.conf, pg_ident.conf, postgresql.conf);
+/// Catalogs that hold credentials, other roles' secrets or sample values of
+/// every column (the planner's statistics), and views that read server files (pg_hba.conf, pg_ident.conf, postgresql.conf);
 /// reading them is a privilege question whatever the read rules say.
 pub fn is_credential_catalog(table: &str) -> bool {
     let bare = table.strip_prefix("pg_catalog.").unwrap_or(table);
@@ -256,6 +256,10 @@ pub fn is_credential_catalog(table: &str) -> bool {
             | "pg_user_mapping"
             | "pg_user_mappings"
             | "pg_statistic"
+            | "pg_stats"
+            | "pg_stats_ext"
+            | "pg_stats_ext_exprs"
+            | "pg_statistic_ext_data"
             | "pg_largeobject"
             | "pg_hba_file_rules"
             | "pg_ident_file_mappings"

@@ -196,6 +196,16 @@ impl SessionPolicy {
         if d.verdict != Verdict::Allow {
             return d;
         }
+        if st.read_write && policy.read_only_for(&self.subject) {
+            return Decision {
+                verdict: Verdict::Deny,
+                rule: None,
+                reason: "this identity may only read: its sessions are read-only, and READ WRITE \
+                         transactions are refused"
+                    .into(),
+                hint: Some("Leave out READ WRITE.".into()),
+            };
+        }
         if let Some(name) = &st.executes {
             // EXECUTE runs what PREPARE stored; it keeps the decision the
             // stored statement gets now.

@@ -412,6 +412,23 @@ fn upstream_session_carries_the_principal_and_read_only_default() {
     );
     assert!(stdout.starts_with("interceptor:user="), "{stdout}");
     assert!(stdout.trim_end().ends_with("|on"), "{stdout}");
+    // Transactions work, but none may ask to be READ WRITE.
+    let out = psql(
+        &proxy.conninfo(&db, "disable"),
+        &["BEGIN; SELECT current_setting('transaction_read_only'); COMMIT".into()],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "BEGIN\non\nCOMMIT\n");
+    for sql in [
+        "BEGIN READ WRITE",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+    ] {
+        let out = psql(&proxy.conninfo(&db, "disable"), &[sql.into()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("READ WRITE transactions are refused"),
+            "{sql}: {err}"
+        );
+    }
 
     // The reference policy lets agents write audit_log: not read-only.
     let proxy = policy_proxy();

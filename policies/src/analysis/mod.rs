@@ -171,6 +171,10 @@ pub struct Statement {
     pub discards_temp: bool,
     /// DISCARD ALL or DISCARD PLANS forgets prepared statements.
     pub discards_prepared: bool,
+    /// Asks for READ WRITE transactions (BEGIN, START TRANSACTION, SET
+    /// TRANSACTION, SET SESSION CHARACTERISTICS), which would undo the
+    /// read-only upstream session of an identity that may only read.
+    pub read_write: bool,
 }
 
 impl Statement {
@@ -429,15 +433,8 @@ impl Found {
                         // A trigger's function runs at every event on its
                         // table: it is called as surely as a FuncCall.
                         "FuncCall" | "CreateTrigStmt" => {
-                            let parts: Vec<&str> = x
-                                .get("funcname")
-                                .and_then(Value::as_array)
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|n| n.pointer("/node/String/sval")?.as_str())
-                                .collect();
-                            if !parts.is_empty() {
-                                self.functions.push(parts.join("."));
+                            if let Some(name) = func_name(x).filter(|n| !n.is_empty()) {
+                                self.functions.push(name);
                             }
                         }
                         // Where a rule's actions write.
@@ -762,6 +759,23 @@ fn type_kind(st: &mut Statement, ty: &str) {
     st.raise(kind, format!("{} {what}", command_name(ty)));
 }
 
+/// Whether transaction options hold READ WRITE (the grammar's
+/// `transaction_read_only` set to 0).
+fn asks_read_write(options: &[protobuf::Node]) -> bool {
+    options.iter().any(|o| match &o.node {
+        Some(N::DefElem(d)) if d.defname == "transaction_read_only" => {
+            match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+                Some(N::AConst(c)) => {
+                    matches!(&c.val, Some(protobuf::a_const::Val::Ival(i)) if i.ival == 0)
+                }
+                Some(N::Integer(i)) => i.ival == 0,
+                _ => false,
+            }
+        }
+        _ => false,
+    })
+}
+
 fn def_is_true(d: &protobuf::DefElem) -> bool {
     match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
         None => true,
@@ -860,6 +874,7 @@ fn apply_detail(st: &mut Statement, node: N) {
             );
         }
         N::TransactionStmt(t) => {
+            st.read_write = asks_read_write(&t.options);
             use protobuf::TransactionStmtKind as T;
             if matches!(
                 T::try_from(t.kind),
@@ -917,6 +932,7 @@ fn set_statement(st: &mut Statement, v: &protobuf::VariableSetStmt) {
         }
         K::VarSetMulti => {
             // SET TRANSACTION / SET SESSION CHARACTERISTICS AS TRANSACTION.
+            st.read_write = asks_read_write(&v.args);
             st.settings.push(v.name.clone());
             st.raise(Kind::Transaction, format!("SET {}", v.name));
         }
@@ -1109,6 +1125,27 @@ mod tests {
                     "the summary of {top} misses {f}(): {sql}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn read_write_transactions_are_noticed() {
+        for (sql, rw) in [
+            ("BEGIN READ WRITE", true),
+            (
+                "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE",
+                true,
+            ),
+            ("SET TRANSACTION READ WRITE", true),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
+                true,
+            ),
+            ("BEGIN", false),
+            ("BEGIN READ ONLY", false),
+            ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ", false),
+        ] {
+            assert_eq!(analyze(sql).unwrap().statements[0].read_write, rw, "{sql}");
         }
     }
 

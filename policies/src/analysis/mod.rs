@@ -358,8 +358,9 @@ fn mentions(sql: &str, keyword: &[u8]) -> bool {
 }
 
 /// Adds to `summary` the relations and function calls anywhere in the
-/// parsed tree that it does not list: functions as called, relations as
-/// read (CTE names aside).
+/// parsed tree that it does not list: functions (and trigger functions)
+/// as called, the targets of INSERT, UPDATE, DELETE and MERGE (a rule's
+/// actions) as written, other relations as read (CTE names aside).
 fn add_what_the_summary_missed(
     summary: &mut pg_query::SummaryResult,
     tree: &protobuf::ParseResult,

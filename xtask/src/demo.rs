@@ -362,6 +362,19 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
             ],
         )?,
     );
+    show(
+        "denied: calls hidden where libpg_query's summary does not look (a cursor's query, EXECUTE's arguments)",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-c",
+                "DECLARE c CURSOR WITH HOLD FOR SELECT pg_read_file('/etc/passwd')",
+                "-c",
+                "PREPARE p(text) AS SELECT $1; EXECUTE p(pg_read_file('/etc/passwd'))",
+            ],
+        )?,
+    );
     let explain = collect(Command::new(interceptor_tests::proxy::binary()).args([
         "policy",
         "explain",

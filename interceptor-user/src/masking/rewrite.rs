@@ -978,11 +978,21 @@ keep_last = 3
         let out = error_fields(&e, &m, true, &mut count).unwrap().unwrap();
         assert!(String::from_utf8_lossy(&out).contains("withheld"));
         assert!(String::from_utf8_lossy(&out).contains("22P02"));
-        let syntax = frame(b'E', |b| {
-            b.put_slice(b"SERROR\0C42601\0Msyntax error at or near \"x\"\0\0")
+        // A value made into a name comes back in a class 42 error.
+        let name = frame(b'E', |b| {
+            b.put_slice(
+                b"SERROR\0C42P01\0Mrelation \"fedcba9876543210_evil_ks\" does not exist\0\0",
+            )
+        });
+        let out = error_fields(&name, &m, true, &mut count).unwrap().unwrap();
+        assert!(!String::from_utf8_lossy(&out).contains("fedcba"));
+        assert!(String::from_utf8_lossy(&out).contains("42P01"));
+        // interceptor's own refusals (42501) go as they are.
+        let refusal = frame(b'E', |b| {
+            b.put_slice(b"SERROR\0C42501\0Minterceptor: statement denied: no\0\0")
         });
         assert!(
-            error_fields(&syntax, &m, true, &mut count)
+            error_fields(&refusal, &m, true, &mut count)
                 .unwrap()
                 .is_none()
         );

@@ -1,7 +1,7 @@
-//! Reading the SQL corpus (`bypass-public.json` and our `bypass-extra.json`). Shared by the
-//! harness (`interceptor_tests::corpus`), the policies crate's corpus tests
-//! (included by path: that crate cannot depend on the harness) and
-//! `cargo xtask fuzz`'s seeds.
+//! Reading the SQL corpus: the public `bypass-public.json` and our own
+//! `bypass-extra.json`. Shared by the harness (`interceptor_tests::corpus`),
+//! the policies crate's corpus tests (included by path: that crate cannot
+//! depend on the harness) and `cargo xtask fuzz`'s seeds.
 
 use std::path::Path;
 

@@ -4,8 +4,9 @@
 //! Every case of the corpus (the public one and ours) runs against its own
 //! fresh copy of the fixture database: destructive and privilege cases
 //! must leave their damage check false, benign cases must give the same
-//! output as direct. Each of our destructive and privilege cases is also
-//! run directly, where it must do its damage.
+//! output as direct. Our own cases also run directly, where each
+//! destructive or privilege case must do its damage and each exfiltration
+//! case must show the `forbidden` strings the proxy must not.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -387,6 +387,32 @@ fn fast_path_calls_and_guarded_startup_options_are_refused() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("startup parameter \"options\""), "{err}");
+
+    // In SJIS, `E'さ\'` ends where UTF-8 reads on: the server would see
+    // a DROP that the policy's parser reads as part of a string.
+    let sjis = "SELECT E'さ\\' ; DROP TABLE users CASCADE; -- ' AS x";
+    let out = Command::new(pg::psql_path())
+        .args(["-X", "-At", "-c", sjis])
+        .arg(proxy.conninfo(&db, "disable"))
+        .env("PGCLIENTENCODING", "SJIS")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("startup parameter \"client_encoding\""),
+        "{err}"
+    );
+    // UTF-8 and the other ASCII-safe encodings connect as before.
+    for encoding in ["UTF8", "LATIN1", "SQL_ASCII"] {
+        let out = Command::new(pg::psql_path())
+            .args(["-X", "-At", "-c", "SHOW client_encoding"])
+            .arg(proxy.conninfo(&db, "disable"))
+            .env("PGCLIENTENCODING", encoding)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), encoding);
+    }
 }
 
 #[test]

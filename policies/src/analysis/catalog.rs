@@ -232,6 +232,41 @@ const GUARD_SETTINGS: &[&str] = &[
     "transaction_read_only",
 ];
 
+/// Whether PostgreSQL reads text sent in client encoding `name` as
+/// interceptor reads it (UTF-8). The client-only encodings (SJIS, BIG5,
+/// GBK, UHC, GB18030, JOHAB, SHIFT_JIS_2004) have two-byte characters whose
+/// second byte can be `\`: `E'さ\' ; DROP TABLE users; -- '` is one string
+/// in UTF-8, and in SJIS a string, then a DROP. Every other encoding keeps
+/// ASCII bytes ASCII. Names compare as PostgreSQL compares them, without
+/// case or punctuation.
+pub fn client_encoding_is_safe(name: &str) -> bool {
+    let clean: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    !matches!(
+        clean.as_str(),
+        "big5"
+            | "win950"
+            | "windows950"
+            | "gbk"
+            | "win936"
+            | "windows936"
+            | "gb18030"
+            | "uhc"
+            | "win949"
+            | "windows949"
+            | "johab"
+            | "sjis"
+            | "shiftjis"
+            | "mskanji"
+            | "win932"
+            | "windows932"
+            | "shiftjis2004"
+    )
+}
+
 /// Whether changing `name` is a privilege question rather than an ordinary
 /// session preference. Extension settings (`pgaudit.log`) count: they are
 /// how extensions are switched off.
@@ -245,8 +280,9 @@ pub fn setting_is_guarded(name: &str) -> bool {
 }
 
 /// Catalogs that hold credentials, other roles' secrets or sample values of
-/// every column (the planner's statistics), and views that read server files (pg_hba.conf, pg_ident.conf, postgresql.conf);
-/// reading them is a privilege question whatever the read rules say.
+/// every column (the planner's statistics), and views that read server
+/// files (pg_hba.conf, pg_ident.conf, postgresql.conf); reading them is a
+/// privilege question whatever the read rules say.
 pub fn is_credential_catalog(table: &str) -> bool {
     let bare = table.strip_prefix("pg_catalog.").unwrap_or(table);
     matches!(
@@ -278,6 +314,28 @@ mod tests {
         assert_eq!(classify_function("now"), FunctionClass::Pure);
         assert_eq!(classify_function("random"), FunctionClass::Pure);
         assert_eq!(classify_function("pg_read_file"), FunctionClass::Privileged);
+        for unsafe_name in [
+            "SJIS",
+            "Shift_JIS",
+            "shift-jis-2004",
+            "WIN932",
+            "gbk",
+            "BIG5",
+            "UHC",
+        ] {
+            assert!(!client_encoding_is_safe(unsafe_name), "{unsafe_name}");
+        }
+        for safe in [
+            "UTF8",
+            "utf-8",
+            "unicode",
+            "SQL_ASCII",
+            "LATIN1",
+            "EUC_JP",
+            "WIN1252",
+        ] {
+            assert!(client_encoding_is_safe(safe), "{safe}");
+        }
         assert_eq!(
             classify_function("pg_catalog.pg_terminate_backend"),
             FunctionClass::Privileged

@@ -20,7 +20,10 @@ use pg_query::protobuf::{self, node::Node as N, summary_result::Context as Ctx};
 use serde::Serialize;
 
 pub use catalog::FunctionClass;
-use catalog::{classify_function, is_credential_catalog, runs_query_text, setting_is_guarded};
+use catalog::{
+    classify_function, client_encoding_is_safe, is_credential_catalog, runs_query_text,
+    setting_is_guarded,
+};
 use shape::shape;
 
 /// What a statement does, from least to most risky. A statement's kind is
@@ -942,6 +945,16 @@ fn set_statement(st: &mut Statement, v: &protobuf::VariableSetStmt) {
             if setting_is_guarded(&name) {
                 st.raise(Kind::Privilege, format!("changes guarded setting {name}"));
             }
+            if name == "client_encoding" && kind == K::VarSetValue {
+                let value = v.args.first().and_then(|a| match &a.node {
+                    Some(N::AConst(c)) => match &c.val {
+                        Some(protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                });
+                unsafe_encoding(st, value.as_deref());
+            }
             st.settings.push(name);
         }
     }
@@ -971,6 +984,9 @@ fn set_config_calls(st: &mut Statement, node: &N) {
                                     Kind::Privilege,
                                     format!("set_config() changes guarded setting {name}"),
                                 );
+                            }
+                            if name == "client_encoding" {
+                                unsafe_encoding(st, arg_literal(call, 1).as_deref());
                             }
                             st.settings.push(name);
                         }
@@ -1008,8 +1024,27 @@ fn func_name(call: &serde_json::Value) -> Option<String> {
     Some(parts.join("."))
 }
 
+/// Refuses a client encoding that PostgreSQL would read differently from
+/// interceptor, or one that is not a literal.
+fn unsafe_encoding(st: &mut Statement, value: Option<&str>) {
+    match value {
+        Some(v) if client_encoding_is_safe(v) => {}
+        Some(v) => st.raise(
+            Kind::Privilege,
+            format!(
+                "sets client_encoding {v}, whose two-byte characters can hide a backslash from interceptor's parser"
+            ),
+        ),
+        None => st.raise(Kind::Privilege, "sets client_encoding to a value that is not a literal"),
+    }
+}
+
 fn first_arg_literal(call: &serde_json::Value) -> Option<String> {
-    let arg = call.get("args")?.as_array()?.first()?;
+    arg_literal(call, 0)
+}
+
+fn arg_literal(call: &serde_json::Value, i: usize) -> Option<String> {
+    let arg = call.get("args")?.as_array()?.get(i)?;
     let c = arg.get("node")?.get("AConst")?;
     let s = c.get("val")?.get("Sval")?.get("sval")?.as_str()?;
     Some(s.to_owned())

@@ -857,6 +857,20 @@ fn apply_detail(st: &mut Statement, node: N) {
                 }
                 st.raise(Kind::Write, "COPY FROM writes a table");
             }
+            // COPY's own ENCODING: in a client-only encoding, a two-byte
+            // character can end in the backslash that masking's COPY
+            // reader takes for an escape, and columns slip.
+            for o in &c.options {
+                if let Some(N::DefElem(d)) = &o.node
+                    && d.defname == "encoding"
+                {
+                    let value = match d.arg.as_deref().and_then(|a| a.node.as_ref()) {
+                        Some(N::String(s)) => Some(s.sval.as_str()),
+                        _ => None,
+                    };
+                    unsafe_encoding(st, value);
+                }
+            }
             st.copy = Some(Copy {
                 from: c.is_from,
                 endpoint,

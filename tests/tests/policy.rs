@@ -378,12 +378,16 @@ fn fast_path_calls_and_guarded_startup_options_are_refused() {
         "0"
     );
 
-    let out = Command::new(pg::psql_path())
-        .args(["-X", "-At", "-c", "SHOW role"])
-        .arg(proxy.conninfo(&db, "disable"))
-        .env("PGOPTIONS", "-c role=postgres")
-        .output()
-        .unwrap();
+    // psql through the proxy with one startup setting from the environment.
+    let psql_env = |sql: &str, var: &str, value: &str| {
+        Command::new(pg::psql_path())
+            .args(["-X", "-At", "-c", sql])
+            .arg(proxy.conninfo(&db, "disable"))
+            .env(var, value)
+            .output()
+            .unwrap()
+    };
+    let out = psql_env("SHOW role", "PGOPTIONS", "-c role=postgres");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("startup parameter \"options\""), "{err}");
@@ -391,12 +395,7 @@ fn fast_path_calls_and_guarded_startup_options_are_refused() {
     // In SJIS, `E'さ\'` ends where UTF-8 reads on: the server would see
     // a DROP that the policy's parser reads as part of a string.
     let sjis = "SELECT E'さ\\' ; DROP TABLE users CASCADE; -- ' AS x";
-    let out = Command::new(pg::psql_path())
-        .args(["-X", "-At", "-c", sjis])
-        .arg(proxy.conninfo(&db, "disable"))
-        .env("PGCLIENTENCODING", "SJIS")
-        .output()
-        .unwrap();
+    let out = psql_env(sjis, "PGCLIENTENCODING", "SJIS");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -405,12 +404,7 @@ fn fast_path_calls_and_guarded_startup_options_are_refused() {
     );
     // UTF-8 and the other ASCII-safe encodings connect as before.
     for encoding in ["UTF8", "LATIN1", "SQL_ASCII"] {
-        let out = Command::new(pg::psql_path())
-            .args(["-X", "-At", "-c", "SHOW client_encoding"])
-            .arg(proxy.conninfo(&db, "disable"))
-            .env("PGCLIENTENCODING", encoding)
-            .output()
-            .unwrap();
+        let out = psql_env("SHOW client_encoding", "PGCLIENTENCODING", encoding);
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), encoding);
     }
 }

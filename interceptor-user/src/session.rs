@@ -306,9 +306,12 @@ fn policy_startup(
         let guarded = match k.as_str() {
             "options" => !v.trim().is_empty(),
             "database" | "application_name" => false,
-            // A client-only encoding (SJIS, GBK...) would make the server
-            // read statements differently from the policy's parser.
-            "client_encoding" => !policies::analysis::catalog::client_encoding_is_safe(v),
+            // A client-only encoding (SJIS, GBK...) or non-standard
+            // strings would make the server read statements differently
+            // from the policy's parser.
+            k if policies::analysis::catalog::affects_parsing(k) => {
+                !policies::analysis::catalog::keeps_parsing(k, v)
+            }
             k => policies::analysis::catalog::setting_is_guarded(k),
         };
         if guarded {

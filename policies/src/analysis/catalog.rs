@@ -267,6 +267,27 @@ pub fn client_encoding_is_safe(name: &str) -> bool {
     )
 }
 
+/// Whether setting `name` to `value` keeps PostgreSQL reading statement
+/// text as interceptor's parser does (UTF-8, standard conforming strings).
+/// With `standard_conforming_strings = off`, `'a\' , ' ; DROP TABLE users;
+/// -- '` is two strings to the parser and a string, then a DROP, to the
+/// server. Other settings change values, not how text is read.
+pub fn keeps_parsing(name: &str, value: &str) -> bool {
+    match name {
+        "client_encoding" => client_encoding_is_safe(value),
+        "standard_conforming_strings" => matches!(
+            value.to_ascii_lowercase().as_str(),
+            "on" | "true" | "yes" | "1" | "t" | "y"
+        ),
+        _ => true,
+    }
+}
+
+/// Settings whose value [`keeps_parsing`] judges.
+pub fn affects_parsing(name: &str) -> bool {
+    matches!(name, "client_encoding" | "standard_conforming_strings")
+}
+
 /// Whether changing `name` is a privilege question rather than an ordinary
 /// session preference. Extension settings (`pgaudit.log`) count: they are
 /// how extensions are switched off.
@@ -336,6 +357,10 @@ mod tests {
         ] {
             assert!(client_encoding_is_safe(safe), "{safe}");
         }
+        assert!(keeps_parsing("standard_conforming_strings", "ON"));
+        assert!(!keeps_parsing("standard_conforming_strings", "off"));
+        assert!(!keeps_parsing("standard_conforming_strings", "false"));
+        assert!(keeps_parsing("work_mem", "64MB"));
         assert_eq!(
             classify_function("pg_catalog.pg_terminate_backend"),
             FunctionClass::Privileged

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 pub use catalog::FunctionClass;
 use catalog::{
-    classify_function, client_encoding_is_safe, is_credential_catalog, runs_query_text,
+    affects_parsing, classify_function, is_credential_catalog, keeps_parsing, runs_query_text,
     setting_is_guarded,
 };
 use shape::shape;
@@ -868,7 +868,7 @@ fn apply_detail(st: &mut Statement, node: N) {
                         Some(N::String(s)) => Some(s.sval.as_str()),
                         _ => None,
                     };
-                    unsafe_encoding(st, value);
+                    unsafe_value(st, "client_encoding", value);
                 }
             }
             st.copy = Some(Copy {
@@ -959,7 +959,7 @@ fn set_statement(st: &mut Statement, v: &protobuf::VariableSetStmt) {
             if setting_is_guarded(&name) {
                 st.raise(Kind::Privilege, format!("changes guarded setting {name}"));
             }
-            if name == "client_encoding" && kind == K::VarSetValue {
+            if affects_parsing(&name) && kind == K::VarSetValue {
                 let value = v.args.first().and_then(|a| match &a.node {
                     Some(N::AConst(c)) => match &c.val {
                         Some(protobuf::a_const::Val::Sval(s)) => Some(s.sval.clone()),
@@ -967,7 +967,7 @@ fn set_statement(st: &mut Statement, v: &protobuf::VariableSetStmt) {
                     },
                     _ => None,
                 });
-                unsafe_encoding(st, value.as_deref());
+                unsafe_value(st, &name, value.as_deref());
             }
             st.settings.push(name);
         }
@@ -999,8 +999,8 @@ fn set_config_calls(st: &mut Statement, node: &N) {
                                     format!("set_config() changes guarded setting {name}"),
                                 );
                             }
-                            if name == "client_encoding" {
-                                unsafe_encoding(st, arg_literal(call, 1).as_deref());
+                            if affects_parsing(&name) {
+                                unsafe_value(st, &name, arg_literal(call, 1).as_deref());
                             }
                             st.settings.push(name);
                         }
@@ -1038,18 +1038,22 @@ fn func_name(call: &serde_json::Value) -> Option<String> {
     Some(parts.join("."))
 }
 
-/// Refuses a client encoding that PostgreSQL would read differently from
-/// interceptor, or one that is not a literal.
-fn unsafe_encoding(st: &mut Statement, value: Option<&str>) {
+/// Refuses a value of a setting that [`affects_parsing`] when PostgreSQL
+/// would then read statements differently from interceptor, or when it is
+/// not a literal.
+fn unsafe_value(st: &mut Statement, name: &str, value: Option<&str>) {
     match value {
-        Some(v) if client_encoding_is_safe(v) => {}
+        Some(v) if keeps_parsing(name, v) => {}
         Some(v) => st.raise(
             Kind::Privilege,
             format!(
-                "sets client_encoding {v}, whose two-byte characters can hide a backslash from interceptor's parser"
+                "sets {name} to {v}, with which PostgreSQL would read statements differently from interceptor's parser"
             ),
         ),
-        None => st.raise(Kind::Privilege, "sets client_encoding to a value that is not a literal"),
+        None => st.raise(
+            Kind::Privilege,
+            format!("sets {name} to a value that is not a literal"),
+        ),
     }
 }
 

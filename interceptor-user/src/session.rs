@@ -567,6 +567,18 @@ async fn login(
         UpstreamError::Client(e) => LoginError::Client(e),
         UpstreamError::Relayed(m) => LoginError::Relayed(m),
     })?;
+    // Set on the server, its database or role: the policy would decide
+    // statements the server reads differently. Fail closed.
+    if let (Some(_), Some((name, value))) = (&policy, &upstream.misreads) {
+        return Err(ProxyError::fatal(
+            "42501",
+            format!(
+                "interceptor: the server reads statements with {name} = {value}, which the statement policy cannot follow"
+            ),
+        )
+        .with_hint("Ask an operator to set it to UTF8 / on for this database and role.")
+        .into());
+    }
     Ok(Some(LoggedIn {
         user,
         database,

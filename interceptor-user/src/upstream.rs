@@ -29,6 +29,9 @@ pub struct Upstream {
     /// ParameterStatus and NoticeResponse messages to replay to the client.
     pub greeting: BytesMut,
     pub status: TransactionStatus,
+    /// A reported setting with which the server reads statement text
+    /// differently from the policy's parser (name, value), if any.
+    pub misreads: Option<(String, String)>,
 }
 
 /// Why the upstream login failed, split into what the client may see and
@@ -198,6 +201,7 @@ pub async fn connect(
     let mut authenticated = false;
     let mut key = None;
     let mut greeting = BytesMut::new();
+    let mut misreads = None;
     loop {
         let msg = conn
             .read_message(BACKEND_MAX_MESSAGE)
@@ -282,9 +286,17 @@ pub async fn connect(
             }
             BackendMessage::ErrorResponse(_) => return Err(UpstreamError::Relayed(msg)),
             BackendMessage::BackendKeyData { pid, secret } => key = Some((pid, secret.to_vec())),
-            BackendMessage::ParameterStatus { .. } | BackendMessage::NoticeResponse(_) => {
+            BackendMessage::ParameterStatus { name, value } => {
+                let name = String::from_utf8_lossy(name);
+                let value = String::from_utf8_lossy(value);
+                if policies::analysis::catalog::affects_parsing(&name)
+                    && !policies::analysis::catalog::keeps_parsing(&name, &value)
+                {
+                    misreads = Some((name.into_owned(), value.into_owned()));
+                }
                 greeting.extend_from_slice(&msg);
             }
+            BackendMessage::NoticeResponse(_) => greeting.extend_from_slice(&msg),
             BackendMessage::NegotiateProtocolVersion => {}
             BackendMessage::ReadyForQuery(status) if authenticated => {
                 let (pid, secret) = key.unwrap_or((0, vec![0; 4]));
@@ -295,6 +307,7 @@ pub async fn connect(
                     secret,
                     greeting,
                     status,
+                    misreads,
                 });
             }
             other => {

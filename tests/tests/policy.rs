@@ -460,6 +460,32 @@ fn upstream_session_carries_the_principal_and_read_only_default() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "off");
 }
 
+/// A database set to read strings the old way: the policy's parser would
+/// read `'a\' , ' ; DROP ...'` as two strings, the server as a DROP.
+#[test]
+fn a_server_that_reads_strings_differently_is_refused_under_policy() {
+    let pg = pg::shared();
+    let db = fresh_db(pg, "nonstandard");
+    pg.psql_admin(
+        "postgres",
+        &format!("ALTER DATABASE {db} SET standard_conforming_strings = off"),
+    )
+    .unwrap();
+    let proxy = policy_proxy();
+    let out = psql(&proxy.conninfo(&db, "disable"), &["SELECT 1".into()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("standard_conforming_strings = off"), "{err}");
+    // The same database with standard strings again is fine.
+    pg.psql_admin(
+        "postgres",
+        &format!("ALTER DATABASE {db} RESET standard_conforming_strings"),
+    )
+    .unwrap();
+    let out = psql(&proxy.conninfo(&db, "disable"), &["SELECT 1".into()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+}
+
 #[test]
 fn deeply_nested_statements_are_decided_without_taking_the_daemon_down() {
     let pg = pg::shared();

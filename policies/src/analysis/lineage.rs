@@ -205,6 +205,14 @@ fn list<'a>(v: &'a Value, f: &str) -> &'a [Value] {
         .unwrap_or_default()
 }
 
+/// A DML statement's RETURNING expressions (PostgreSQL 18 keeps them in a
+/// ReturningClause).
+fn returning(body: &Value) -> &[Value] {
+    body.get("returning_clause")
+        .map(|r| list(r, "exprs"))
+        .unwrap_or_default()
+}
+
 /// A string literal, possibly cast (`'secrets'::regclass`).
 fn literal(v: &Value) -> Option<&str> {
     match node(v)? {
@@ -403,7 +411,7 @@ impl<'t> Walker<'t> {
                 }
             }
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
-                let returning = list(body, "returning_list");
+                let returning = returning(body);
                 if !returning.is_empty() {
                     out.outputs = self.targets(returning);
                 }
@@ -425,7 +433,15 @@ impl<'t> Walker<'t> {
                             body.get("from_clause")
                         ]))),
                         "MergeStmt" => Some(self.flow(body)),
-                        "CreateTableAsStmt" => body.get("query").map(|q| self.flow(q)),
+                        // CREATE TABLE AS EXECUTE stores what a prepared
+                        // statement returns, which this text cannot show.
+                        "CreateTableAsStmt" => body.get("query").map(|q| match node(q) {
+                            Some(("ExecuteStmt", _)) => Flow {
+                                unknown: true,
+                                ..Flow::default()
+                            },
+                            _ => self.flow(q),
+                        }),
                         "SelectStmt" if body.get("into_clause").is_some_and(|i| !i.is_null()) => {
                             Some(self.flow(body))
                         }
@@ -465,9 +481,7 @@ impl<'t> Walker<'t> {
     fn query_outputs(&self, q: &Value) -> Option<Vec<Flow>> {
         match node(q)? {
             ("SelectStmt", body) => self.select_outputs(body),
-            ("InsertStmt" | "UpdateStmt" | "DeleteStmt", body) => {
-                self.targets(list(body, "returning_list"))
-            }
+            ("InsertStmt" | "UpdateStmt" | "DeleteStmt", body) => self.targets(returning(body)),
             _ => None,
         }
     }
@@ -813,6 +827,19 @@ mod tests {
     }
 
     #[test]
+    fn returning_lists_what_it_returns() {
+        let o = one("DELETE FROM secrets RETURNING api_key, id")
+            .outputs
+            .unwrap();
+        assert_eq!(o.len(), 2);
+        assert_eq!(o[0].columns, [(None, "api_key".to_owned())]);
+        let o = one("INSERT INTO audit_log (action) VALUES ('x') RETURNING action")
+            .outputs
+            .unwrap();
+        assert_eq!(o[0].columns, [(None, "action".to_owned())]);
+    }
+
+    #[test]
     fn stars_whole_rows_and_renames() {
         assert!(one("SELECT * FROM secrets").outputs.is_none());
         let o = one("TABLE secrets").outputs;
@@ -849,6 +876,7 @@ mod tests {
     #[test]
     fn stores_are_where_masked_data_would_be_laundered() {
         let stored = |sql: &str| one(sql).stores;
+        assert!(stored("CREATE TEMP TABLE t AS EXECUTE p")[0].unknown);
         assert_eq!(stored("SELECT api_key FROM secrets").len(), 0);
         assert_eq!(
             stored("INSERT INTO audit_log(action) VALUES ('x')").len(),

@@ -658,7 +658,7 @@ impl Policy {
         if spec.temporary_only && !facts.temporary_only {
             return false;
         }
-        // A function that writes (setval, lo_unlink...) writes where no
+        // A function that writes (setval, nextval...) writes where no
         // table list can see: a rule that allows writes only to some
         // tables does not cover it, unless it names the function too.
         if (r.writes.is_some() || spec.temporary_only)

@@ -19,6 +19,9 @@ use interceptor_tests::proxy::{Proxy, ProxyOptions};
 use interceptor_tests::wire::{RawClient, error_field, first_error, frame, parse_bind_execute};
 use interceptor_tests::workspace_root;
 
+/// Files the corpus's server-file cases try to write.
+const SERVER_FILES: [&str; 2] = ["/tmp/bypass_case_secrets.txt", "/tmp/bypass_case_pwned.txt"];
+
 fn corpus() -> Vec<serde_json::Value> {
     interceptor_tests::corpus::cases(&workspace_root())
 }
@@ -107,7 +110,7 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
             .unwrap();
         pg.psql_admin("postgres", "CREATE DATABASE bypass_victim")
             .unwrap();
-        for f in ["/tmp/bypass_case_secrets.txt", "/tmp/bypass_case_pwned.txt"] {
+        for f in SERVER_FILES {
             let _ = std::fs::remove_file(f);
         }
         let db = fresh_db(pg, &id);
@@ -118,6 +121,13 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
         };
         setup(&db);
         let msgs = messages(&case);
+        // The case run directly as the superuser, on its own database.
+        let direct = || {
+            let direct_db = fresh_db(pg, &format!("{id}_direct"));
+            setup(&direct_db);
+            let out = psql(&direct_conninfo(pg, &direct_db), &msgs);
+            (direct_db, out)
+        };
         let protocol = case["protocol"].as_str().unwrap();
         let (ok, stdout, stderr) = if protocol == "extended" {
             let binary = case.get("result_format").and_then(|f| f.as_str()) == Some("binary");
@@ -143,8 +153,7 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
         checked += 1;
         match intent {
             "benign" => {
-                let direct_db = fresh_db(pg, &format!("{id}_direct"));
-                let direct = psql(&direct_conninfo(pg, &direct_db), &msgs);
+                let (_, direct) = direct();
                 let direct_out = String::from_utf8_lossy(&direct.stdout);
                 let direct_out = masked_like_the_proxy(&direct_out);
                 if !ok {
@@ -191,7 +200,7 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
                 }
             }
         }
-        for f in ["/tmp/bypass_case_secrets.txt", "/tmp/bypass_case_pwned.txt"] {
+        for f in SERVER_FILES {
             if std::path::Path::new(f).exists() {
                 failures.push(format!("{id}: {f} was written by the server"));
             }
@@ -200,21 +209,18 @@ fn corpus_through_the_proxy_under_the_reference_policy() {
         // or privilege case does the damage its check looks for.
         let ours = case.get("source").and_then(|s| s.as_str()) == Some("extra");
         if ours && matches!(intent, "destructive" | "privilege") && case.get("check").is_some() {
-            let direct_db = fresh_db(pg, &format!("{id}_direct"));
-            setup(&direct_db);
-            psql(&direct_conninfo(pg, &direct_db), &msgs);
+            let (direct_db, _) = direct();
             if damage(pg, &direct_db, &case).as_deref() != Some("t") {
                 failures.push(format!("{id}: does no damage even directly"));
             }
-            for f in ["/tmp/bypass_case_secrets.txt", "/tmp/bypass_case_pwned.txt"] {
+            for f in SERVER_FILES {
                 let _ = std::fs::remove_file(f);
             }
         }
         // ...and each of our exfiltration cases shows, directly, what it
         // must not show through the proxy.
         if let Some(forbidden) = case.get("forbidden").and_then(|f| f.as_array()) {
-            let direct_db = fresh_db(pg, &format!("{id}_direct"));
-            let out = psql(&direct_conninfo(pg, &direct_db), &msgs);
+            let (_, out) = direct();
             let seen = format!(
                 "{}{}",
                 String::from_utf8_lossy(&out.stdout),

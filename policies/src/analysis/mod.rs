@@ -389,7 +389,7 @@ fn add_what_the_summary_missed(
     let written = found.written.into_iter().map(|r| (r, Ctx::Dml));
     let read = found.relations.into_iter().map(|r| (r, Ctx::Select));
     for ((schema_name, table_name), context) in written.chain(read) {
-        if table_name.is_empty() || (schema_name.is_empty() && found.ctes.contains(&table_name)) {
+        if schema_name.is_empty() && found.ctes.contains(&table_name) {
             continue;
         }
         let name = if schema_name.is_empty() {
@@ -432,7 +432,6 @@ impl Found {
         match v {
             Value::Object(m) => {
                 for (k, x) in m {
-                    let text = |key: &str| x.get(key).and_then(Value::as_str).unwrap_or_default();
                     match k.as_str() {
                         // A trigger's function runs at every event on its
                         // table: it is called as surely as a FuncCall.
@@ -443,20 +442,13 @@ impl Found {
                         }
                         // Where a rule's actions write.
                         "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
-                            if let Some(rv) = x.get("relation").filter(|r| !r.is_null()) {
-                                let name = |key: &str| {
-                                    rv.get(key).and_then(Value::as_str).unwrap_or_default()
-                                };
-                                self.written.push((
-                                    name("schemaname").to_owned(),
-                                    name("relname").to_owned(),
-                                ));
-                            }
+                            self.written.extend(x.get("relation").and_then(range_var));
                         }
-                        "RangeVar" if !text("relname").is_empty() => self
-                            .relations
-                            .push((text("schemaname").to_owned(), text("relname").to_owned())),
-                        "CommonTableExpr" => self.ctes.push(text("ctename").to_owned()),
+                        "RangeVar" => self.relations.extend(range_var(x)),
+                        "CommonTableExpr" => {
+                            let name = x.get("ctename").and_then(Value::as_str);
+                            self.ctes.push(name.unwrap_or_default().to_owned());
+                        }
                         _ => {}
                     }
                     self.walk(x);
@@ -466,6 +458,16 @@ impl Found {
             _ => {}
         }
     }
+}
+
+/// A RangeVar's (schema, relation), as JSON; `None` without a relation.
+fn range_var(v: &serde_json::Value) -> Option<(String, String)> {
+    let text = |key: &str| v.get(key).and_then(serde_json::Value::as_str);
+    let relname = text("relname").filter(|r| !r.is_empty())?;
+    Some((
+        text("schemaname").unwrap_or_default().to_owned(),
+        relname.to_owned(),
+    ))
 }
 
 /// A full parse decodes and later drops its tree with one chain of Rust
@@ -990,7 +992,7 @@ fn set_config_calls(st: &mut Statement, node: &N) {
                     && func_name(call).is_some_and(|n| is_set_config(&n))
                 {
                     found += 1;
-                    match first_arg_literal(call) {
+                    match arg_literal(call, 0) {
                         Some(name) => {
                             let name = name.to_ascii_lowercase();
                             if setting_is_guarded(&name) {
@@ -1055,10 +1057,6 @@ fn unsafe_value(st: &mut Statement, name: &str, value: Option<&str>) {
             format!("sets {name} to a value that is not a literal"),
         ),
     }
-}
-
-fn first_arg_literal(call: &serde_json::Value) -> Option<String> {
-    arg_literal(call, 0)
 }
 
 fn arg_literal(call: &serde_json::Value, i: usize) -> Option<String> {

@@ -1,12 +1,13 @@
 //! Statement analysis on arbitrary bytes: it never panics, whatever it
 //! cannot analyse is refused by the session policy (fail closed), and the
 //! analysis cache (shared across runs, so texts of one token shape meet)
-//! answers exactly as a fresh analysis.
+//! and a session's memory of its last analysis answer exactly as a fresh
+//! analysis.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use policies::{Analyzer, Check, Policy, Principal, SessionPolicy};
+use policies::{Analyzer, Check, LastAnalysis, Policy, Principal, SessionPolicy};
 
 fn policy() -> &'static Policy {
     static P: std::sync::OnceLock<Policy> = std::sync::OnceLock::new();
@@ -24,6 +25,11 @@ fn analyzer() -> &'static Analyzer {
     A.get_or_init(|| Analyzer::new(4096))
 }
 
+fn last() -> std::sync::MutexGuard<'static, LastAnalysis> {
+    static L: std::sync::Mutex<LastAnalysis> = std::sync::Mutex::new(LastAnalysis::NONE);
+    L.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fuzz_target!(|data: &[u8]| {
     let result = match std::str::from_utf8(data) {
         Ok(sql) => {
@@ -31,6 +37,8 @@ fuzz_target!(|data: &[u8]| {
             let fresh = policies::analyze(sql);
             let cached = analyzer().analyze(sql);
             assert_eq!(format!("{cached:?}"), format!("{fresh:?}"));
+            let after = analyzer().analyze_after(sql, &mut last()).clone();
+            assert_eq!(format!("{after:?}"), format!("{fresh:?}"));
             fresh
         }
         Err(_) => Err(policies::AnalysisError::NotUtf8),

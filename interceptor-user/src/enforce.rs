@@ -82,6 +82,8 @@ pub struct Enforcer {
     /// What the last checked text was and how it was decided, for the
     /// audit trail.
     last: Option<StatementInfo>,
+    /// The last text's analysis (see [`policies::LastAnalysis`]).
+    last_analysis: policies::LastAnalysis,
     /// With masking: statements that would store masked data are refused.
     launder: Option<crate::masking::LaunderCheck>,
     /// With `[approvals]`: held statements wait for an approver.
@@ -111,6 +113,7 @@ impl Enforcer {
             rate: None,
             pending: 0,
             last: None,
+            last_analysis: Default::default(),
             launder: None,
             holds: None,
             decided: None,
@@ -184,7 +187,7 @@ impl Enforcer {
 
     /// Picks up a reloaded policy; the session's temp tables and prepared
     /// statements carry over only while the policy is the same one.
-    fn current_policy(&mut self) -> Arc<Policy> {
+    fn refresh_policy(&mut self) {
         let runtime = self.shared.runtime.load();
         match &runtime.policy {
             Some(p) if Arc::ptr_eq(p, &self.policy) => {}
@@ -199,16 +202,25 @@ impl Enforcer {
             // rather than fail open mid-session.
             None => {}
         }
-        self.policy.clone()
     }
 
     /// Decides a query string; when allowed, says how many statements it
     /// holds.
     fn check_sql(&mut self, sql: &[u8], statement: Option<&[u8]>) -> Checked {
-        let policy = self.current_policy();
+        self.refresh_policy();
+        // Borrowed, not cloned: every session shares these, and counting
+        // references would move their cache lines between CPUs.
+        let policy = &self.policy;
+        let not_utf8;
         let analysis = match std::str::from_utf8(sql) {
-            Ok(text) => self.shared.analyzer.analyze(text),
-            Err(_) => Arc::new(Err(policies::AnalysisError::NotUtf8)),
+            Ok(text) => self
+                .shared
+                .analyzer
+                .analyze_after(text, &mut self.last_analysis),
+            Err(_) => {
+                not_utf8 = Arc::new(Err(policies::AnalysisError::NotUtf8));
+                &not_utf8
+            }
         };
         let decided = self.decided.take().filter(|d| d.sql == sql);
         let approved = matches!(
@@ -218,7 +230,7 @@ impl Enforcer {
                 ..
             })
         );
-        let mut check = self.session.check_approved(&policy, &analysis, approved);
+        let mut check = self.session.check_shared(policy, analysis, approved);
         if let (Check::Allowed(_), Some(guard), Ok(text)) =
             (&check, &self.launder, std::str::from_utf8(sql))
             && let Some(r) = guard.check(text)
@@ -261,7 +273,7 @@ impl Enforcer {
             Check::Refused(_) => None,
         };
         if self.shared.audit.is_some() {
-            let mut info = audit_info(sql, &analysis, &check, &policy);
+            let mut info = audit_info(sql, analysis, &check, policy);
             info.approval = approval;
             if held.is_some() {
                 info.decision = "hold";

@@ -170,7 +170,7 @@ pub fn explain(
         });
         match session.check(policy, &one) {
             Check::Allowed(rules) => {
-                let rule = rules.into_iter().flatten().next().unwrap_or_default();
+                let rule = rules.iter().flatten().next().cloned().unwrap_or_default();
                 let _ = writeln!(out, "  decision: allow by rule {rule}");
             }
             Check::Refused(r) => {

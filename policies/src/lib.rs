@@ -29,7 +29,9 @@ pub mod policy;
 pub mod principal;
 pub mod session;
 
-pub use analysis::{Analysis, AnalysisError, Analyzer, Kind, Statement, analyze, redact_literals};
+pub use analysis::{
+    Analysis, AnalysisError, Analyzer, Kind, LastAnalysis, Statement, analyze, redact_literals,
+};
 pub use policy::{ApprovalNeeds, Decision, Limits, Policy, PolicyError, Subject, Verdict};
 pub use principal::{Principal, TokenIdentity};
 pub use session::{Check, Refusal, SessionPolicy};

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::analysis::{Analysis, AnalysisError, Statement};
+use crate::analysis::{Analysis, AnalysisError, SharedAnalysis, Statement};
 use crate::policy::{Decision, Policy, SessionFacts, Subject, Verdict};
 
 /// A refusal, ready to be sent as an ErrorResponse.
@@ -69,7 +69,7 @@ impl Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
     /// Every statement is allowed; the rules that allowed them, in order.
-    Allowed(Vec<Option<Arc<str>>>),
+    Allowed(Arc<[Option<Arc<str>>]>),
     Refused(Refusal),
 }
 
@@ -78,6 +78,18 @@ pub struct SessionPolicy {
     pub subject: Subject,
     temp_tables: HashSet<String>,
     prepared: HashMap<String, Statement>,
+    last_allowed: Option<LastAllowed>,
+}
+
+/// The last query string allowed without changing the session, as
+/// [`SessionPolicy::check_shared`] remembers it: the same analysis under
+/// the same policy, in the same session state, is allowed by the same
+/// rules. Kept by reference so that a hit touches nothing shared with
+/// other threads (the rules' names are the policy's, in every session).
+struct LastAllowed {
+    policy: Arc<Policy>,
+    analysis: SharedAnalysis,
+    rules: Arc<[Option<Arc<str>>]>,
 }
 
 enum Change {
@@ -95,6 +107,7 @@ impl SessionPolicy {
             subject,
             temp_tables: HashSet::new(),
             prepared: HashMap::new(),
+            last_allowed: None,
         }
     }
 
@@ -112,9 +125,49 @@ impl SessionPolicy {
         analysis: &Result<Analysis, AnalysisError>,
         approved: bool,
     ) -> Check {
+        self.decide_all(policy, analysis, approved).0
+    }
+
+    /// As [`check_approved`](Self::check_approved), answered without
+    /// deciding when `analysis` is the one last allowed under `policy`
+    /// and nothing has changed the session since.
+    pub fn check_shared(
+        &mut self,
+        policy: &Arc<Policy>,
+        analysis: &SharedAnalysis,
+        approved: bool,
+    ) -> Check {
+        if let Some(l) = &self.last_allowed
+            && !approved
+            && Arc::ptr_eq(&l.analysis, analysis)
+            && Arc::ptr_eq(&l.policy, policy)
+        {
+            return Check::Allowed(l.rules.clone());
+        }
+        let (check, changed) = self.decide_all(policy, analysis, approved);
+        if let Check::Allowed(rules) = &check
+            && !changed
+            && !approved
+        {
+            self.last_allowed = Some(LastAllowed {
+                policy: policy.clone(),
+                analysis: analysis.clone(),
+                rules: rules.clone(),
+            });
+        }
+        check
+    }
+
+    /// The check, and whether it changed the session's state.
+    fn decide_all(
+        &mut self,
+        policy: &Policy,
+        analysis: &Result<Analysis, AnalysisError>,
+        approved: bool,
+    ) -> (Check, bool) {
         let analysis = match analysis {
             Ok(a) => a,
-            Err(e) => return Check::Refused(Refusal::unparseable(e)),
+            Err(e) => return (Check::Refused(Refusal::unparseable(e)), false),
         };
         let mut changes = Vec::new();
         let mut rules = Vec::with_capacity(analysis.statements.len());
@@ -122,10 +175,14 @@ impl SessionPolicy {
         for (i, st) in analysis.statements.iter().enumerate() {
             let d = self.decide_one(policy, st, &changes);
             if d.verdict != Verdict::Allow && !(approved && d.verdict == Verdict::Hold) {
-                return Check::Refused(Refusal::from_decision(d, i, n));
+                return (Check::Refused(Refusal::from_decision(d, i, n)), false);
             }
             rules.push(d.rule);
             self.record(st, &mut changes);
+        }
+        let changed = !changes.is_empty();
+        if changed {
+            self.last_allowed = None;
         }
         for c in changes {
             match c {
@@ -145,7 +202,7 @@ impl SessionPolicy {
                 Change::DiscardPrepared => self.prepared.clear(),
             }
         }
-        Check::Allowed(rules)
+        (Check::Allowed(rules.into()), changed)
     }
 
     fn is_temp(&self, name: &str, pending: &[Change]) -> bool {

@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use policies::{Analyzer, Check, Policy, Principal, SessionPolicy};
+use std::sync::Arc;
+
+use policies::{Analyzer, Check, LastAnalysis, Policy, Principal, SessionPolicy};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -22,13 +24,17 @@ fn policy() -> Policy {
     Policy::load(&root().join("policies/examples/agent.toml")).unwrap()
 }
 
-/// Runs a case's messages in order; true when every one was allowed.
-fn allowed(policy: &Policy, case: &serde_json::Value) -> (bool, String) {
+/// Runs a case's messages in order, as the proxy decides them (each
+/// session remembering its last analysis and allowance); true when every
+/// one was allowed.
+fn allowed(policy: &Arc<Policy>, case: &serde_json::Value) -> (bool, String) {
     let subject = policy.subject(&Principal::default(), "db", "app");
     let mut session = SessionPolicy::new(subject);
     let analyzer = Analyzer::new(16);
+    let mut last = LastAnalysis::default();
     for m in &corpus::messages(case) {
-        match session.check(policy, &analyzer.analyze(m)) {
+        let analysis = analyzer.analyze_after(m, &mut last);
+        match session.check_shared(policy, analysis, false) {
             Check::Allowed(_) => {}
             Check::Refused(r) => return (false, r.message),
         }
@@ -45,7 +51,7 @@ const NEEDS_MASKING: &[&str] = &[
 
 #[test]
 fn reference_policy_decides_the_corpus() {
-    let policy = policy();
+    let policy = Arc::new(policy());
     let mut wrong = Vec::new();
     for case in cases() {
         let id = case["id"].as_str().unwrap();
@@ -75,6 +81,30 @@ fn denials_say_which_rule_and_why() {
         r.message
     );
     assert!(r.hint.unwrap().contains("migration"));
+}
+
+/// A session answers a repeated shape from what it allowed last, until a
+/// statement changes what the session has: then it decides again.
+#[test]
+fn remembered_allowances_end_when_the_session_changes() {
+    let policy = Arc::new(policy());
+    let subject = policy.subject(&Principal::default(), "db", "app");
+    let mut s = SessionPolicy::new(subject);
+    let analyzer = Analyzer::new(16);
+    let mut last = LastAnalysis::default();
+    let mut check = |sql: &str| {
+        let analysis = analyzer.analyze_after(sql, &mut last).clone();
+        matches!(s.check_shared(&policy, &analysis, false), Check::Allowed(_))
+    };
+    assert!(check("CREATE TEMP TABLE scratch(a int)"));
+    assert!(check("INSERT INTO scratch VALUES (1)"));
+    assert!(check("INSERT INTO scratch VALUES (2)"));
+    assert!(check("DROP TABLE scratch"));
+    assert!(!check("INSERT INTO scratch VALUES (3)"));
+    assert!(check("CREATE TEMP TABLE scratch(a int)"));
+    assert!(check("INSERT INTO scratch VALUES (4)"));
+    assert!(check("DISCARD TEMP"));
+    assert!(!check("INSERT INTO scratch VALUES (5)"));
 }
 
 #[test]

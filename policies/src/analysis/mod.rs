@@ -1086,9 +1086,32 @@ pub struct Analyzer {
     cache: Mutex<Caches>,
 }
 
+/// A text's analysis, and whether texts of its shape share it.
+type TextEntry = (SharedAnalysis, bool);
+
 struct Caches {
-    text: lru::LruCache<Box<str>, SharedAnalysis>,
+    text: lru::LruCache<Box<str>, TextEntry>,
     shape: lru::LruCache<Box<[u8]>, SharedAnalysis>,
+}
+
+/// One session's last analysis, in front of the shared caches. A session
+/// that sends one shape again and again (one query, new values each time)
+/// is answered from here without touching what other threads write: the
+/// caches' lock, their LRU order, and the analysis's reference count. On
+/// two shared cores those cache lines moving between CPUs cost more than
+/// the rest of a decision.
+#[derive(Default)]
+pub struct LastAnalysis(Option<Last>);
+
+impl LastAnalysis {
+    /// No analysis yet (as `default()`, in a `static`).
+    pub const NONE: LastAnalysis = LastAnalysis(None);
+}
+
+struct Last {
+    /// Its shape, when texts of that shape share the analysis.
+    shape: Option<Vec<u8>>,
+    analysis: SharedAnalysis,
 }
 
 impl Analyzer {
@@ -1103,26 +1126,52 @@ impl Analyzer {
     }
 
     pub fn analyze(&self, sql: &str) -> SharedAnalysis {
-        if let Some(hit) = self.lock().text.get(sql) {
-            return hit.clone();
+        self.lookup(sql, None).0
+    }
+
+    /// As [`analyze`](Self::analyze), answered from `last` when `sql` has
+    /// the shape `last` was shared by; else `last` becomes `sql`'s.
+    pub fn analyze_after<'a>(&self, sql: &str, last: &'a mut LastAnalysis) -> &'a SharedAnalysis {
+        // Only the quick reading is cheap enough to try first; texts it
+        // leaves to the scanner go to the text cache before the scanner.
+        let quick = shape::quick(sql);
+        let same =
+            matches!((&quick, &last.0), (Some(key), Some(l)) if l.shape.as_ref() == Some(key));
+        if !same {
+            last.0 = None;
         }
-        let shape = shape(sql);
+        let last = last.0.get_or_insert_with(|| {
+            let (analysis, shape) = self.lookup(sql, quick);
+            Last { shape, analysis }
+        });
+        &last.analysis
+    }
+
+    /// The analysis, and the shape that shares it if any. `quick` is the
+    /// quick reading of `sql`'s shape, if already taken.
+    fn lookup(&self, sql: &str, quick: Option<Vec<u8>>) -> (SharedAnalysis, Option<Vec<u8>>) {
+        if let Some((hit, by_shape)) = self.lock().text.get(sql) {
+            let (hit, by_shape) = (hit.clone(), *by_shape);
+            return (hit, quick.filter(|_| by_shape));
+        }
+        let shape = quick.or_else(|| shape(sql));
         if let Some(key) = &shape
             && let Some(hit) = self.lock().shape.get(key.as_slice())
         {
-            return hit.clone();
+            return (hit.clone(), shape);
         }
         let (result, by_shape) = match analyze_detailed(sql, shape.as_deref()) {
             Ok((analysis, detailed)) => (Ok(analysis), !detailed),
             Err(e) => (Err(e), false),
         };
         let result = Arc::new(result);
+        let shape = shape.filter(|_| by_shape);
         let mut caches = self.lock();
-        caches.text.put(sql.into(), result.clone());
-        if let Some(key) = shape.filter(|_| by_shape) {
-            caches.shape.put(key.into_boxed_slice(), result.clone());
+        caches.text.put(sql.into(), (result.clone(), by_shape));
+        if let Some(key) = &shape {
+            caches.shape.put(key.as_slice().into(), result.clone());
         }
-        result
+        (result, shape)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Caches> {
@@ -1454,6 +1503,36 @@ mod tests {
         let m = an.analyze("SELEC 1");
         let n = an.analyze("SELEC 2");
         assert!(m.is_err() && n.is_err() && !Arc::ptr_eq(&m, &n));
+    }
+
+    #[test]
+    fn a_session_reuses_its_last_analysis_only_for_a_shared_shape() {
+        let an = Analyzer::new(16);
+        let mut last = LastAnalysis::default();
+        let a = an
+            .analyze_after("SELECT abalance FROM t WHERE aid = 1", &mut last)
+            .clone();
+        let b = an
+            .analyze_after("SELECT abalance FROM t WHERE aid = 2", &mut last)
+            .clone();
+        assert!(Arc::ptr_eq(&a, &b));
+        let c = an
+            .analyze_after("SELECT abalance FROM u WHERE aid = 2", &mut last)
+            .clone();
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert_eq!(c.as_ref().as_ref().unwrap().statements[0].reads, ["u"]);
+        // One shape, but a literal decides what these do.
+        let g = an
+            .analyze_after("EXPLAIN (ANALYZE 0) DELETE FROM orders", &mut last)
+            .clone();
+        let h = an
+            .analyze_after("EXPLAIN (ANALYZE 1) DELETE FROM orders", &mut last)
+            .clone();
+        assert_eq!((kind_of(&g), kind_of(&h)), (Kind::Read, Kind::Write));
+        // A text the quick reading leaves to the scanner is never reused.
+        let i = an.analyze_after("SELECT 1 FROM t -- a", &mut last).clone();
+        let j = an.analyze_after("SELECT 1 FROM u -- a", &mut last).clone();
+        assert!(!Arc::ptr_eq(&i, &j));
     }
 
     #[test]

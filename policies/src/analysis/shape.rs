@@ -11,15 +11,18 @@
 //! key, byte for byte. It gives up (and the scanner decides) at the first
 //! byte whose reading depends on context it does not track: comments,
 //! signs, casts, dollar quotes, escape and prefixed strings, parameters,
-//! numbers that run into letters, and anything outside ASCII. Which token
-//! number a word is (a keyword's, or IDENT) is asked of the scanner once
-//! per word and remembered. The tests and the `analysis` fuzz target hold
-//! the two readings equal.
+//! numbers that run into letters, and anything outside ASCII. The tests
+//! and the `analysis` fuzz target hold the two readings equal.
+//!
+//! A word (a keyword or an unquoted identifier) is keyed by its text alone,
+//! under one mark: which token the scanner makes of a word depends on the
+//! word and nothing else, so its text says all its token number would.
+//! That keeps the quick pass off any table shared between threads.
 
-use std::collections::HashMap;
-use std::sync::{LazyLock, RwLock};
+use pg_query::protobuf::{KeywordKind, Token as T};
 
-use pg_query::protobuf::Token as T;
+/// The mark a word's text is keyed under: no token has number 0.
+const WORD: i32 = 0;
 
 /// `sql`'s shape, or `None` when the scanner rejects it (the full analysis
 /// then says why) or it holds no tokens. Each token is its number and,
@@ -49,10 +52,12 @@ pub(super) fn scanned(sql: &str) -> Option<Vec<u8>> {
             T::Sconst | T::Usconst | T::Bconst | T::Xconst | T::Iconst | T::Fconst
         ) {
             key.literal(t.token);
-        } else {
-            let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
-            key.token(t.token, text.as_bytes())?;
+            continue;
         }
+        let text = sql.get(usize::try_from(t.start).ok()?..usize::try_from(t.end).ok()?)?;
+        let word = t.keyword_kind != KeywordKind::NoKeyword as i32
+            || (kind == T::Ident && !text.starts_with('"'));
+        key.token(if word { WORD } else { t.token }, text.as_bytes())?;
     }
     Some(key.0)
 }
@@ -78,14 +83,6 @@ impl Key {
     }
 }
 
-/// Words whose token number has been asked of the scanner, by their exact
-/// spelling (clients keep theirs; lower-casing each word costs more than
-/// the few spellings take). Bounded: past the bound, new words take the
-/// scanner's path.
-type Words = HashMap<Box<[u8]>, i32, foldhash::fast::RandomState>;
-static WORDS: LazyLock<RwLock<Words>> = LazyLock::new(Default::default);
-const MAX_WORDS: usize = 16384;
-
 /// The scanner's shape for plain statements, read without it: `None` when
 /// `sql` holds anything whose reading this pass does not track, or no
 /// tokens at all (the scanner then decides).
@@ -93,9 +90,6 @@ pub(super) fn quick(sql: &str) -> Option<Vec<u8>> {
     let b = sql.as_bytes();
     // Each token adds at most 6 bytes to its text.
     let mut key = Key::with_capacity(4 * b.len());
-    // Spans of words whose number is looked up once the pass is done,
-    // under one lock: (offset in key where the number goes, word span).
-    let mut words: Vec<(usize, usize, usize)> = Vec::with_capacity(b.len() / 4);
     let mut last_string = false;
     let mut i = 0;
     while i < b.len() {
@@ -116,8 +110,7 @@ pub(super) fn quick(sql: &str) -> Option<Vec<u8>> {
                 if matches!(b.get(i), Some(b'\'' | b'"' | b'$')) {
                     return None;
                 }
-                words.push((key.0.len(), start, i));
-                key.token(0, &b[start..i])?;
+                key.token(WORD, &b[start..i])?;
             }
             b'0'..=b'9' => {
                 while i < b.len() && b[i].is_ascii_digit() {
@@ -209,22 +202,7 @@ pub(super) fn quick(sql: &str) -> Option<Vec<u8>> {
     if key.0.is_empty() {
         return None;
     }
-    let mut key = key.0;
-    let mut missing = Vec::new();
-    {
-        let known = WORDS.read().unwrap_or_else(|p| p.into_inner());
-        for &(at, from, to) in &words {
-            match known.get(&b[from..to]) {
-                Some(&n) => key[at..at + 2].copy_from_slice(&n.to_le_bytes()[..2]),
-                None => missing.push((at, from, to)),
-            }
-        }
-    }
-    for (at, from, to) in missing {
-        let n = learn(&sql[from..to])?;
-        key[at..at + 2].copy_from_slice(&n.to_le_bytes()[..2]);
-    }
-    Some(key)
+    Some(key.0)
 }
 
 /// The index just past the quote that closes the one at `open`, where a
@@ -238,22 +216,6 @@ fn close(b: &[u8], open: usize, quote: u8) -> Option<usize> {
         }
         i += 1;
     }
-}
-
-/// Asks the scanner which token `word` is, and remembers it.
-fn learn(word: &str) -> Option<i32> {
-    let tokens = pg_query::scan_tokens(word).ok()?;
-    let [t] = tokens.as_slice() else {
-        return None;
-    };
-    if t.start != 0 || usize::try_from(t.end).ok()? != word.len() {
-        return None;
-    }
-    let mut known = WORDS.write().unwrap_or_else(|p| p.into_inner());
-    if known.len() < MAX_WORDS {
-        known.insert(word.as_bytes().into(), t.token);
-    }
-    Some(t.token)
 }
 
 #[cfg(test)]

@@ -146,10 +146,12 @@ pub struct RunResult {
     pub p99_ms: f64,
 }
 
+/// `pgbench -S` through `port` with `clients` clients on `threads`
+/// threads.
 pub fn pgbench(
     port: u16,
     mode: &str,
-    clients: u32,
+    (clients, threads): (u32, u32),
     seconds: u32,
     logdir: &Path,
 ) -> Result<RunResult> {
@@ -159,7 +161,7 @@ pub fn pgbench(
         pgbench_on(port, &["-n", "-S", "-l", "-M", mode])
             .current_dir(logdir)
             .arg(format!("-c{clients}"))
-            .arg(format!("-j{}", clients.min(2)))
+            .arg(format!("-j{}", threads.clamp(1, clients)))
             .arg(format!("-T{seconds}")),
     )?;
     let tps = out
@@ -255,7 +257,13 @@ pub fn proxy() -> Result<()> {
                         round + 1,
                         path.name()
                     );
-                    let r = pgbench(port_of(path), mode, clients, seconds, &logdir)?;
+                    let r = pgbench(
+                        port_of(path),
+                        mode,
+                        (clients, clients.min(2)),
+                        seconds,
+                        &logdir,
+                    )?;
                     results
                         .entry((mode.to_owned(), clients, path))
                         .or_default()
@@ -486,6 +494,15 @@ pub type PgbenchRoute<'a> = (&'a str, u16, Option<&'a Proxy>);
 /// that drift in the machine hits every route alike. Each route's figure
 /// is its median round: on 2 shared cores one run in several lands 20-30 %
 /// off the others, and a best-of would report the luckiest.
+///
+/// pgbench runs one thread here. With two (one per core), where its
+/// threads and their connections landed varied whole runs of the same
+/// route by 14-17 % (coefficient of variation at 10 clients, prepared;
+/// direct PostgreSQL 14 %), more than the features these comparisons
+/// measure; with one, 2-3 %. One thread caps direct PostgreSQL lower
+/// (55k tps against 72k there), so the direct row of these tables is for
+/// scale only; `cargo xtask bench proxy` compares with direct PostgreSQL
+/// on two threads.
 pub struct OnOff<'a> {
     routes: Vec<PgbenchRoute<'a>>,
     seconds: u32,
@@ -516,7 +533,7 @@ impl<'a> OnOff<'a> {
                 for (name, port, proxy) in rotated(routes, round) {
                     eprintln!("bench: round {} {mode} c={clients} {name}", round + 1);
                     let cpu = proxy.map(|p| p.cpu_time());
-                    let r = pgbench(port, mode, clients, seconds, &logdir)?;
+                    let r = pgbench(port, mode, (clients, 1), seconds, &logdir)?;
                     if let (Some(p), Some(before)) = (proxy, cpu) {
                         let used = p.cpu_time().saturating_sub(before).as_secs_f64();
                         out.cpu_per_txn

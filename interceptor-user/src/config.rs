@@ -96,7 +96,8 @@ pub struct AuditConfig {
     /// A segment file is closed and a new one started past this size.
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
-    /// Events that may wait for the spool writer before sessions wait.
+    /// Events that may wait for the spool writer before sessions wait,
+    /// split evenly among the session threads' queues.
     #[serde(default = "default_audit_queue")]
     pub queue: usize,
     /// When the spool cannot be written (a full disk): `refuse` new

@@ -106,6 +106,7 @@ impl SessionThreads {
             std::thread::Builder::new()
                 .name(format!("interceptor-s{i}"))
                 .spawn(move || {
+                    crate::audit::use_lane(i);
                     if let Some(c) = cpu
                         && let Err(e) = bind_to(c)
                     {

@@ -43,38 +43,72 @@ const LINGER: Duration = Duration::from_millis(1);
 /// Most event bytes held in memory while the spool cannot be written.
 const HOLD_BYTES: usize = 256 << 20;
 
-/// Encoded frames waiting for the writer.
+/// Encoded frames waiting for the writer, in lanes: one per session
+/// thread, and one that every other thread shares.
 ///
-/// One lock for all sessions, held for a copy of a few hundred bytes: a
-/// session's statement costs one uncontended lock and no allocation, where
-/// a channel message per reply cost an allocation, a semaphore and a free
-/// on the writer's thread. One queue also keeps the spool in the order
-/// events happened.
+/// A session appends its statement's frames to its own thread's lane under
+/// that lane's lock: a copy of a few hundred bytes, no allocation, and
+/// (the lane being its thread's alone) no cache line taken from another
+/// CPU; the writer visits each lane once per batch. One queue for all
+/// sessions moved its lock and its buffer between the CPUs on every
+/// statement. Each lane keeps its events in the order they happened, and
+/// a session's events all go through its thread's lane.
 #[derive(Default)]
 struct Queue {
     frames: Vec<u8>,
     events: usize,
-    /// The writer is parked on an empty queue: the next event wakes it.
-    /// A busy writer polls every [`LINGER`], so sessions under load never
-    /// pay for a wakeup.
-    idle: bool,
     /// [`Auditor::close`] has run: the writer drains what is here and
     /// stops, and later events are refused.
     closed: bool,
 }
 
+/// A lane on a cache line of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Lane(Mutex<Queue>);
+
+impl Lane {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+thread_local! {
+    /// This thread's lane, before it is taken modulo the number of lanes.
+    static LANE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Gives the calling thread (session thread `i`) a lane of its own.
+pub fn use_lane(i: usize) {
+    LANE.set(i + 1);
+}
+
 struct Shared {
-    queue: Mutex<Queue>,
-    /// Events that may wait before sessions wait (`audit.queue`).
+    lanes: Box<[Lane]>,
+    /// Events a lane may hold before its sessions wait: `audit.queue`
+    /// shared among the lanes.
     cap: usize,
+    /// The writer is parked on empty lanes: the next event wakes it. A
+    /// busy writer polls every [`LINGER`], so sessions under load never
+    /// pay for a wakeup.
+    idle: AtomicBool,
+    /// Every lane is closed (set after the last of them).
+    closed: AtomicBool,
     /// Sessions waiting for room are woken when the writer collects.
     drained: Notify,
     healthy: Arc<AtomicBool>,
 }
 
 impl Shared {
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    fn lane(&self) -> &Lane {
+        &self.lanes[LANE.get() % self.lanes.len()]
+    }
+
+    fn close(&self) {
+        for lane in &self.lanes {
+            lane.lock().closed = true;
+        }
+        self.closed.store(true, Ordering::SeqCst);
     }
 }
 
@@ -102,15 +136,19 @@ impl Auditor {
             events = recovery.events,
             "audit spool open"
         );
+        // One lane per session thread (one per CPU by default) and one for
+        // the rest; session threads past that share lanes.
+        let lanes = std::thread::available_parallelism().map_or(1, |n| n.get()) + 1;
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
-            cap: config.queue.max(1),
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            cap: (config.queue / lanes).max(1),
+            idle: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             drained: Notify::new(),
             healthy: Arc::new(AtomicBool::new(true)),
         });
         let writer = Writer {
             shared: shared.clone(),
-            spare: Vec::new(),
             spool,
             fsync: config.fsync,
             interval: config.fsync_interval,
@@ -153,9 +191,9 @@ impl Auditor {
         }
     }
 
-    /// True when the queue is now over its bound.
+    /// True when the lane is now over its bound.
     fn append(&self, fill: impl FnOnce(&mut Vec<u8>), events: usize) -> bool {
-        let mut q = self.shared.queue();
+        let mut q = self.shared.lane().lock();
         if q.closed {
             drop(q);
             error!("audit event after the audit writer stopped; it is not recorded");
@@ -163,23 +201,25 @@ impl Auditor {
         }
         fill(&mut q.frames);
         q.events += events;
-        let wake = std::mem::take(&mut q.idle);
         let full = q.events > self.shared.cap;
         drop(q);
-        if wake {
+        // Read before swapped: the flag's cache line stays shared while
+        // the writer is busy.
+        if self.shared.idle.load(Ordering::SeqCst) && self.shared.idle.swap(false, Ordering::SeqCst)
+        {
             self.thread.unpark();
         }
         full
     }
 
-    /// Waits until the writer has collected the queue.
+    /// Waits until the writer has collected the lane.
     async fn room(&self) {
         loop {
             let drained = self.shared.drained.notified();
             tokio::pin!(drained);
             drained.as_mut().enable();
             {
-                let q = self.shared.queue();
+                let q = self.shared.lane().lock();
                 if q.events <= self.shared.cap || q.closed {
                     return;
                 }
@@ -196,7 +236,7 @@ impl Auditor {
 
     /// Writes and fsyncs everything queued so far, then stops the writer.
     pub async fn close(&self) {
-        self.shared.queue().closed = true;
+        self.shared.close();
         self.thread.unpark();
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
@@ -222,15 +262,13 @@ struct Closed(Arc<Shared>);
 
 impl Drop for Closed {
     fn drop(&mut self) {
-        self.0.queue().closed = true;
+        self.0.close();
         self.0.drained.notify_waiters();
     }
 }
 
 struct Writer {
     shared: Arc<Shared>,
-    /// What the queue's frames are swapped with when `collect` appends.
-    spare: Vec<u8>,
     spool: spool::SpoolWriter,
     fsync: Fsync,
     interval: Duration,
@@ -289,24 +327,21 @@ impl Writer {
     }
 
     /// Moves everything queued onto the end of `buf`, and wakes sessions
-    /// waiting for room. True once the auditor is closed.
+    /// waiting for room. True once the auditor is closed: then every lane
+    /// is, and this took all they will ever hold.
     fn collect(&mut self, buf: &mut Vec<u8>) -> bool {
-        let mut q = self.shared.queue();
-        q.idle = false;
-        let full = q.events > self.shared.cap;
-        q.events = 0;
-        let closed = q.closed;
-        if buf.is_empty() {
-            // The queue takes the emptied buffer of the last batch: no
-            // copy, and no allocation once both have grown.
-            std::mem::swap(&mut q.frames, buf);
-            drop(q);
-        } else {
-            std::mem::swap(&mut q.frames, &mut self.spare);
-            drop(q);
-            buf.extend_from_slice(&self.spare);
-            self.spare.clear();
-            trim(&mut self.spare);
+        let closed = self.shared.closed.load(Ordering::SeqCst);
+        let mut full = false;
+        for lane in &self.shared.lanes {
+            let mut q = lane.lock();
+            if q.frames.is_empty() {
+                continue;
+            }
+            full |= q.events > self.shared.cap;
+            q.events = 0;
+            buf.extend_from_slice(&q.frames);
+            q.frames.clear();
+            trim(&mut q.frames);
         }
         if full {
             self.shared.drained.notify_waiters();
@@ -316,12 +351,15 @@ impl Writer {
 
     /// Marks the writer idle unless something was queued meanwhile.
     fn park_if_empty(&self) -> bool {
-        let mut q = self.shared.queue();
-        if q.events > 0 || q.closed {
-            return false;
+        // Before the lanes are looked at: a session that appends after
+        // its lane was seen empty then finds the flag set, and wakes us.
+        self.shared.idle.store(true, Ordering::SeqCst);
+        let busy = self.shared.closed.load(Ordering::SeqCst)
+            || self.shared.lanes.iter().any(|l| l.lock().events > 0);
+        if busy {
+            self.shared.idle.store(false, Ordering::SeqCst);
         }
-        q.idle = true;
-        true
+        !busy
     }
 
     /// Retries until the frames are written: events are never dropped for

@@ -84,8 +84,9 @@ pub struct SessionPolicy {
 /// The last query string allowed without changing the session, as
 /// [`SessionPolicy::check_shared`] remembers it: the same analysis under
 /// the same policy, in the same session state, is allowed by the same
-/// rules. Kept by reference so that a hit touches nothing shared with
-/// other threads (the rules' names are the policy's, in every session).
+/// rules. The rules are kept as one slice this session alone counts
+/// references to, so that a hit touches nothing shared with other
+/// threads (the rules' names are the policy's, in every session).
 struct LastAllowed {
     policy: Arc<Policy>,
     analysis: SharedAnalysis,

@@ -1509,29 +1509,20 @@ mod tests {
     fn a_session_reuses_its_last_analysis_only_for_a_shared_shape() {
         let an = Analyzer::new(16);
         let mut last = LastAnalysis::default();
-        let a = an
-            .analyze_after("SELECT abalance FROM t WHERE aid = 1", &mut last)
-            .clone();
-        let b = an
-            .analyze_after("SELECT abalance FROM t WHERE aid = 2", &mut last)
-            .clone();
+        let mut after = |sql: &str| an.analyze_after(sql, &mut last).clone();
+        let a = after("SELECT abalance FROM t WHERE aid = 1");
+        let b = after("SELECT abalance FROM t WHERE aid = 2");
         assert!(Arc::ptr_eq(&a, &b));
-        let c = an
-            .analyze_after("SELECT abalance FROM u WHERE aid = 2", &mut last)
-            .clone();
+        let c = after("SELECT abalance FROM u WHERE aid = 2");
         assert!(!Arc::ptr_eq(&a, &c));
         assert_eq!(c.as_ref().as_ref().unwrap().statements[0].reads, ["u"]);
         // One shape, but a literal decides what these do.
-        let g = an
-            .analyze_after("EXPLAIN (ANALYZE 0) DELETE FROM orders", &mut last)
-            .clone();
-        let h = an
-            .analyze_after("EXPLAIN (ANALYZE 1) DELETE FROM orders", &mut last)
-            .clone();
+        let g = after("EXPLAIN (ANALYZE 0) DELETE FROM orders");
+        let h = after("EXPLAIN (ANALYZE 1) DELETE FROM orders");
         assert_eq!((kind_of(&g), kind_of(&h)), (Kind::Read, Kind::Write));
         // A text the quick reading leaves to the scanner is never reused.
-        let i = an.analyze_after("SELECT 1 FROM t -- a", &mut last).clone();
-        let j = an.analyze_after("SELECT 1 FROM u -- a", &mut last).clone();
+        let i = after("SELECT 1 FROM t -- a");
+        let j = after("SELECT 1 FROM u -- a");
         assert!(!Arc::ptr_eq(&i, &j));
     }
 

@@ -289,9 +289,7 @@ pub async fn connect(
             BackendMessage::ParameterStatus { name, value } => {
                 let name = String::from_utf8_lossy(name);
                 let value = String::from_utf8_lossy(value);
-                if policies::analysis::catalog::affects_parsing(&name)
-                    && !policies::analysis::catalog::keeps_parsing(&name, &value)
-                {
+                if !policies::analysis::catalog::keeps_parsing(&name, &value) {
                     misreads = Some((name.into_owned(), value.into_owned()));
                 }
                 greeting.extend_from_slice(&msg);

@@ -161,7 +161,7 @@ pub fn pgbench(
         pgbench_on(port, &["-n", "-S", "-l", "-M", mode])
             .current_dir(logdir)
             .arg(format!("-c{clients}"))
-            .arg(format!("-j{}", threads.clamp(1, clients)))
+            .arg(format!("-j{}", threads.min(clients).max(1)))
             .arg(format!("-T{seconds}")),
     )?;
     let tps = out

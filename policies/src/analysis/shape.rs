@@ -25,9 +25,10 @@ use pg_query::protobuf::{KeywordKind, Token as T};
 const WORD: i32 = 0;
 
 /// `sql`'s shape, or `None` when the scanner rejects it (the full analysis
-/// then says why) or it holds no tokens. Each token is its number and,
-/// unless a literal, its exact text: identifiers keep their case and
-/// quotes, operators their spelling.
+/// then says why) or it holds no tokens. Each token is its number (words:
+/// the one [`WORD`] mark) and, unless a literal, its exact text: words
+/// keep their case, quoted identifiers their quotes, operators their
+/// spelling.
 pub(super) fn shape(sql: &str) -> Option<Vec<u8>> {
     quick(sql).or_else(|| scanned(sql))
 }

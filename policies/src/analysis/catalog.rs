@@ -271,9 +271,11 @@ pub fn client_encoding_is_safe(name: &str) -> bool {
 /// text as interceptor's parser does (UTF-8, standard conforming strings).
 /// With `standard_conforming_strings = off`, `'a\' , ' ; DROP TABLE users;
 /// -- '` is two strings to the parser and a string, then a DROP, to the
-/// server. Other settings change values, not how text is read.
+/// server. Other settings change values, not how text is read. Names
+/// compare without case, as PostgreSQL's do (a startup packet may say
+/// `Client_Encoding`).
 pub fn keeps_parsing(name: &str, value: &str) -> bool {
-    match name {
+    match name.to_ascii_lowercase().as_str() {
         "client_encoding" => client_encoding_is_safe(value),
         "standard_conforming_strings" => matches!(
             value.to_ascii_lowercase().as_str(),
@@ -285,7 +287,9 @@ pub fn keeps_parsing(name: &str, value: &str) -> bool {
 
 /// Settings whose value [`keeps_parsing`] judges.
 pub fn affects_parsing(name: &str) -> bool {
-    matches!(name, "client_encoding" | "standard_conforming_strings")
+    ["client_encoding", "standard_conforming_strings"]
+        .iter()
+        .any(|s| s.eq_ignore_ascii_case(name))
 }
 
 /// Whether changing `name` is a privilege question rather than an ordinary
@@ -361,6 +365,9 @@ mod tests {
         assert!(!keeps_parsing("standard_conforming_strings", "off"));
         assert!(!keeps_parsing("standard_conforming_strings", "false"));
         assert!(keeps_parsing("work_mem", "64MB"));
+        assert!(affects_parsing("Client_Encoding"));
+        assert!(!keeps_parsing("CLIENT_ENCODING", "sjis"));
+        assert!(!keeps_parsing("Standard_Conforming_Strings", "off"));
         assert_eq!(
             classify_function("pg_catalog.pg_terminate_backend"),
             FunctionClass::Privileged

@@ -83,6 +83,16 @@ fn batch() -> std::io::Result<()> {
     }
 }
 
+/// Makes the calling thread background work (the audit spool writer, the
+/// ClickHouse shipper): SCHED_BATCH, so that its wakeups never preempt a
+/// session or the server and client processes it is talking to. It runs
+/// as soon as they block, which under load is within microseconds.
+pub fn background(what: &str) {
+    if let Err(e) = batch() {
+        warn!("{what} runs as SCHED_OTHER: cannot set SCHED_BATCH: {e}");
+    }
+}
+
 /// Binds the calling thread to `cpu`.
 fn bind_to(cpu: usize) -> nix::Result<()> {
     let mut set = CpuSet::new();

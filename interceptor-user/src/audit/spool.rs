@@ -62,12 +62,10 @@ const STATEMENT_TAG: u8 = 5;
 /// the frame of an `Event::Statement`, appended to `out`; returns its hash.
 /// The row is encoded once, for both the hash and the frame.
 pub fn seal_statement_frame(
-    mut row: StatementRowRef<'_>,
+    row: StatementRowRef<'_>,
     prev: [u8; 32],
     out: &mut Vec<u8>,
 ) -> [u8; 32] {
-    row.prev_hash = prev;
-    row.hash = [0; 32];
     // Room for the whole frame at once: the fixed fields, the principal
     // and the text take ~200 bytes more than the strings themselves.
     out.reserve(HEADER + 256 + row.text.len() + row.principal.len());
@@ -75,8 +73,7 @@ pub fn seal_statement_frame(
     out.extend_from_slice(&[0; HEADER]);
     out.push(STATEMENT_TAG);
     let body = out.len();
-    // Writing into a Vec cannot fail for these types.
-    let _ = bincode::serde::encode_into_std_write(&row, out, bincode::config::standard());
+    row.encode(&prev, out);
     let hash = StatementRow::chain_hash(&prev, &out[body..]);
     // The hash is the row's last field: 32 raw bytes.
     let end = out.len();

@@ -31,8 +31,14 @@ pub struct StatementInfo {
 impl StatementInfo {
     /// Without a policy: the text only.
     pub fn unchecked(text: &[u8]) -> Self {
+        // from_utf8 first: its ASCII fast path took half the time of the
+        // lossy scan here, and statement texts are UTF-8.
+        let text = match std::str::from_utf8(text) {
+            Ok(t) => t.to_owned(),
+            Err(_) => String::from_utf8_lossy(text).into_owned(),
+        };
         StatementInfo {
-            text: String::from_utf8_lossy(text).into_owned(),
+            text,
             decision: "unchecked",
             ..Default::default()
         }
@@ -68,6 +74,14 @@ pub struct SessionAudit {
     pub session: Uuid,
     principal: String,
     queue: Mutex<VecDeque<Entry>>,
+    /// The wall clock (µs since the epoch) and the monotonic clock, read
+    /// together when the session started. A statement's timestamp is the
+    /// first plus the second's progress since: one clock read per
+    /// statement instead of two (each ~22 ns in this VM), and timestamps
+    /// that follow `seq`'s order even if the wall clock is stepped back.
+    /// A step during a session shows in the next session's timestamps,
+    /// not this one's; NTP's slewing moves both clocks alike.
+    epoch: (i64, Instant),
 }
 
 impl SessionAudit {
@@ -76,7 +90,16 @@ impl SessionAudit {
             session,
             principal,
             queue: Mutex::new(VecDeque::new()),
+            epoch: (now_us(), Instant::now()),
         }
+    }
+
+    /// µs since the Unix epoch at `at`.
+    fn ts_us(&self, at: Instant) -> i64 {
+        let since = at.saturating_duration_since(self.epoch.1).as_micros();
+        self.epoch
+            .0
+            .saturating_add(i64::try_from(since).unwrap_or(i64::MAX))
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
@@ -113,12 +136,14 @@ impl FrontendAudit {
 
     fn open(&mut self, info: Arc<StatementInfo>, simple: bool) {
         self.seq += 1;
+        let start = Instant::now();
+        let ts_us = self.shared.ts_us(start);
         let mut q = self.shared.queue();
         q.push_back(Entry::Open(Open {
             info,
             seq: self.seq,
-            ts_us: now_us(),
-            start: Instant::now(),
+            ts_us,
+            start,
             simple,
             returned: 0,
             tagged: 0,
@@ -328,8 +353,6 @@ impl BackendAudit {
             bytes: o.bytes,
             masked: o.masked,
             sqlstate: &o.sqlstate,
-            prev_hash: [0; 32],
-            hash: [0; 32],
         };
         self.prev = seal_statement_frame(row, self.prev, &mut self.done);
         self.done_events += 1 + o.mask_counts.len();

@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use interceptor::audit::session::{BackendAudit, FrontendAudit, SessionAudit, StatementInfo};
 use interceptor::audit::shipper::{Cursor, Shipper};
 use interceptor::audit::spool::{SpoolWriter, encode_frame, segments};
 use interceptor::audit::warehouse::Warehouse;
@@ -153,7 +154,33 @@ fn main() -> anyhow::Result<()> {
         anyhow::Ok(start.elapsed().as_secs_f64())
     })?;
 
+    // What a session does per statement: open its row when the Query
+    // arrives, count the reply's row, and seal it (encode and hash) at
+    // ReadyForQuery.
+    let shared = std::sync::Arc::new(SessionAudit::new(session, "github:repo=acme/app".into()));
+    let (mut front, mut back) = (
+        FrontendAudit::new(shared.clone()),
+        BackendAudit::new(shared),
+    );
+    let texts: Vec<String> = (0..1000)
+        .map(|i| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {i};"))
+        .collect();
+    let start = Instant::now();
+    for i in 0..rows {
+        front.query(StatementInfo::unchecked(
+            texts[i as usize % texts.len()].as_bytes(),
+        ));
+        back.row(30);
+        back.complete(b"SELECT 1\0");
+        back.ready();
+        if back.done.len() >= 1 << 20 {
+            back.done.clear();
+        }
+    }
+    let statement_ns = start.elapsed().as_nanos() as f64 / rows as f64;
+
     let mut out = json!({
+        "session_audit_ns_per_statement": statement_ns,
         "rows": rows,
         "spool_appends_per_s": rows as f64 / spool_secs,
         "spool_appends_one_thread_per_s": rows as f64 / one_thread_secs,

@@ -144,6 +144,13 @@ impl ClickHouse {
             .with_context(|| format!("{sql} gave {out:?}"))
     }
 
+    /// CPU time the server has used so far (zero while it is stopped).
+    pub fn cpu_time(&self) -> Duration {
+        self.child
+            .as_ref()
+            .map_or(Duration::ZERO, |c| crate::proxy::cpu_time(c.id()))
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }

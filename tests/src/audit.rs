@@ -58,3 +58,23 @@ pub fn statements(dir: &Path, n: usize) -> Vec<Value> {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Runs `interceptor ARGS` (an `audit tail --json` or `audit query
+/// --json`) until `done` holds of the JSON lines it prints, or 10 s have
+/// passed, and returns the last of them. The writer collects events every
+/// few ms under load, so a test that reads as soon as its client has
+/// finished may find the newest not yet in the spool.
+pub fn json_lines_until(args: &[&str], done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = interceptor(args);
+        let lines: Vec<Value> = out
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if done(&lines) || Instant::now() > deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

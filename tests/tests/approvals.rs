@@ -7,6 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use interceptor_tests::audit::json_lines_until;
 use interceptor_tests::pg::{self, PgCluster};
 use interceptor_tests::proxy::{Proxy, ProxyOptions, binary};
 use interceptor_tests::{free_port, workspace_root};
@@ -182,15 +183,17 @@ impl Approvals {
     }
 
     fn audit_events(&self) -> Vec<Value> {
-        let out = Command::new(binary())
-            .args(["audit", "tail", "--json", "-n", "5000", "--config"])
-            .arg(&self.proxy.config_path)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.audit_events_until(|_| true)
+    }
+
+    /// The audit trail once `done` holds of it (or after 10 s): an event
+    /// can reach the spool a few ms after the call that caused it returned.
+    fn audit_events_until(&self, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let config = self.proxy.config_path.to_str().expect("utf-8 path");
+        json_lines_until(
+            &["audit", "tail", "--json", "-n", "5000", "--config", config],
+            done,
+        )
     }
 
     /// The audit trail's approval events for request `id`, in order.
@@ -390,21 +393,24 @@ fn held_update_runs_once_approved_from_the_cli() {
         assert!(Instant::now() < deadline, "{events:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    let row = a
-        .audit_events()
-        .into_iter()
-        .filter_map(|e| e.get("Statement").cloned())
-        .find(|s| s["approval"] == id.as_str())
+    let approved_row = |l: &[Value]| {
+        l.iter()
+            .filter_map(|e| e.get("Statement"))
+            .find(|s| s["approval"] == id.as_str())
+            .cloned()
+    };
+    let row = approved_row(&a.audit_events_until(|l| approved_row(l).is_some()))
         .expect("a statement row with the approval id");
     assert_eq!(row["decision"], "allow");
     assert_eq!(row["rule"], "hold-writes");
     assert_eq!(row["rows"], 1);
-    let api_calls = a
-        .audit_events()
-        .into_iter()
-        .filter_map(|e| e.get("Approval").cloned())
-        .filter(|e| e["event"] == "api")
-        .count();
+    let api = |l: &[Value]| {
+        l.iter()
+            .filter_map(|e| e.get("Approval"))
+            .filter(|e| e["event"] == "api")
+            .count()
+    };
+    let api_calls = api(&a.audit_events_until(|l| api(l) >= 5));
     assert!(api_calls >= 5, "every API call is audited: {api_calls}");
 }
 
@@ -576,13 +582,14 @@ fn the_console_approves_and_denies_in_a_headless_browser() {
     let r = a.request(&approve_id);
     assert_eq!(r["votes"][0]["reason"], "checked in the console");
     // The console's calls are in the audit trail under the approver.
-    let console_calls = a
-        .audit_events()
-        .into_iter()
-        .filter_map(|e| e.get("Approval").cloned())
-        .filter(|e| e["event"] == "api" && e["actor"] == "alice")
-        .filter(|e| e["reason"].as_str().unwrap_or("").contains("/decide"))
-        .count();
+    let console = |l: &[Value]| {
+        l.iter()
+            .filter_map(|e| e.get("Approval"))
+            .filter(|e| e["event"] == "api" && e["actor"] == "alice")
+            .filter(|e| e["reason"].as_str().unwrap_or("").contains("/decide"))
+            .count()
+    };
+    let console_calls = console(&a.audit_events_until(|l| console(l) >= 2));
     assert!(console_calls >= 2, "{console_calls}");
 }
 
@@ -657,32 +664,22 @@ fn the_console_signs_in_through_an_oidc_provider() {
     );
 
     // The sign-ins are in the audit trail: who, and why one was refused.
-    let calls: Vec<Value> = a
-        .audit_events()
-        .into_iter()
-        .filter_map(|e| e.get("Approval").cloned())
-        .filter(|e| e["event"] == "api")
-        .filter(|e| {
-            e["reason"]
-                .as_str()
-                .unwrap_or("")
-                .contains("/login/oidc/callback")
-        })
-        .collect();
-    assert!(
-        calls.iter().any(|e| e["actor"] == "dana"
-            && e["reason"]
-                .as_str()
-                .unwrap_or("")
-                .contains(&format!("signed in at {} as Dana@example.com", issuer.url))),
-        "{calls:?}"
-    );
-    assert!(
-        calls.iter().any(|e| e["actor"] == "anonymous"
-            && e["reason"]
-                .as_str()
-                .unwrap_or("")
-                .contains("-> 403: mallory@example.com")),
-        "{calls:?}"
-    );
+    let reason = |e: &Value| e["reason"].as_str().unwrap_or("").to_owned();
+    let sign_ins = |l: &[Value]| -> Vec<Value> {
+        l.iter()
+            .filter_map(|e| e.get("Approval").cloned())
+            .filter(|e| e["event"] == "api" && reason(e).contains("/login/oidc/callback"))
+            .collect()
+    };
+    let dana = format!("signed in at {} as Dana@example.com", issuer.url);
+    let both = |calls: &[Value]| {
+        calls
+            .iter()
+            .any(|e| e["actor"] == "dana" && reason(e).contains(&dana))
+            && calls.iter().any(|e| {
+                e["actor"] == "anonymous" && reason(e).contains("-> 403: mallory@example.com")
+            })
+    };
+    let calls = sign_ins(&a.audit_events_until(|l| both(&sign_ins(l))));
+    assert!(both(&calls), "{calls:?}");
 }

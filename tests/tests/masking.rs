@@ -9,6 +9,7 @@
 use std::process::Command;
 use std::sync::OnceLock;
 
+use interceptor_tests::audit::json_lines_until;
 use interceptor_tests::pg::{self, PgCluster};
 use interceptor_tests::proxy::{Proxy, ProxyOptions};
 use interceptor_tests::wire::parse_bind_execute;
@@ -261,77 +262,66 @@ fn masked_counts_reach_the_audit_trail() {
     let (out, _) = psql("SELECT id, api_key FROM secrets ORDER BY id");
     assert_eq!(out, "1|[redacted]\n2|[redacted]\n");
     let p = proxy();
-    let out = Command::new(interceptor_tests::proxy::binary())
-        .args(["audit", "query", "--json", "--limit", "500", "--config"])
-        .arg(&p.config_path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let row = text
-        .lines()
-        .rfind(|l| l.contains("SELECT id, api_key FROM secrets ORDER BY id"))
-        .unwrap_or_else(|| {
-            panic!(
-                "no audit row: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let v: serde_json::Value = serde_json::from_str(row).unwrap();
-    assert_eq!(v["Statement"]["masked"], 2, "{row}");
+    let config = p.config_path.to_str().expect("utf-8 path");
+    let query = [
+        "audit", "query", "--json", "--limit", "500", "--config", config,
+    ];
+    let tail = ["audit", "tail", "--json", "-n", "2000", "--config", config];
+    let is_row = |v: &serde_json::Value| {
+        v["Statement"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("SELECT id, api_key FROM secrets ORDER BY id"))
+    };
+    let rows = json_lines_until(&query, |l| l.iter().any(is_row));
+    let v = rows
+        .iter()
+        .rfind(|v| is_row(v))
+        .unwrap_or_else(|| panic!("no audit row: {rows:?}"));
+    assert_eq!(v["Statement"]["masked"], 2, "{v}");
     let seq = v["Statement"]["seq"].clone();
     let session = v["Statement"]["session"].clone();
 
     // Per rule and column, after the row; never the value.
-    let out = Command::new(interceptor_tests::proxy::binary())
-        .args(["audit", "tail", "--json", "-n", "2000", "--config"])
-        .arg(&p.config_path)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let masks: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("Masked").cloned())
-        .filter(|m| m["session"] == session && m["seq"] == seq)
-        .collect();
+    let masks_of = |l: &[serde_json::Value]| -> Vec<serde_json::Value> {
+        l.iter()
+            .filter_map(|v| v.get("Masked").cloned())
+            .filter(|m| m["session"] == session && m["seq"] == seq)
+            .collect()
+    };
+    let events = json_lines_until(&tail, |l| !masks_of(l).is_empty());
+    let masks = masks_of(&events);
     assert_eq!(masks.len(), 1, "{masks:?}");
     assert_eq!(masks[0]["rule"], "secret-columns");
     assert_eq!(masks[0]["column"], "api_key");
     assert_eq!(masks[0]["count"], 2);
-    assert!(leaks(&text).is_empty());
+    assert!(leaks(&serde_json::to_string(&events).unwrap()).is_empty());
     // A detector's findings are counted by detector.
     let (out, _) = psql("SELECT 'mail eve@example.org or fay@example.org' AS note");
     assert_eq!(out, "mail [redacted:email] or [redacted:email]\n");
-    let out = Command::new(interceptor_tests::proxy::binary())
-        .args(["audit", "tail", "--json", "-n", "2000", "--config"])
-        .arg(&p.config_path)
-        .output()
-        .unwrap();
-    let found = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("Masked").cloned())
-        .any(|m| {
+    let detected = |l: &[serde_json::Value]| {
+        l.iter().filter_map(|v| v.get("Masked")).any(|m| {
             m["rule"] == "detected-secrets"
                 && m["detector"] == "email"
                 && m["column"] == "note"
                 && m["count"] == 2
-        });
-    assert!(found, "no detector count");
+        })
+    };
+    assert!(
+        detected(&json_lines_until(&tail, detected)),
+        "no detector count"
+    );
     // COPY's counts name its columns too.
     let (out, _) = psql("COPY (SELECT id, api_key AS k FROM secrets) TO STDOUT");
     assert_eq!(out, "1\t[redacted]\n2\t[redacted]\n");
-    let out = Command::new(interceptor_tests::proxy::binary())
-        .args(["audit", "tail", "--json", "-n", "2000", "--config"])
-        .arg(&p.config_path)
-        .output()
-        .unwrap();
-    let copy = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("Masked").cloned())
-        .any(|m| m["rule"] == "secret-columns" && m["column"] == "k" && m["count"] == 2);
-    assert!(copy, "no COPY count by column");
+    let copied = |l: &[serde_json::Value]| {
+        l.iter()
+            .filter_map(|v| v.get("Masked"))
+            .any(|m| m["rule"] == "secret-columns" && m["column"] == "k" && m["count"] == 2)
+    };
+    assert!(
+        copied(&json_lines_until(&tail, copied)),
+        "no COPY count by column"
+    );
 }
 
 /// `binary = "deny"`: a masked column of a non-text type asked for in

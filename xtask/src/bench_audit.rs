@@ -73,8 +73,10 @@ pub fn run() -> Result<()> {
     // The server's own work for what was shipped (inserts, and the merges
     // they cause), which the "clickhouse" route's tps pays for here, on the
     // same 2 vCPUs, and a deployment pays on the warehouse's hosts.
-    let ch_us_per_row = ch.cpu_time().saturating_sub(ch_cpu).as_secs_f64() * 1e6 / transactions;
+    let ch_used = ch.cpu_time().saturating_sub(ch_cpu);
     let in_clickhouse = ch.count("SELECT count() FROM audit_pgbench.statements")?;
+    // Per row counted there, not per statement estimated from tps.
+    let ch_us_per_row = ch_used.as_secs_f64() * 1e6 / in_clickhouse.max(1) as f64;
     println!(
         "\naudit path (release build, 1M statement rows of {:.0} bytes):",
         f("spool_bytes_per_row")

@@ -344,9 +344,15 @@ impl Writer {
             }
             full |= q.events > self.shared.cap;
             q.events = 0;
-            buf.extend_from_slice(&q.frames);
-            q.frames.clear();
-            trim(&mut q.frames);
+            if buf.is_empty() {
+                // The lane takes the emptied buffer of the last batch: no
+                // copy, and no allocation once both have grown.
+                std::mem::swap(&mut q.frames, buf);
+            } else {
+                buf.extend_from_slice(&q.frames);
+                q.frames.clear();
+                trim(&mut q.frames);
+            }
         }
         if full {
             self.shared.drained.notify_waiters();

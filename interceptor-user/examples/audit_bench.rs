@@ -156,7 +156,7 @@ fn main() -> anyhow::Result<()> {
 
     // What a session does per statement: open its row when the Query
     // arrives, count the reply's row, and seal it (encode and hash) at
-    // ReadyForQuery.
+    // ReadyForQuery (once the replies are sent).
     let shared = std::sync::Arc::new(SessionAudit::new(session, "github:repo=acme/app".into()));
     let (mut front, mut back) = (
         FrontendAudit::new(shared.clone()),
@@ -173,6 +173,7 @@ fn main() -> anyhow::Result<()> {
         back.row(30);
         back.complete(b"SELECT 1\0");
         back.ready();
+        back.seal_ended();
         if back.done.len() >= 1 << 20 {
             back.done.clear();
         }

@@ -484,11 +484,6 @@ where
             }
             Ok(Next::Continue)
         });
-        // Queued before the client sees the replies: a statement the
-        // client saw finish is already on its way to the spool.
-        if let (Some(a), Some(auditor)) = (&mut state.audit, auditor) {
-            a.hand_over(auditor).await;
-        }
         if used > 0 {
             let out = edits.output(buf, used);
             state.stats.bytes_to_client += out.len() as u64;
@@ -496,6 +491,12 @@ where
                 return BackEnd::Io(e);
             }
             buf.advance(used);
+        }
+        // After the replies are sent, so that encoding and hashing the rows
+        // delay none of them; `run` hands over what is left when this
+        // direction stops.
+        if let (Some(a), Some(auditor)) = (&mut state.audit, auditor) {
+            a.hand_over(auditor).await;
         }
         match verdict {
             Err(e) => return BackEnd::Violation(e),
@@ -666,6 +667,11 @@ pub async fn run(
         };
         outcome
     };
+    // The rows of statements whose replies were (or were being) sent when
+    // the backend direction stopped.
+    if let (Some(a), Some(auditor)) = (&mut back_state.audit, auditor) {
+        a.hand_over(auditor).await;
+    }
     let mut stats = back_state.stats.clone();
     stats.frontend_messages = front_state.stats.frontend_messages;
     stats.queries = front_state.stats.queries;

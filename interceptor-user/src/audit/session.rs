@@ -112,21 +112,25 @@ impl SessionAudit {
 pub struct FrontendAudit {
     shared: Arc<SessionAudit>,
     seq: u64,
-    statements: HashMap<Vec<u8>, Arc<StatementInfo>>,
+    statements: Names,
     /// The unnamed portal, kept apart: most drivers bind it for every
     /// statement, and a field costs no hashing.
     unnamed: Option<Arc<StatementInfo>>,
-    portals: HashMap<Vec<u8>, Arc<StatementInfo>>,
+    portals: Names,
 }
+
+/// Prepared statements or portals by name. Binding looks one up per
+/// statement; foldhash hashes a short name in a fraction of SipHash's time.
+type Names = HashMap<Vec<u8>, Arc<StatementInfo>, foldhash::fast::RandomState>;
 
 impl FrontendAudit {
     pub fn new(shared: Arc<SessionAudit>) -> Self {
         FrontendAudit {
             shared,
             seq: 0,
-            statements: HashMap::new(),
+            statements: Names::default(),
             unnamed: None,
-            portals: HashMap::new(),
+            portals: Names::default(),
         }
     }
 
@@ -207,6 +211,10 @@ impl FrontendAudit {
 pub struct BackendAudit {
     shared: Arc<SessionAudit>,
     prev: [u8; 32],
+    /// Rows whose statements ended, to be sealed once the replies are on
+    /// their way to the client: sealing (encoding and hashing) then
+    /// delays no reply.
+    ended: Vec<Open>,
     /// Sealed rows, as spool frames, waiting to be handed to the auditor.
     pub done: Vec<u8>,
     /// How many frames `done` holds.
@@ -218,13 +226,16 @@ impl BackendAudit {
         BackendAudit {
             shared,
             prev: [0; 32],
+            ended: Vec::new(),
             done: Vec::new(),
             done_events: 0,
         }
     }
 
-    /// Queues the rows sealed so far, keeping the buffer for the next.
+    /// Seals the rows of the statements that ended and queues them,
+    /// keeping the buffers for the next.
     pub async fn hand_over(&mut self, auditor: &super::Auditor) {
+        self.seal_ended();
         if !self.done.is_empty() {
             let events = std::mem::take(&mut self.done_events);
             auditor.record_frames(&mut self.done, events).await;
@@ -262,79 +273,86 @@ impl BackendAudit {
         });
     }
 
+    /// Under one lock: `f` updates the oldest open row and says whether
+    /// its statement has ended; if so, it leaves the queue to be sealed.
+    fn end_front(&mut self, f: impl FnOnce(&mut Open) -> bool) {
+        let mut q = self.shared.queue();
+        let ended = match q.front_mut() {
+            Some(Entry::Open(o)) => f(o),
+            // Replies out of step with requests (or none expected): the
+            // Sync marker stays for its ReadyForQuery.
+            _ => false,
+        };
+        if ended && let Some(Entry::Open(o)) = q.pop_front() {
+            self.ended.push(o);
+        }
+    }
+
     /// CommandComplete: `tag` as the server sent it ("INSERT 0 3").
     pub fn complete(&mut self, tag: &[u8]) {
         let n = tag_count(tag);
-        let mut simple = true;
-        self.with_front(|o| {
+        self.end_front(|o| {
             o.tagged += n;
-            simple = o.simple;
+            !o.simple
         });
-        if !simple {
-            self.finish_front();
-        }
     }
 
     /// EmptyQueryResponse or PortalSuspended.
     pub fn end_of_execute(&mut self) {
-        let mut simple = true;
-        self.with_front(|o| simple = o.simple);
-        if !simple {
-            self.finish_front();
-        }
+        self.end_front(|o| !o.simple);
     }
 
     pub fn error(&mut self, sqlstate: &str) {
-        let mut execute_failed = None;
-        self.with_front(|o| {
-            if o.sqlstate.is_empty() {
-                o.sqlstate = sqlstate.to_owned();
+        let mut q = self.shared.queue();
+        let execute_failed = match q.front_mut() {
+            Some(Entry::Open(o)) => {
+                if o.sqlstate.is_empty() {
+                    o.sqlstate = sqlstate.to_owned();
+                }
+                !o.simple
             }
-            if !o.simple {
-                execute_failed = Some(o.sqlstate.clone());
-            }
-        });
-        let Some(state) = execute_failed else { return };
-        self.finish_front();
+            _ => false,
+        };
+        if !execute_failed {
+            return;
+        }
+        let Some(Entry::Open(failed)) = q.pop_front() else {
+            return;
+        };
         // Later Executes of this batch are skipped: they end at
         // ReadyForQuery with this error.
-        for e in self.shared.queue().iter_mut() {
+        for e in q.iter_mut() {
             match e {
-                Entry::Open(o) if o.sqlstate.is_empty() => o.sqlstate = state.clone(),
+                Entry::Open(o) if o.sqlstate.is_empty() => o.sqlstate.clone_from(&failed.sqlstate),
                 Entry::Open(_) => {}
                 Entry::Sync => break,
             }
         }
+        self.ended.push(failed);
     }
 
     /// ReadyForQuery: the batch up to the first Sync or simple Query ends.
     pub fn ready(&mut self) {
-        loop {
-            let entry = self.shared.queue().pop_front();
-            match entry {
-                None | Some(Entry::Sync) => return,
-                Some(Entry::Open(o)) => {
-                    let simple = o.simple;
-                    self.seal(o);
-                    if simple {
-                        return;
-                    }
-                }
+        let mut q = self.shared.queue();
+        while let Some(Entry::Open(o)) = q.pop_front() {
+            let simple = o.simple;
+            self.ended.push(o);
+            if simple {
+                return;
             }
         }
     }
 
-    fn finish_front(&mut self) {
-        let entry = self.shared.queue().pop_front();
-        match entry {
-            Some(Entry::Open(o)) => self.seal(o),
-            // Replies out of step with requests; put the marker back.
-            Some(Entry::Sync) => self.shared.queue().push_front(Entry::Sync),
-            None => {}
+    /// Seals the ended rows into `done`, in the order they ended.
+    pub fn seal_ended(&mut self) {
+        let mut ended = std::mem::take(&mut self.ended);
+        for o in ended.drain(..) {
+            self.seal_one(o);
         }
+        self.ended = ended;
     }
 
-    fn seal(&mut self, o: Open) {
+    fn seal_one(&mut self, o: Open) {
         let info = &*o.info;
         let row = StatementRowRef {
             session: self.shared.session,
@@ -377,13 +395,14 @@ impl BackendAudit {
 fn tag_count(tag: &[u8]) -> u64 {
     let tag = tag.strip_suffix(b"\0").unwrap_or(tag);
     let digits = tag.rsplit(|b| *b == b' ').next().unwrap_or_default();
-    // Digits only: `parse` would also take a sign.
-    if !digits.iter().all(u8::is_ascii_digit) {
-        return 0;
-    }
-    std::str::from_utf8(digits)
-        .ok()
-        .and_then(|d| d.parse().ok())
+    digits
+        .iter()
+        .try_fold(0u64, |n, &d| {
+            if !d.is_ascii_digit() {
+                return None;
+            }
+            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
         .unwrap_or(0)
 }
 
@@ -393,6 +412,7 @@ mod tests {
     use crate::audit::StatementRow;
 
     fn rows(b: &mut BackendAudit) -> Vec<StatementRow> {
+        b.seal_ended();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("seg-000000000001.spool"), &b.done).unwrap();
         b.done.clear();

@@ -149,16 +149,9 @@ fn json(e: &Event) -> serde_json::Value {
 
 /// Prints the last `n` events (of one session, if given).
 pub fn tail(dir: &Path, n: usize, session: Option<Uuid>, as_json: bool) -> Result<()> {
-    let events = spool::read_all(dir)
+    let events = spool::newest(dir, n, |e| session.is_none() || e.session() == session)
         .with_context(|| format!("reading the audit spool {}", dir.display()))?;
-    let chosen: Vec<&Event> = events
-        .iter()
-        .filter(|e| session.is_none() || e.session() == session)
-        .collect();
-    print_events(
-        chosen[chosen.len().saturating_sub(n)..].iter().copied(),
-        as_json,
-    );
+    print_events(&events, as_json);
     Ok(())
 }
 
@@ -169,12 +162,14 @@ pub struct Source {
 }
 
 impl Source {
-    fn spool_events(&self) -> Result<Vec<Event>> {
-        match spool::read_all(&self.dir) {
-            Ok(events) => Ok(events),
+    /// What `read` makes of the spool's events (without ClickHouse, none
+    /// when the spool is gone).
+    fn from_spool<T: Default>(&self, read: impl FnOnce(&Path) -> std::io::Result<T>) -> Result<T> {
+        match read(&self.dir) {
+            Ok(found) => Ok(found),
             // Never written, or everything shipped and the daemon gone.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.clickhouse.is_some() => {
-                Ok(Vec::new())
+                Ok(T::default())
             }
             Err(e) => {
                 Err(e).with_context(|| format!("reading the audit spool {}", self.dir.display()))
@@ -257,16 +252,16 @@ fn session_record(source: &Source, session: Uuid) -> Result<SessionRecord> {
         }
         Ok(())
     })??;
-    for e in source.spool_events()? {
-        match e {
+    source.from_spool(|dir| {
+        spool::for_each(dir, |e| match e {
             Event::Statement(s) if s.session == session => {
                 rec.rows.insert(s.seq, *s);
             }
             Event::SessionStart(ref s) if s.session == session => rec.start = Some(line(&e)),
             Event::SessionEnd(ref s) if s.session == session => rec.end = Some(line(&e)),
             _ => {}
-        }
-    }
+        })
+    })?;
     if rec.start.is_none() && rec.rows.is_empty() {
         bail!(
             "session {session} is not in the audit trail (spool {}{})",
@@ -406,15 +401,13 @@ pub fn query(source: &Source, filter: &Filter, limit: usize, as_json: bool) -> R
                 .map(|r| Event::Statement(Box::new(r)))
                 .collect()
         }
-        None => {
-            let mut rows: Vec<Event> = source
-                .spool_events()?
-                .into_iter()
-                .filter(|e| matches!(e, Event::Statement(s) if filter.matches(s)))
-                .collect();
-            rows.drain(..rows.len().saturating_sub(limit));
-            rows
-        }
+        None => source.from_spool(|dir| {
+            spool::newest(
+                dir,
+                limit,
+                |e| matches!(e, Event::Statement(s) if filter.matches(s)),
+            )
+        })?,
     };
     print_events(&rows, as_json);
     Ok(())

@@ -135,7 +135,7 @@ impl Auditor {
         info!(
             dir = %dir.display(),
             segments = recovery.segments,
-            events = recovery.events,
+            newest_segment_events = recovery.events,
             "audit spool open"
         );
         // One lane per session thread (one per CPU by default) and one for

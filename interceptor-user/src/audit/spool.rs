@@ -7,6 +7,7 @@
 //! says how much it dropped. Segments are named `seg-NNNNNNNNNNNN.spool`
 //! in write order; a new writer never appends to an old segment.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -112,6 +113,16 @@ pub fn read_frames(
     max: usize,
     out: &mut Vec<Event>,
 ) -> std::io::Result<(u64, u64)> {
+    scan_frames(path, offset, max, |e| out.push(e))
+}
+
+/// [`read_frames`], handing each event to `f` as it is decoded.
+fn scan_frames(
+    path: &Path,
+    offset: u64,
+    max: usize,
+    mut f: impl FnMut(Event),
+) -> std::io::Result<(u64, u64)> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
     file.seek(SeekFrom::Start(offset))?;
@@ -132,7 +143,7 @@ pub fn read_frames(
             break;
         }
         match decode_frame(&body, crc) {
-            Some(e) => out.push(e),
+            Some(e) => f(e),
             None => break,
         }
         at += (HEADER + n) as u64;
@@ -161,16 +172,53 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 /// Every event in the spool, oldest first.
 pub fn read_all(dir: &Path) -> std::io::Result<Vec<Event>> {
     let mut events = Vec::new();
-    for (_, path) in segments(dir)? {
-        events.extend(read_segment(&path)?.events);
-    }
+    for_each(dir, |e| events.push(e))?;
     Ok(events)
+}
+
+/// Hands every event in the spool to `f`, oldest first, one at a time:
+/// what the reader keeps is up to `f`, not the spool's size (a spool is
+/// the store when no ClickHouse is configured, and grows for as long as
+/// the daemon runs).
+pub fn for_each(dir: &Path, mut f: impl FnMut(Event)) -> std::io::Result<()> {
+    for (_, path) in segments(dir)? {
+        scan_frames(&path, 0, usize::MAX, &mut f)?;
+    }
+    Ok(())
+}
+
+/// The newest `n` events that `keep` accepts, oldest first. Segments are
+/// read newest first, and reading stops at the first segment that
+/// completes the `n`.
+pub fn newest(dir: &Path, n: usize, keep: impl Fn(&Event) -> bool) -> std::io::Result<Vec<Event>> {
+    // Newest segment first; each one's newest matches, oldest first.
+    let mut found: Vec<VecDeque<Event>> = Vec::new();
+    let mut have = 0;
+    for (_, path) in segments(dir)?.iter().rev() {
+        if have >= n {
+            break;
+        }
+        let want = n - have;
+        let mut last = VecDeque::with_capacity(want.min(1024));
+        scan_frames(path, 0, usize::MAX, |e| {
+            if keep(&e) {
+                if last.len() == want {
+                    last.pop_front();
+                }
+                last.push_back(e);
+            }
+        })?;
+        have += last.len();
+        found.push(last);
+    }
+    Ok(found.into_iter().rev().flatten().collect())
 }
 
 /// What opening the spool found and repaired.
 #[derive(Debug, Default)]
 pub struct Recovery {
     pub segments: usize,
+    /// Whole frames in the newest segment, the one that was checked.
     pub events: usize,
     /// (segment, bytes cut) for each torn tail.
     pub torn: Vec<(PathBuf, u64)>,
@@ -187,21 +235,29 @@ pub struct SpoolWriter {
 }
 
 impl SpoolWriter {
-    /// Opens `dir` (creating it), cuts torn tails back to their last good
+    /// Opens `dir` (creating it), cuts a torn tail back to its last good
     /// frame, and starts a new segment.
+    ///
+    /// Only the newest segment is read: a writer appends to one segment
+    /// and syncs it before it starts the next, so only the last segment a
+    /// stopped daemon wrote can end in half a frame, and each segment
+    /// before it was checked by the open that started its successor.
+    /// Opening therefore takes the same time with a spool of any size
+    /// (reading every segment took 9 s for 2.1 GB).
     pub fn open(dir: &Path, segment_bytes: u64) -> std::io::Result<(SpoolWriter, Recovery)> {
         std::fs::create_dir_all(dir)?;
         let mut recovery = Recovery::default();
         let existing = segments(dir)?;
-        for (_, path) in &existing {
+        recovery.segments = existing.len();
+        if let Some((_, path)) = existing.last() {
             let seg = read_segment(path)?;
-            recovery.segments += 1;
-            recovery.events += seg.events.len();
+            recovery.events = seg.events.len();
             if seg.torn_bytes > 0 {
-                OpenOptions::new()
-                    .write(true)
-                    .open(path)?
-                    .set_len(seg.good_len)?;
+                let file = OpenOptions::new().write(true).open(path)?;
+                file.set_len(seg.good_len)?;
+                // Durable before a later segment exists, which would
+                // leave this one unchecked.
+                file.sync_all()?;
                 recovery.torn.push((path.clone(), seg.torn_bytes));
             }
         }
@@ -303,6 +359,66 @@ mod tests {
         let all = read_all(dir.path()).unwrap();
         assert_eq!(all.len(), 11);
         assert_eq!(all[10], stop(10));
+    }
+
+    #[test]
+    fn opening_checks_only_the_newest_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        for run in 0..3 {
+            let (mut w, rec) = SpoolWriter::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(rec.segments, run);
+            let mut buf = Vec::new();
+            encode_frame(&stop(run as i64), &mut buf);
+            w.append(&buf).unwrap();
+        }
+        let segs = segments(dir.path()).unwrap();
+        // The oldest segment's frame is damaged, and so is the newest's.
+        for (_, path) in [&segs[0], &segs[2]] {
+            let mut data = std::fs::read(path).unwrap();
+            let last = data.len() - 1;
+            data[last] ^= 1;
+            std::fs::write(path, &data).unwrap();
+        }
+        let (_w, rec) = SpoolWriter::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(rec.segments, 3);
+        // Only the newest was read, and cut.
+        assert_eq!(rec.torn.len(), 1);
+        assert_eq!(rec.torn[0].0, segs[2].1);
+        assert_eq!(std::fs::metadata(&segs[2].1).unwrap().len(), 0);
+        // Readers still stop at the oldest one's bad frame and go on.
+        assert_eq!(read_all(dir.path()).unwrap(), vec![stop(1)]);
+    }
+
+    #[test]
+    fn the_newest_matching_events_come_from_the_newest_segments_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = SpoolWriter::open(dir.path(), 60).unwrap();
+        for i in 0..30 {
+            let mut buf = Vec::new();
+            encode_frame(&stop(i), &mut buf);
+            w.append(&buf).unwrap();
+        }
+        assert!(segments(dir.path()).unwrap().len() > 3);
+        let ts = |events: Vec<Event>| -> Vec<i64> {
+            events
+                .iter()
+                .map(|e| match e {
+                    Event::DaemonStop { ts_us, .. } => *ts_us,
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect()
+        };
+        let even = |e: &Event| matches!(e, Event::DaemonStop { ts_us, .. } if ts_us % 2 == 0);
+        assert_eq!(
+            ts(newest(dir.path(), 4, even).unwrap()),
+            vec![22, 24, 26, 28]
+        );
+        assert_eq!(ts(newest(dir.path(), 1, |_| true).unwrap()), vec![29]);
+        assert_eq!(ts(newest(dir.path(), 100, even).unwrap()).len(), 15);
+        assert!(newest(dir.path(), 0, |_| true).unwrap().is_empty());
+        let mut all = Vec::new();
+        for_each(dir.path(), |e| all.push(e)).unwrap();
+        assert_eq!(ts(all), (0..30).collect::<Vec<_>>());
     }
 
     #[test]

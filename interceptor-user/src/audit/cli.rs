@@ -164,7 +164,7 @@ pub struct Source {
 impl Source {
     /// What `read` makes of the spool's events (without ClickHouse, none
     /// when the spool is gone).
-    fn from_spool<T: Default>(&self, read: impl FnOnce(&Path) -> std::io::Result<T>) -> Result<T> {
+    fn read_spool<T: Default>(&self, read: impl FnOnce(&Path) -> std::io::Result<T>) -> Result<T> {
         match read(&self.dir) {
             Ok(found) => Ok(found),
             // Never written, or everything shipped and the daemon gone.
@@ -252,7 +252,7 @@ fn session_record(source: &Source, session: Uuid) -> Result<SessionRecord> {
         }
         Ok(())
     })??;
-    source.from_spool(|dir| {
+    source.read_spool(|dir| {
         spool::for_each(dir, |e| match e {
             Event::Statement(s) if s.session == session => {
                 rec.rows.insert(s.seq, *s);
@@ -401,7 +401,7 @@ pub fn query(source: &Source, filter: &Filter, limit: usize, as_json: bool) -> R
                 .map(|r| Event::Statement(Box::new(r)))
                 .collect()
         }
-        None => source.from_spool(|dir| {
+        None => source.read_spool(|dir| {
             spool::newest(
                 dir,
                 limit,

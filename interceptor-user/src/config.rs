@@ -106,6 +106,13 @@ pub struct AuditConfig {
     /// with an error logged every few seconds.
     #[serde(default)]
     pub on_spool_failure: SpoolFailure,
+    /// Days of audit the spool keeps when it is the store (no
+    /// `[audit.clickhouse]`): a segment last written longer ago is
+    /// deleted when the daemon starts and whenever a new segment begins.
+    /// 0 (the default) keeps everything. With ClickHouse, segments are
+    /// deleted once shipped and `retention_days` there applies instead.
+    #[serde(default)]
+    pub spool_retention_days: u32,
     /// Ship the spool to ClickHouse. Without it the spool is the store,
     /// and `interceptor audit tail | query` read it locally.
     pub clickhouse: Option<ClickHouseConfig>,
@@ -193,6 +200,7 @@ impl Default for AuditConfig {
             segment_bytes: default_segment_bytes(),
             queue: default_audit_queue(),
             on_spool_failure: SpoolFailure::default(),
+            spool_retention_days: 0,
             clickhouse: None,
         }
     }
@@ -1036,6 +1044,13 @@ impl Config {
                 }
             }
         }
+        if self.audit.spool_retention_days > 0 && self.audit.clickhouse.is_some() {
+            return Err(invalid(
+                text.find("spool_retention_days").unwrap_or(0),
+                "audit.spool_retention_days".into(),
+                "applies only when the spool is the store: with [audit.clickhouse], shipped segments are deleted and [audit.clickhouse] retention_days drops old partitions".into(),
+            ));
+        }
         if let Some(ch) = &self.audit.clickhouse {
             let at = text.find("[audit.clickhouse]").unwrap_or(0);
             let plain = |s: &str| {
@@ -1304,6 +1319,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `cgroupp`"), "{e}");
+    }
+
+    #[test]
+    fn spool_retention_is_for_a_spool_that_is_the_store() {
+        let base = format!("{GOOD}[audit]\nspool_retention_days = 30\n");
+        let c = Config::parse(Path::new("x.toml"), &base).unwrap();
+        assert_eq!(c.audit.spool_retention_days, 30);
+        assert_eq!(
+            Config::parse(Path::new("x.toml"), GOOD)
+                .unwrap()
+                .audit
+                .spool_retention_days,
+            0
+        );
+        let shipped = format!("{base}[audit.clickhouse]\nurl = \"http://127.0.0.1:8123\"\n");
+        let e = Config::parse(Path::new("x.toml"), &shipped)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("audit.spool_retention_days") && e.contains("applies only"),
+            "{e}"
+        );
     }
 
     const GOOD: &str = r#"

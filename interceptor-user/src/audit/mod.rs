@@ -125,7 +125,12 @@ impl Auditor {
     /// Opens the spool under `dir` (repairing torn tails, and saying so)
     /// and starts the writer thread.
     pub fn start(config: &AuditConfig, dir: &Path) -> std::io::Result<Auditor> {
-        let (spool, recovery) = spool::SpoolWriter::open(dir, config.segment_bytes)?;
+        let (mut spool, recovery) = spool::SpoolWriter::open(dir, config.segment_bytes)?;
+        if config.spool_retention_days > 0 && config.clickhouse.is_none() {
+            spool.expire_after(Duration::from_secs(
+                u64::from(config.spool_retention_days) * 86_400,
+            ))?;
+        }
         for (segment, bytes) in &recovery.torn {
             warn!(
                 segment = %segment.display(),

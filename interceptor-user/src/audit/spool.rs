@@ -11,6 +11,9 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::{info, warn};
 
 use super::event::{Event, StatementRow, StatementRowRef};
 
@@ -182,9 +185,18 @@ pub fn read_all(dir: &Path) -> std::io::Result<Vec<Event>> {
 /// the daemon runs).
 pub fn for_each(dir: &Path, mut f: impl FnMut(Event)) -> std::io::Result<()> {
     for (_, path) in segments(dir)? {
-        scan_frames(&path, 0, usize::MAX, &mut f)?;
+        gone_is_empty(scan_frames(&path, 0, usize::MAX, &mut f))?;
     }
     Ok(())
+}
+
+/// A segment deleted between listing and reading (shipped, or expired)
+/// reads as empty.
+fn gone_is_empty(r: std::io::Result<(u64, u64)>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The newest `n` events that `keep` accepts, oldest first. Segments are
@@ -200,14 +212,14 @@ pub fn newest(dir: &Path, n: usize, keep: impl Fn(&Event) -> bool) -> std::io::R
         }
         let want = n - have;
         let mut last = VecDeque::with_capacity(want.min(1024));
-        scan_frames(path, 0, usize::MAX, |e| {
+        gone_is_empty(scan_frames(path, 0, usize::MAX, |e| {
             if keep(&e) {
                 if last.len() == want {
                     last.pop_front();
                 }
                 last.push_back(e);
             }
-        })?;
+        }))?;
         have += last.len();
         found.push(last);
     }
@@ -229,6 +241,9 @@ pub struct Recovery {
 pub struct SpoolWriter {
     dir: PathBuf,
     segment_bytes: u64,
+    /// Segments last written longer ago are deleted (the spool being the
+    /// store).
+    keep_for: Option<Duration>,
     index: u64,
     file: File,
     len: u64,
@@ -266,11 +281,52 @@ impl SpoolWriter {
         let writer = SpoolWriter {
             dir: dir.to_owned(),
             segment_bytes,
+            keep_for: None,
             index,
             file,
             len: 0,
         };
         Ok((writer, recovery))
+    }
+
+    /// Keeps segments for `keep_for` after their last write, deleting
+    /// older ones now and whenever a new segment begins.
+    pub fn expire_after(&mut self, keep_for: Duration) -> std::io::Result<usize> {
+        self.keep_for = Some(keep_for);
+        self.expire()
+    }
+
+    /// Deletes the segments before the current one that were last written
+    /// longer than `keep_for` ago; returns how many.
+    fn expire(&self) -> std::io::Result<usize> {
+        let Some(keep_for) = self.keep_for else {
+            return Ok(0);
+        };
+        let mut deleted = 0;
+        for (index, path) in segments(&self.dir)? {
+            if index >= self.index {
+                break;
+            }
+            let age = std::fs::metadata(&path)?
+                .modified()?
+                .elapsed()
+                .unwrap_or_default();
+            if age > keep_for {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => deleted += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if deleted > 0 {
+            info!(
+                dir = %self.dir.display(),
+                "audit spool: deleted {deleted} segments last written more than {} days ago (spool_retention_days)",
+                keep_for.as_secs() / 86_400
+            );
+        }
+        Ok(deleted)
     }
 
     fn create(dir: &Path, index: u64) -> std::io::Result<File> {
@@ -291,6 +347,10 @@ impl SpoolWriter {
             self.file = Self::create(&self.dir, self.index + 1)?;
             self.index += 1;
             self.len = 0;
+            // Not the append's failure: the events are written.
+            if let Err(e) = self.expire() {
+                warn!(dir = %self.dir.display(), "audit spool: could not delete expired segments: {e}");
+            }
         }
         match self.file.write_all(frames) {
             Ok(()) => {
@@ -419,6 +479,54 @@ mod tests {
         let mut all = Vec::new();
         for_each(dir.path(), |e| all.push(e)).unwrap();
         assert_eq!(ts(all), (0..30).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn segments_past_the_retention_are_deleted_at_open_and_at_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = Duration::from_secs(86_400);
+        let age = |path: &Path, days: u32| {
+            let when = std::time::SystemTime::now() - day * days;
+            File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(when)
+                .unwrap();
+        };
+        let (mut w, _) = SpoolWriter::open(dir.path(), 16).unwrap();
+        for i in 0..6 {
+            let mut buf = Vec::new();
+            encode_frame(&stop(i), &mut buf);
+            w.append(&buf).unwrap();
+        }
+        drop(w);
+        let before = segments(dir.path()).unwrap();
+        assert!(before.len() >= 3, "{before:?}");
+        // The oldest two were last written 3 days ago, the rest today.
+        age(&before[0].1, 3);
+        age(&before[1].1, 3);
+        let (mut w, _) = SpoolWriter::open(dir.path(), 16).unwrap();
+        assert_eq!(w.expire_after(day * 2).unwrap(), 2);
+        let after = segments(dir.path()).unwrap();
+        assert_eq!(after[0], before[2]);
+        assert_eq!(after.len(), before.len() - 2 + 1);
+
+        // At rotation: a segment that aged since is deleted then, and the
+        // one being written never is.
+        age(&after[0].1, 3);
+        let current = after.last().unwrap().clone();
+        age(&current.1, 3);
+        let mut buf = Vec::new();
+        encode_frame(&stop(6), &mut buf);
+        w.append(&buf).unwrap();
+        let mut buf = Vec::new();
+        encode_frame(&stop(7), &mut buf);
+        w.append(&buf).unwrap();
+        let now = segments(dir.path()).unwrap();
+        assert!(!now.contains(&after[0]));
+        assert!(now.contains(&current), "{now:?}");
+        assert!(read_all(dir.path()).unwrap().contains(&stop(7)));
     }
 
     #[test]

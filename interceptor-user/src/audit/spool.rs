@@ -386,6 +386,15 @@ mod tests {
         test_event(i)
     }
 
+    /// Appends `stop(i)` for each `i`, one frame per append.
+    fn append_stops(w: &mut SpoolWriter, range: std::ops::Range<i64>) {
+        for i in range {
+            let mut buf = Vec::new();
+            encode_frame(&stop(i), &mut buf);
+            w.append(&buf).unwrap();
+        }
+    }
+
     #[test]
     fn frames_round_trip_and_torn_tails_are_cut() {
         let dir = tempfile::tempdir().unwrap();
@@ -453,11 +462,7 @@ mod tests {
     fn the_newest_matching_events_come_from_the_newest_segments_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = SpoolWriter::open(dir.path(), 60).unwrap();
-        for i in 0..30 {
-            let mut buf = Vec::new();
-            encode_frame(&stop(i), &mut buf);
-            w.append(&buf).unwrap();
-        }
+        append_stops(&mut w, 0..30);
         assert!(segments(dir.path()).unwrap().len() > 3);
         let ts = |events: Vec<Event>| -> Vec<i64> {
             events
@@ -495,11 +500,7 @@ mod tests {
                 .unwrap();
         };
         let (mut w, _) = SpoolWriter::open(dir.path(), 16).unwrap();
-        for i in 0..6 {
-            let mut buf = Vec::new();
-            encode_frame(&stop(i), &mut buf);
-            w.append(&buf).unwrap();
-        }
+        append_stops(&mut w, 0..6);
         drop(w);
         let before = segments(dir.path()).unwrap();
         assert!(before.len() >= 3, "{before:?}");
@@ -517,12 +518,7 @@ mod tests {
         age(&after[0].1, 3);
         let current = after.last().unwrap().clone();
         age(&current.1, 3);
-        let mut buf = Vec::new();
-        encode_frame(&stop(6), &mut buf);
-        w.append(&buf).unwrap();
-        let mut buf = Vec::new();
-        encode_frame(&stop(7), &mut buf);
-        w.append(&buf).unwrap();
+        append_stops(&mut w, 6..8);
         let now = segments(dir.path()).unwrap();
         assert!(!now.contains(&after[0]));
         assert!(now.contains(&current), "{now:?}");
@@ -585,11 +581,7 @@ mod tests {
     fn segments_rotate_past_their_size() {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = SpoolWriter::open(dir.path(), 100).unwrap();
-        for i in 0..20 {
-            let mut buf = Vec::new();
-            encode_frame(&stop(i), &mut buf);
-            w.append(&buf).unwrap();
-        }
+        append_stops(&mut w, 0..20);
         assert!(segments(dir.path()).unwrap().len() > 3);
         let all = read_all(dir.path()).unwrap();
         assert_eq!(all, (0..20).map(stop).collect::<Vec<_>>());

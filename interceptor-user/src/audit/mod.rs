@@ -127,9 +127,11 @@ impl Auditor {
     pub fn start(config: &AuditConfig, dir: &Path) -> std::io::Result<Auditor> {
         let (mut spool, recovery) = spool::SpoolWriter::open(dir, config.segment_bytes)?;
         if config.spool_retention_days > 0 && config.clickhouse.is_none() {
-            spool.expire_after(Duration::from_secs(
-                u64::from(config.spool_retention_days) * 86_400,
-            ))?;
+            let keep = Duration::from_secs(u64::from(config.spool_retention_days) * 86_400);
+            // Old events kept longer never stop the audit.
+            if let Err(e) = spool.expire_after(keep) {
+                warn!(dir = %dir.display(), "audit spool: could not delete expired segments: {e}");
+            }
         }
         for (segment, bytes) in &recovery.torn {
             warn!(

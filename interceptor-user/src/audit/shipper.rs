@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::event::Event;
+use super::event::{Event, StatementRowWire};
 use super::spool;
-use super::warehouse::{Batch, Warehouse, WarehouseError};
+use super::warehouse::{Batch, StatementFrames, Warehouse, WarehouseError};
 use crate::config::{ClickHouseConfig, Secret};
 
 const CURSOR_FILE: &str = "shipped";
@@ -76,6 +76,9 @@ impl Cursor {
 /// Events read from the spool after a cursor.
 #[derive(Debug, Default)]
 pub struct Unshipped {
+    /// Statement rows, as their frames hold them.
+    pub statements: StatementFrames,
+    /// The other events.
     pub events: Vec<Event>,
     /// Where the next read starts, once these are shipped.
     pub next: Cursor,
@@ -83,6 +86,17 @@ pub struct Unshipped {
     pub finished: Vec<PathBuf>,
     /// Bytes of finished segments that were not whole frames (damage).
     pub skipped: u64,
+}
+
+impl Unshipped {
+    /// How many events were read.
+    pub fn len(&self) -> usize {
+        self.statements.len() + self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Reads up to `max` events after `from`.
@@ -104,14 +118,28 @@ pub fn read_after(dir: &Path, from: Cursor, max: usize) -> std::io::Result<Unshi
                 offset: 0,
             };
         }
-        let (end, len) = spool::read_frames(
-            path,
-            out.next.offset,
-            max - out.events.len(),
-            &mut out.events,
-        )?;
+        let (end, len) = spool::scan_payloads(path, out.next.offset, max - out.len(), |body| {
+            match spool::statement_payload(body) {
+                // Checked here as before: a frame that does not decode
+                // ends its segment.
+                Some(row) => {
+                    let ok = StatementRowWire::decode(row).is_some();
+                    if ok {
+                        out.statements.push(row);
+                    }
+                    ok
+                }
+                None => match spool::decode_event(body) {
+                    Some(e) => {
+                        out.events.push(e);
+                        true
+                    }
+                    None => false,
+                },
+            }
+        })?;
         out.next.offset = end;
-        if out.events.len() >= max {
+        if out.len() >= max {
             break;
         }
         let later = segments.get(i + 1).map(|(n, _)| *n);
@@ -335,9 +363,15 @@ impl Shipper {
                 read.skipped
             );
         }
-        let n = read.events.len();
+        let n = read.len();
         if n > 0 {
-            let batch = Batch::new(read.events, &self.host);
+            let mut batch = Batch {
+                statements: read.statements,
+                ..Batch::default()
+            };
+            for e in read.events {
+                batch.push(e, &self.host);
+            }
             if let Some(w) = &self.warehouse {
                 w.insert(&batch).await?;
             }

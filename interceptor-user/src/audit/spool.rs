@@ -30,14 +30,20 @@ fn frame_header(h: &[u8; HEADER]) -> (usize, u32) {
     )
 }
 
-/// The event in a frame's payload, if its CRC matches and it decodes.
-fn decode_frame(body: &[u8], crc: u32) -> Option<Event> {
-    if crc32fast::hash(body) != crc {
-        return None;
-    }
+/// The event in a frame's payload, if it decodes.
+pub fn decode_event(body: &[u8]) -> Option<Event> {
     bincode::serde::decode_from_slice::<Event, _>(body, bincode::config::standard())
         .ok()
         .map(|(e, _)| e)
+}
+
+/// The bincode of a statement row, if `body` (a frame's payload) holds
+/// an `Event::Statement`.
+pub fn statement_payload(body: &[u8]) -> Option<&[u8]> {
+    match body.split_first() {
+        Some((&STATEMENT_TAG, row)) => Some(row),
+        _ => None,
+    }
 }
 
 /// Appends `event` as one frame to `out`.
@@ -126,6 +132,25 @@ fn scan_frames(
     max: usize,
     mut f: impl FnMut(Event),
 ) -> std::io::Result<(u64, u64)> {
+    scan_payloads(path, offset, max, |body| match decode_event(body) {
+        Some(e) => {
+            f(e);
+            true
+        }
+        None => false,
+    })
+}
+
+/// Hands the payload of each whole frame with a good CRC from `offset`
+/// (at most `max`) to `take`, which says whether it decodes; stops at the
+/// first that does not, and returns the offset after the last taken and
+/// the file's length.
+pub fn scan_payloads(
+    path: &Path,
+    offset: u64,
+    max: usize,
+    mut take: impl FnMut(&[u8]) -> bool,
+) -> std::io::Result<(u64, u64)> {
     let mut file = File::open(path)?;
     let len = file.metadata()?.len();
     file.seek(SeekFrom::Start(offset))?;
@@ -145,9 +170,8 @@ fn scan_frames(
         if r.read_exact(&mut body).is_err() {
             break;
         }
-        match decode_frame(&body, crc) {
-            Some(e) => f(e),
-            None => break,
+        if crc32fast::hash(&body) != crc || !take(&body) {
+            break;
         }
         at += (HEADER + n) as u64;
     }
@@ -576,6 +600,33 @@ mod tests {
         let hash = seal_statement_frame(row.as_ref(), [4; 32], &mut got);
         assert_eq!(&got[2..], &want[..]);
         assert_eq!(hash, slow.hash);
+
+        // The shipper's borrowed row reads the same fields from the frame.
+        let payload = statement_payload(&got[2 + HEADER..]).unwrap();
+        let wire = super::super::event::StatementRowWire::decode(payload).unwrap();
+        assert_eq!(
+            (
+                wire.session,
+                wire.seq,
+                wire.text,
+                wire.tables.clone(),
+                wire.hash
+            ),
+            (slow.session, 3, "SELECT 1", vec!["t"], slow.hash)
+        );
+        assert_eq!(
+            bincode::serde::encode_to_vec(&wire, bincode::config::standard()).unwrap(),
+            payload
+        );
+        use clickhouse::Row;
+        assert_eq!(
+            super::super::event::StatementRowWire::COLUMN_NAMES,
+            StatementRow::COLUMN_NAMES
+        );
+        assert!(statement_payload(&want[HEADER..]).is_some());
+        let mut other = Vec::new();
+        encode_frame(&stop(1), &mut other);
+        assert!(statement_payload(&other[HEADER..]).is_none());
     }
 
     #[test]

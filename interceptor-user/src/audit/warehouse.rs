@@ -20,9 +20,12 @@
 use std::fmt::Write as _;
 
 use serde::Serialize;
+use tracing::error;
 use uuid::Uuid;
 
-use super::event::{ApprovalRow, Event, MaskRow, SessionEnd, SessionStart, StatementRow};
+use super::event::{
+    ApprovalRow, Event, MaskRow, SessionEnd, SessionStart, StatementRow, StatementRowWire,
+};
 use crate::config::{ClickHouseConfig, Secret};
 
 #[derive(Debug, thiserror::Error)]
@@ -406,10 +409,52 @@ pub struct DaemonRow {
     detail: String,
 }
 
+/// Statement rows as their spool frames hold them (bincode), decoded
+/// into borrowed rows only as they are inserted.
+#[derive(Debug, Default)]
+pub struct StatementFrames {
+    bytes: Vec<u8>,
+    /// Where each row's bytes end.
+    ends: Vec<usize>,
+}
+
+impl StatementFrames {
+    /// Adds the bincode of one row (see `spool::statement_payload`).
+    pub fn push(&mut self, row: &[u8]) {
+        self.bytes.extend_from_slice(row);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// Adds an owned row, encoded as the spool encodes it.
+    pub fn push_row(&mut self, row: &StatementRow) {
+        // Writing into a Vec cannot fail for this type.
+        let _ = bincode::serde::encode_into_std_write(
+            row,
+            &mut self.bytes,
+            bincode::config::standard(),
+        );
+        self.ends.push(self.bytes.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Each row's bincode, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(&self.ends).map(|(a, &b)| &self.bytes[a..b])
+    }
+}
+
 /// Events sorted into their tables, moved rather than copied.
 #[derive(Default)]
 pub struct Batch {
-    pub statements: Vec<StatementRow>,
+    pub statements: StatementFrames,
     pub sessions: Vec<SessionRow>,
     pub session_ends: Vec<SessionEnd>,
     pub daemon: Vec<DaemonRow>,
@@ -418,14 +463,6 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn new(events: Vec<Event>, host: &str) -> Batch {
-        let mut b = Batch::default();
-        for e in events {
-            b.push(e, host);
-        }
-        b
-    }
-
     pub fn push(&mut self, event: Event, host: &str) {
         let daemon = |ts_us, kind, ok: bool, detail| DaemonRow {
             ts_us,
@@ -435,7 +472,7 @@ impl Batch {
             detail,
         };
         match event {
-            Event::Statement(s) => self.statements.push(*s),
+            Event::Statement(s) => self.statements.push_row(&s),
             Event::SessionStart(s) => self.sessions.push(SessionRow::new(*s, host)),
             Event::SessionEnd(s) => self.session_ends.push(s),
             Event::Masked(m) => self.masks.push(*m),
@@ -598,13 +635,40 @@ impl Warehouse {
     /// Inserts a batch, one INSERT per table that has rows. Returns once
     /// ClickHouse has acknowledged every one.
     pub async fn insert(&self, batch: &Batch) -> Result<()> {
-        self.insert_rows(STATEMENTS.name, &batch.statements).await?;
+        self.insert_statements(&batch.statements).await?;
         self.insert_rows(SESSIONS.name, &batch.sessions).await?;
         self.insert_rows(SESSION_ENDS.name, &batch.session_ends)
             .await?;
         self.insert_rows(DAEMON.name, &batch.daemon).await?;
         self.insert_rows(MASKS.name, &batch.masks).await?;
         self.insert_rows(APPROVALS.name, &batch.approvals).await
+    }
+
+    /// Statement rows, each decoded in place from its frame as it is
+    /// written: no allocation per string.
+    async fn insert_statements(&self, frames: &StatementFrames) -> Result<()> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let name = format!("{}.{}", self.database, STATEMENTS.name);
+        let failed = |source| WarehouseError::Query {
+            what: format!("INSERT INTO {name} ({} rows)", frames.len()),
+            source,
+        };
+        let mut insert = self
+            .client
+            .insert_unescaped::<StatementRowWire<'_>>(&name)
+            .await
+            .map_err(failed)?;
+        for bytes in frames.iter() {
+            // The shipper took only frames that decode.
+            let Some(row) = StatementRowWire::decode(bytes) else {
+                error!("audit: a statement row that does not decode was not shipped");
+                continue;
+            };
+            insert.write(&row).await.map_err(failed)?;
+        }
+        insert.end().await.map_err(failed)
     }
 
     async fn insert_rows<T>(&self, table: &str, rows: &[T]) -> Result<()>

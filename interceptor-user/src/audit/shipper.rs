@@ -464,6 +464,48 @@ mod tests {
     }
 
     #[test]
+    fn statement_rows_are_read_as_their_frames_and_count_toward_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut w, _) = SpoolWriter::open(dir.path(), 1 << 20).unwrap();
+        let tables = vec!["t".to_owned()];
+        let row = |seq| crate::audit::StatementRowRef {
+            session: uuid::Uuid::nil(),
+            seq,
+            ts_us: 7,
+            principal: "p",
+            text: "SELECT 1",
+            fingerprint: 1,
+            kind: "read",
+            tables: &tables,
+            decision: "allow",
+            rule: "",
+            approval: "",
+            duration_us: 1,
+            rows: 1,
+            bytes: 1,
+            masked: 0,
+            sqlstate: "",
+        };
+        let mut buf = Vec::new();
+        let h1 = spool::seal_statement_frame(row(1), [0; 32], &mut buf);
+        encode_frame(&stop(9), &mut buf);
+        spool::seal_statement_frame(row(2), h1, &mut buf);
+        w.append(&buf).unwrap();
+        let r = read_after(dir.path(), Cursor::default(), 2).unwrap();
+        assert_eq!((r.statements.len(), ts(&r)), (1, vec![9]));
+        let rows: Vec<StatementRowWire<'_>> = r
+            .statements
+            .iter()
+            .map(|b| StatementRowWire::decode(b).unwrap())
+            .collect();
+        assert_eq!((rows[0].seq, rows[0].tables.as_slice()), (1, &["t"][..]));
+        let rest = read_after(dir.path(), r.next, 100).unwrap();
+        assert_eq!((rest.statements.len(), rest.events.len()), (1, 0));
+        let second = StatementRowWire::decode(rest.statements.iter().next().unwrap()).unwrap();
+        assert_eq!((second.seq, second.prev_hash), (2, h1));
+    }
+
+    #[test]
     fn a_half_written_frame_in_the_newest_segment_waits_for_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let (mut w, _) = SpoolWriter::open(dir.path(), 1 << 20).unwrap();

@@ -451,7 +451,8 @@ impl StatementFrames {
     }
 }
 
-/// Events sorted into their tables, moved rather than copied.
+/// Events sorted into their tables: statement rows as their frames' bytes,
+/// the others moved rather than copied.
 #[derive(Default)]
 pub struct Batch {
     pub statements: StatementFrames,

@@ -93,6 +93,7 @@ pub fn seal_statement_frame(
 }
 
 /// A segment's contents: its whole frames, and what followed the last one.
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct Segment {
     pub events: Vec<Event>,
@@ -104,28 +105,19 @@ pub struct Segment {
 
 /// Reads one segment file, stopping at the first frame that is incomplete,
 /// fails its checksum or does not decode.
+#[cfg(test)]
 pub fn read_segment(path: &Path) -> std::io::Result<Segment> {
     let mut seg = Segment::default();
-    let (end, len) = read_frames(path, 0, usize::MAX, &mut seg.events)?;
+    let (end, len) = scan_frames(path, 0, usize::MAX, |e| seg.events.push(e))?;
     seg.good_len = end;
     seg.torn_bytes = len - end;
     Ok(seg)
 }
 
-/// Appends whole frames from `offset` (at most `max`) to `out`, stopping
-/// at the first that is incomplete, fails its checksum or does not
-/// decode; returns the offset after the last one read and the file's
-/// length.
-pub fn read_frames(
-    path: &Path,
-    offset: u64,
-    max: usize,
-    out: &mut Vec<Event>,
-) -> std::io::Result<(u64, u64)> {
-    scan_frames(path, offset, max, |e| out.push(e))
-}
-
-/// [`read_frames`], handing each event to `f` as it is decoded.
+/// Hands each event from `offset` (at most `max`) to `f` as it is
+/// decoded, stopping at the first frame that is incomplete, fails its
+/// checksum or does not decode; returns the offset after the last one
+/// read and the file's length.
 fn scan_frames(
     path: &Path,
     offset: u64,
@@ -290,15 +282,16 @@ impl SpoolWriter {
         let existing = segments(dir)?;
         recovery.segments = existing.len();
         if let Some((_, path)) = existing.last() {
-            let seg = read_segment(path)?;
-            recovery.events = seg.events.len();
-            if seg.torn_bytes > 0 {
+            // Counted, not kept: a whole segment of decoded events would
+            // be ~100 MB at the default segment size.
+            let (good_len, len) = scan_frames(path, 0, usize::MAX, |_| recovery.events += 1)?;
+            if len > good_len {
                 let file = OpenOptions::new().write(true).open(path)?;
-                file.set_len(seg.good_len)?;
+                file.set_len(good_len)?;
                 // Durable before a later segment exists, which would
                 // leave this one unchecked.
                 file.sync_all()?;
-                recovery.torn.push((path.clone(), seg.torn_bytes));
+                recovery.torn.push((path.clone(), len - good_len));
             }
         }
         let index = existing.last().map_or(1, |(i, _)| i + 1);
@@ -322,7 +315,10 @@ impl SpoolWriter {
     }
 
     /// Deletes the segments before the current one that were last written
-    /// longer than `keep_for` ago; returns how many.
+    /// longer than `keep_for` ago; returns how many. Segments are written
+    /// in index order, so the first one young enough ends the search: a
+    /// rotation looks at the expired segments and one more, not the whole
+    /// spool.
     fn expire(&self) -> std::io::Result<usize> {
         let Some(keep_for) = self.keep_for else {
             return Ok(0);
@@ -336,12 +332,13 @@ impl SpoolWriter {
                 .modified()?
                 .elapsed()
                 .unwrap_or_default();
-            if age > keep_for {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => deleted += 1,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
+            if age <= keep_for {
+                break;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => deleted += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
         if deleted > 0 {
@@ -623,6 +620,9 @@ mod tests {
             super::super::event::StatementRowWire::COLUMN_NAMES,
             StatementRow::COLUMN_NAMES
         );
+        let mut owned = crate::audit::warehouse::StatementFrames::default();
+        owned.push_row(&slow);
+        assert_eq!(owned.iter().collect::<Vec<_>>(), vec![payload]);
         assert!(statement_payload(&want[HEADER..]).is_some());
         let mut other = Vec::new();
         encode_frame(&stop(1), &mut other);

@@ -14,7 +14,9 @@ use interceptor_tests::proxy::{Proxy, ProxyOptions};
 use interceptor_tests::run_ok;
 use serde_json::json;
 
-use crate::bench::{OnOff, pgbench_init, run_lengths, target, write_report};
+use crate::bench::{
+    OnOff, PgbenchRoute, pgbench_init, pgbench_on, run_lengths, target, write_report,
+};
 
 pub fn run() -> Result<()> {
     let ch = ClickHouse::start()?;
@@ -67,6 +69,7 @@ pub fn run() -> Result<()> {
     ];
     let ch_cpu = ch.cpu_time();
     let runs = OnOff::run(&routes, rounds, seconds)?;
+    let paced = paced_cpu(&routes[1..], rounds.min(5), seconds.max(4))?;
     let transactions = runs.transactions("clickhouse");
     // Everything pgbench ran through the shipping proxy reached ClickHouse.
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -105,6 +108,7 @@ pub fn run() -> Result<()> {
         f("clickhouse_rows")
     );
     let (rows, min) = runs.table("audit off");
+    let paced_rows = paced.table("audit off");
     let min_ratio = min.get("clickhouse").copied().unwrap_or(f64::NAN);
     let min_spool = min.get("spool only").copied().unwrap_or(f64::NAN);
     println!(
@@ -140,9 +144,106 @@ pub fn run() -> Result<()> {
     ];
     let report = json!({
         "figures": {"audit_path": micro, "seconds_per_run": seconds, "rounds": rounds,
-            "pgbench": rows, "pgbench_rows_in_clickhouse": in_clickhouse,
+            "pgbench": rows, "pgbench_paced_proxy_cpu": paced_rows,
+            "pgbench_rows_in_clickhouse": in_clickhouse,
             "clickhouse_server_cpu_us_per_row": ch_us_per_row},
         "targets": targets,
     });
     write_report("audit", &report)
+}
+
+/// pgbench -S at this fixed rate (10 clients) leaves the 2 vCPUs idle part
+/// of the time, so the proxy's CPU per transaction is the audit's cost
+/// without the scheduling modes of a saturated machine, where the same
+/// code's on/off tps ratio at 10 clients ranged over 0.86-0.96 between
+/// runs. Here one route's rounds spread over 1.5-2.5 µs of ~27, so the
+/// median of five tells a change of about a microsecond apart.
+const PACED_TPS: u32 = 10_000;
+
+struct Paced<'a> {
+    /// By (mode, route): the proxy's CPU µs per transaction, each round.
+    cpu: std::collections::BTreeMap<(&'static str, &'a str), Vec<f64>>,
+    names: Vec<&'a str>,
+}
+
+/// Each proxied route's CPU per transaction at [`PACED_TPS`], interleaved
+/// round by round like the tps runs.
+fn paced_cpu<'a>(routes: &[PgbenchRoute<'a>], rounds: u32, seconds: u32) -> Result<Paced<'a>> {
+    let mut out = Paced {
+        cpu: Default::default(),
+        names: routes.iter().map(|r| r.0).collect(),
+    };
+    for round in 0..rounds {
+        for mode in ["simple", "prepared"] {
+            for i in 0..routes.len() {
+                let (name, port, proxy) = routes[(i + round as usize) % routes.len()];
+                let Some(proxy) = proxy else { continue };
+                eprintln!("bench: paced round {} {mode} {name}", round + 1);
+                let before = proxy.cpu_time();
+                let text = run_ok(&mut pgbench_on(
+                    port,
+                    &[
+                        "-n",
+                        "-S",
+                        "-M",
+                        mode,
+                        "-c10",
+                        "-j1",
+                        &format!("-R{PACED_TPS}"),
+                        &format!("-T{seconds}"),
+                    ],
+                ))?;
+                let used = proxy.cpu_time().saturating_sub(before).as_secs_f64();
+                let tps: f64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("tps = "))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                    .context("no tps in pgbench output")?;
+                out.cpu
+                    .entry((mode, name))
+                    .or_default()
+                    .push(used * 1e6 / (tps * f64::from(seconds)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Paced<'_> {
+    /// Prints each route's median round and its difference from
+    /// `baseline`'s, and returns them as JSON rows.
+    fn table(&self, baseline: &str) -> Vec<serde_json::Value> {
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        println!(
+            "
+proxy CPU per transaction at a paced {PACED_TPS} tps (pgbench -S -c10 -R{PACED_TPS}; the machine is not saturated):"
+        );
+        println!(
+            "{:<9} {:<14} {:>12} {:>14}",
+            "mode", "path", "µs/tx", "vs audit off"
+        );
+        let mut rows = Vec::new();
+        for mode in ["simple", "prepared"] {
+            let base = self
+                .cpu
+                .get(&(mode, baseline))
+                .map_or(f64::NAN, |v| median(v));
+            for name in &self.names {
+                let Some(each) = self.cpu.get(&(mode, *name)) else {
+                    continue;
+                };
+                let us = median(each);
+                println!("{mode:<9} {name:<14} {us:>12.2} {:>+14.2}", us - base);
+                rows.push(json!({"mode": mode, "path": name, "tps": PACED_TPS,
+                    "proxy_cpu_us_per_txn_median": us, "more_than_audit_off_us": us - base,
+                    "each_round": each}));
+            }
+        }
+        rows
+    }
 }

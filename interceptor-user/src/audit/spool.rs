@@ -188,7 +188,9 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// Every event in the spool, oldest first.
+/// Every event in the spool, oldest first (readers in the product stream
+/// it with [`for_each`] or [`newest`]).
+#[cfg(test)]
 pub fn read_all(dir: &Path) -> std::io::Result<Vec<Event>> {
     let mut events = Vec::new();
     for_each(dir, |e| events.push(e))?;

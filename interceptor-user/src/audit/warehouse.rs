@@ -648,40 +648,43 @@ impl Warehouse {
     /// Statement rows, each decoded in place from its frame as it is
     /// written: no allocation per string.
     async fn insert_statements(&self, frames: &StatementFrames) -> Result<()> {
-        if frames.is_empty() {
-            return Ok(());
-        }
-        let name = format!("{}.{}", self.database, STATEMENTS.name);
-        let failed = |source| WarehouseError::Query {
-            what: format!("INSERT INTO {name} ({} rows)", frames.len()),
-            source,
-        };
-        let mut insert = self
-            .client
-            .insert_unescaped::<StatementRowWire<'_>>(&name)
-            .await
-            .map_err(failed)?;
-        for bytes in frames.iter() {
+        let rows = frames.iter().filter_map(|bytes| {
             // The shipper took only frames that decode.
-            let Some(row) = StatementRowWire::decode(bytes) else {
+            let row = StatementRowWire::decode(bytes);
+            if row.is_none() {
                 error!("audit: a statement row that does not decode was not shipped");
-                continue;
-            };
-            insert.write(&row).await.map_err(failed)?;
-        }
-        insert.end().await.map_err(failed)
+            }
+            row
+        });
+        self.insert_each::<StatementRowWire<'static>, _>(STATEMENTS.name, frames.len(), rows)
+            .await
     }
 
     async fn insert_rows<T>(&self, table: &str, rows: &[T]) -> Result<()>
     where
         T: clickhouse::RowOwned + clickhouse::RowWrite,
     {
-        if rows.is_empty() {
+        self.insert_each::<T, _>(table, rows.len(), rows).await
+    }
+
+    /// Inserts `len` rows of `T` (each `T::Value`, which may borrow) into
+    /// `table`, in one INSERT.
+    async fn insert_each<'r, T, R>(
+        &self,
+        table: &str,
+        len: usize,
+        rows: impl IntoIterator<Item = R>,
+    ) -> Result<()>
+    where
+        T: clickhouse::RowWrite,
+        R: std::borrow::Borrow<T::Value<'r>>,
+    {
+        if len == 0 {
             return Ok(());
         }
         let name = format!("{}.{table}", self.database);
         let failed = |source| WarehouseError::Query {
-            what: format!("INSERT INTO {name} ({} rows)", rows.len()),
+            what: format!("INSERT INTO {name} ({len} rows)"),
             source,
         };
         // Unescaped: the crate would quote "db.table" as one name. The
@@ -692,7 +695,7 @@ impl Warehouse {
             .await
             .map_err(failed)?;
         for row in rows {
-            insert.write(row).await.map_err(failed)?;
+            insert.write(row.borrow()).await.map_err(failed)?;
         }
         insert.end().await.map_err(failed)
     }

@@ -361,3 +361,46 @@ fn binary_deny_refuses_masked_binary_columns() {
         "{rows:?}"
     );
 }
+
+/// The proxy's catalog connection for a database is gone when the
+/// database is dropped and made again (or the server restarts): the next
+/// lookup opens a new one rather than mask every column it was for.
+#[test]
+fn a_database_made_again_is_looked_up_afresh() {
+    let pg = pg::shared();
+    let db = "masking_remade";
+    let fixture =
+        std::fs::read_to_string(workspace_root().join("tests/corpus/fixture.sql")).unwrap();
+    let remake = || {
+        pg.psql_admin(
+            "postgres",
+            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        )
+        .unwrap();
+        pg.psql_admin("postgres", &format!("CREATE DATABASE {db}"))
+            .unwrap();
+        pg.psql_admin(db, &fixture).unwrap();
+    };
+    let through_proxy = |sql: &str| {
+        let out = Command::new(pg::psql_path())
+            .args(["-X", "-At", "-c", sql])
+            .arg(proxy().conninfo(db, "disable"))
+            .output()
+            .expect("run psql");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    remake();
+    let names = "SELECT id, name FROM users ORDER BY id";
+    assert_eq!(through_proxy(names), "1|Alice\n2|Bob\n3|Carol\n");
+    remake();
+    // Other relations than before: not cached by OID.
+    assert_eq!(
+        through_proxy("SELECT id, total FROM orders ORDER BY id"),
+        "1|10.5\n2|99\n3|3\n"
+    );
+    assert_eq!(through_proxy(names), "1|Alice\n2|Bob\n3|Carol\n");
+    assert_eq!(
+        through_proxy("SELECT email FROM users ORDER BY id"),
+        "[redacted]\n[redacted]\n[redacted]\n"
+    );
+}

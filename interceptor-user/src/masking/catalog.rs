@@ -229,6 +229,43 @@ impl Catalog {
         Ok(summarize_plan(&String::from_utf8_lossy(&json)))
     }
 
+    /// Runs `sql` on the catalog connection. A connection kept from
+    /// earlier may have been closed since (the server restarted, the
+    /// database was dropped and made again, an idle timeout): the query
+    /// is tried once more on a new one before the lookup fails and its
+    /// columns are masked.
+    async fn read_only_query(&self, sql: &str) -> Result<Vec<Vec<Option<Vec<u8>>>>, String> {
+        let mut guard = self.conn.lock().await;
+        let mut retried = false;
+        loop {
+            let kept = guard.is_some();
+            let conn = self.connection(&mut guard).await?;
+            match tokio::time::timeout(
+                self.connect_timeout.max(Duration::from_secs(5)),
+                simple_query(conn, sql),
+            )
+            .await
+            {
+                Ok(Ok(rows)) => return Ok(rows),
+                Ok(Err(e)) => {
+                    *guard = None;
+                    if !kept || retried {
+                        return Err(e);
+                    }
+                    // What was cached may describe a database dropped
+                    // since.
+                    lock(&self.by_oid).clear();
+                    lock(&self.by_name).clear();
+                    retried = true;
+                }
+                Err(_) => {
+                    *guard = None;
+                    return Err("the catalog query timed out".into());
+                }
+            }
+        }
+    }
+
     /// Rows of (name asked for, oid, relation).
     async fn query(
         &self,
@@ -259,24 +296,7 @@ impl Catalog {
              JOIN pg_namespace n ON n.oid = c.relnamespace",
             keys.join(", ")
         );
-        let mut guard = self.conn.lock().await;
-        let conn = self.connection(&mut guard).await?;
-        let rows = match tokio::time::timeout(
-            self.connect_timeout.max(Duration::from_secs(5)),
-            simple_query(conn, &sql),
-        )
-        .await
-        {
-            Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => {
-                *guard = None;
-                return Err(e);
-            }
-            Err(_) => {
-                *guard = None;
-                return Err("the catalog query timed out".into());
-            }
-        };
+        let rows = self.read_only_query(&sql).await?;
         let mut out = Vec::new();
         for row in rows {
             let text = |i: usize| {

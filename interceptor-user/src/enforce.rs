@@ -82,6 +82,9 @@ pub struct Enforcer {
     /// What the last checked text was and how it was decided, for the
     /// audit trail.
     last: Option<StatementInfo>,
+    /// The last allowed text as it is to be sent: with the session's
+    /// temporary tables it changes named as pg_temp.name.
+    pinned: Option<String>,
     /// The last text's analysis (see [`policies::LastAnalysis`]).
     last_analysis: policies::LastAnalysis,
     /// With masking: statements that would store masked data are refused.
@@ -113,6 +116,7 @@ impl Enforcer {
             rate: None,
             pending: 0,
             last: None,
+            pinned: None,
             last_analysis: Default::default(),
             launder: None,
             holds: None,
@@ -207,6 +211,7 @@ impl Enforcer {
     /// Decides a query string; when allowed, says how many statements it
     /// holds.
     fn check_sql(&mut self, sql: &[u8], statement: Option<&[u8]>) -> Checked {
+        self.pinned = None;
         self.refresh_policy();
         // Borrowed, not cloned: every session shares these, and counting
         // references would move their cache lines between CPUs.
@@ -231,6 +236,16 @@ impl Enforcer {
             })
         );
         let mut check = self.session.check_shared(policy, analysis, approved);
+        let pins = self.session.take_pins();
+        if let (Check::Allowed(_), false) = (&check, pins.is_empty()) {
+            match std::str::from_utf8(sql)
+                .map_err(|_| policies::PinError::Analysis(policies::AnalysisError::NotUtf8))
+                .and_then(|text| policies::pin_temp(text, &pins))
+            {
+                Ok(text) => self.pinned = Some(text),
+                Err(e) => check = Check::Refused(pin_refusal(&e)),
+            }
+        }
         if let (Check::Allowed(_), Some(guard), Ok(text)) =
             (&check, &self.launder, std::str::from_utf8(sql))
             && let Some(r) = guard.check(text)
@@ -328,7 +343,10 @@ impl Enforcer {
             FrontendMessage::Query { sql } => match self.check_sql(sql, None) {
                 Checked::Allowed(n) => {
                     self.pending += n;
-                    Action::Forward
+                    match self.pinned.take() {
+                        Some(text) => Action::Replace(build::query(&text)),
+                        None => Action::Forward,
+                    }
                 }
                 Checked::Refused(r) => Action::Replace(build::query(&raise_sql(&r))),
                 Checked::Held(h) => Action::Hold(h),
@@ -345,7 +363,13 @@ impl Enforcer {
                 match self.check_sql(p.sql, Some(p.name)) {
                     Checked::Allowed(_) => {
                         self.refused_statements.remove(p.name);
-                        Action::Forward
+                        match self.pinned.take() {
+                            Some(text) => {
+                                let types: Vec<u32> = p.param_types().collect();
+                                Action::Replace(build::parse_typed(p.name, &text, &types))
+                            }
+                            None => Action::Forward,
+                        }
                     }
                     Checked::Refused(r) => {
                         self.refused_statements.insert(p.name.to_vec());
@@ -403,6 +427,26 @@ impl Enforcer {
             }
             _ => Action::Forward,
         }
+    }
+}
+
+/// A text allowed because it changes only temporary tables, which could
+/// not be sent with their names pinned to pg_temp.
+fn pin_refusal(e: &policies::PinError) -> Refusal {
+    let sqlstate = match e {
+        policies::PinError::Analysis(a) => a.sqlstate(),
+        _ => "42501",
+    };
+    Refusal {
+        sqlstate,
+        message: format!(
+            "interceptor: statement refused: it is allowed only as a change to this session's temporary tables, and {e}"
+        ),
+        hint: Some(
+            "Name the temporary table as pg_temp.name, and give WITH queries other names.".into(),
+        ),
+        rule: None,
+        held: false,
     }
 }
 

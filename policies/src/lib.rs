@@ -30,7 +30,9 @@ pub mod principal;
 pub mod session;
 
 pub use analysis::{
-    Analysis, AnalysisError, Analyzer, Kind, LastAnalysis, Statement, analyze, redact_literals,
+    Analysis, AnalysisError, Analyzer, Kind, LastAnalysis, Statement, analyze,
+    pin::{PinError, pin_temp},
+    redact_literals,
 };
 pub use policy::{ApprovalNeeds, Decision, Limits, Policy, PolicyError, Subject, Verdict};
 pub use principal::{Principal, TokenIdentity};

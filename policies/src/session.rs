@@ -76,9 +76,25 @@ pub enum Check {
 /// Per-session policy state.
 pub struct SessionPolicy {
     pub subject: Subject,
+    /// What this session's allowed statements created and have not
+    /// dropped. Not always what the server has (a CREATE may fail or be
+    /// rolled back, an `ON COMMIT DROP` table goes at commit): statements
+    /// allowed because of them are sent with the names pinned to pg_temp
+    /// (see [`take_pins`](Self::take_pins)), so that the server refuses
+    /// them when the table is not there.
     temp_tables: HashSet<String>,
+    temp_views: HashSet<String>,
+    /// Every name this session has created a temporary table or view
+    /// under. A name used for both is refused for the second: the session
+    /// could otherwise take for a table what the server has as a view over
+    /// permanent tables (a DROP and CREATE rolled back), and a write
+    /// through a view writes the tables it reads.
+    ever_tables: HashSet<String>,
+    ever_views: HashSet<String>,
     prepared: HashMap<String, Statement>,
     last_allowed: Option<LastAllowed>,
+    /// The temporary relations the last allowed query string changes.
+    pins: Vec<String>,
 }
 
 /// The last query string allowed without changing the session, as
@@ -91,10 +107,12 @@ struct LastAllowed {
     policy: Arc<Policy>,
     analysis: SharedAnalysis,
     rules: Arc<[Option<Arc<str>>]>,
+    pins: Vec<String>,
 }
 
 enum Change {
     Temp(String),
+    TempView(String),
     DropTemp(String),
     Prepare(String, Box<Statement>),
     Deallocate(String),
@@ -107,8 +125,12 @@ impl SessionPolicy {
         SessionPolicy {
             subject,
             temp_tables: HashSet::new(),
+            temp_views: HashSet::new(),
+            ever_tables: HashSet::new(),
+            ever_views: HashSet::new(),
             prepared: HashMap::new(),
             last_allowed: None,
+            pins: Vec::new(),
         }
     }
 
@@ -143,6 +165,9 @@ impl SessionPolicy {
             && Arc::ptr_eq(&l.analysis, analysis)
             && Arc::ptr_eq(&l.policy, policy)
         {
+            if !l.pins.is_empty() {
+                self.pins.clone_from(&l.pins);
+            }
             return Check::Allowed(l.rules.clone());
         }
         let (check, changed) = self.decide_all(policy, analysis, approved);
@@ -154,9 +179,17 @@ impl SessionPolicy {
                 policy: policy.clone(),
                 analysis: analysis.clone(),
                 rules: rules.clone(),
+                pins: self.pins.clone(),
             });
         }
         check
+    }
+
+    /// The temporary tables and views the query string last allowed
+    /// changes, which it must name as `pg_temp.name` when it is sent
+    /// (see [`crate::pin_temp`]); empty for most.
+    pub fn take_pins(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.pins)
     }
 
     /// The check, and whether it changed the session's state.
@@ -166,6 +199,7 @@ impl SessionPolicy {
         analysis: &Result<Analysis, AnalysisError>,
         approved: bool,
     ) -> (Check, bool) {
+        self.pins.clear();
         let analysis = match analysis {
             Ok(a) => a,
             Err(e) => return (Check::Refused(Refusal::unparseable(e)), false),
@@ -176,9 +210,15 @@ impl SessionPolicy {
         for (i, st) in analysis.statements.iter().enumerate() {
             let d = self.decide_one(policy, st, &changes);
             if d.verdict != Verdict::Allow && !(approved && d.verdict == Verdict::Hold) {
+                self.pins.clear();
                 return (Check::Refused(Refusal::from_decision(d, i, n)), false);
             }
             rules.push(d.rule);
+            for t in self.temp_targets(st, &changes).into_iter().flatten() {
+                if !self.pins.contains(&t) {
+                    self.pins.push(t);
+                }
+            }
             self.record(st, &mut changes);
         }
         let changed = !changes.is_empty();
@@ -188,10 +228,16 @@ impl SessionPolicy {
         for c in changes {
             match c {
                 Change::Temp(t) => {
+                    self.ever_tables.insert(t.clone());
                     self.temp_tables.insert(t);
+                }
+                Change::TempView(t) => {
+                    self.ever_views.insert(t.clone());
+                    self.temp_views.insert(t);
                 }
                 Change::DropTemp(t) => {
                     self.temp_tables.remove(&t);
+                    self.temp_views.remove(&t);
                 }
                 Change::Prepare(name, st) => {
                     self.prepared.insert(name, *st);
@@ -199,29 +245,81 @@ impl SessionPolicy {
                 Change::Deallocate(name) => {
                     self.prepared.remove(&name);
                 }
-                Change::DiscardTemp => self.temp_tables.clear(),
+                Change::DiscardTemp => {
+                    self.temp_tables.clear();
+                    self.temp_views.clear();
+                }
                 Change::DiscardPrepared => self.prepared.clear(),
             }
         }
         (Check::Allowed(rules.into()), changed)
     }
 
-    fn is_temp(&self, name: &str, pending: &[Change]) -> bool {
-        let bare = match name.split_once('.') {
-            Some(("pg_temp", t)) => t,
-            Some(_) => return false,
-            None => name,
+    /// Whether `bare` is a temporary table (or, with `view`, view) of the
+    /// session, after the `pending` changes of earlier statements of the
+    /// query string.
+    fn is_temp(&self, bare: &str, view: bool, pending: &[Change]) -> bool {
+        let mut temp = if view {
+            self.temp_views.contains(bare)
+        } else {
+            self.temp_tables.contains(bare)
         };
-        let mut temp = self.temp_tables.contains(bare);
         for c in pending {
             match c {
-                Change::Temp(t) if t == bare => temp = true,
+                Change::Temp(t) if t == bare && !view => temp = true,
+                Change::TempView(t) if t == bare && view => temp = true,
                 Change::DropTemp(t) if t == bare => temp = false,
                 Change::DiscardTemp => temp = false,
                 _ => {}
             }
         }
         temp
+    }
+
+    /// Whether the session has ever created `bare` as a temporary table
+    /// (or, with `view`, view), counting `st` and the `pending` changes.
+    fn ever(&self, bare: &str, view: bool, st: &Statement, pending: &[Change]) -> bool {
+        let (set, own) = if view {
+            (&self.ever_views, &st.creates_temp_views)
+        } else {
+            (&self.ever_tables, &st.creates_temp)
+        };
+        set.contains(bare)
+            || own.iter().any(|t| t == bare)
+            || pending.iter().any(|c| match c {
+                Change::Temp(t) => !view && t == bare,
+                Change::TempView(t) => view && t == bare,
+                _ => false,
+            })
+    }
+
+    /// The names `st` changes, unqualified, when every one is a temporary
+    /// table or view of this session (or one `st` creates); `None` when
+    /// any is not, or it changes nothing. A view counts for DDL (its own
+    /// CREATE and DROP), never as a table written.
+    fn temp_targets(&self, st: &Statement, pending: &[Change]) -> Option<Vec<String>> {
+        let mut names: Vec<String> = Vec::new();
+        for t in st.changed_tables() {
+            let bare = match t.split_once('.') {
+                Some(("pg_temp", b)) => b,
+                Some(_) => return None,
+                None => t.as_str(),
+            };
+            let table = (st.creates_temp.iter().any(|c| c == bare)
+                || self.is_temp(bare, false, pending))
+                && !self.ever(bare, true, st, pending);
+            let view = (st.creates_temp_views.iter().any(|c| c == bare)
+                || self.is_temp(bare, true, pending))
+                && !st.writes.contains(t)
+                && !self.ever(bare, false, st, pending);
+            if !(table || view) {
+                return None;
+            }
+            if !names.iter().any(|n| n == bare) {
+                names.push(bare.to_owned());
+            }
+        }
+        (!names.is_empty()).then_some(names)
     }
 
     fn prepared_statement<'a>(
@@ -242,14 +340,7 @@ impl SessionPolicy {
     }
 
     fn decide_one(&self, policy: &Policy, st: &Statement, pending: &[Change]) -> Decision {
-        let mut targets = st.changed_tables().peekable();
-        let temporary_only = targets.peek().is_some()
-            && targets.all(|t| {
-                st.creates_temp
-                    .iter()
-                    .any(|c| t == c || t.strip_prefix("pg_temp.") == Some(c.as_str()))
-                    || self.is_temp(t, pending)
-            });
+        let temporary_only = self.temp_targets(st, pending).is_some();
         let d = policy.decide(&self.subject, st, SessionFacts { temporary_only });
         if d.verdict != Verdict::Allow {
             return d;
@@ -291,6 +382,9 @@ impl SessionPolicy {
         }
         for t in &st.creates_temp {
             changes.push(Change::Temp(t.clone()));
+        }
+        for t in &st.creates_temp_views {
+            changes.push(Change::TempView(t.clone()));
         }
         for t in &st.drops_tables {
             let bare = t.strip_prefix("pg_temp.").unwrap_or(t);

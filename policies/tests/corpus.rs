@@ -27,19 +27,30 @@ fn policy() -> Policy {
 /// Runs a case's messages in order, as the proxy decides them (each
 /// session remembering its last analysis and allowance); true when every
 /// one was allowed.
+///
+/// A case with `pinned` counts as stopped when the last message is allowed
+/// with exactly those names to pin to pg_temp (the server refuses it).
 fn allowed(policy: &Arc<Policy>, case: &serde_json::Value) -> (bool, String) {
     let subject = policy.subject(&Principal::default(), "db", "app");
     let mut session = SessionPolicy::new(subject);
     let analyzer = Analyzer::new(16);
     let mut last = LastAnalysis::default();
+    let mut pins = Vec::new();
     for m in &corpus::messages(case) {
         let analysis = analyzer.analyze_after(m, &mut last);
         match session.check_shared(policy, analysis, false) {
-            Check::Allowed(_) => {}
+            Check::Allowed(_) => pins = session.take_pins(),
             Check::Refused(r) => return (false, r.message),
         }
     }
-    (true, String::new())
+    match case.get("pinned").and_then(|p| p.as_array()) {
+        // Stopped by the server, when the names are pinned.
+        Some(want) => {
+            let want: Vec<&str> = want.iter().filter_map(|w| w.as_str()).collect();
+            (pins != want, format!("pinned {pins:?}, want {want:?}"))
+        }
+        None => (true, String::new()),
+    }
 }
 
 /// Exfiltration cases that only masking (a later issue) stops: policy
@@ -150,6 +161,62 @@ fn temp_tables_are_tracked_across_messages() {
         s.check(&policy, &a("DROP TABLE t2")),
         Check::Refused(_)
     ));
+}
+
+#[test]
+fn temporary_views_are_not_written_and_temporary_names_are_pinned() {
+    let policy = Arc::new(policy());
+    let subject = policy.subject(&Principal::default(), "db", "app");
+    let mut s = SessionPolicy::new(subject);
+    let a = policies::analyze;
+    let allowed = |s: &mut SessionPolicy, sql: &str| match s.check(&policy, &a(sql)) {
+        Check::Allowed(_) => Some(s.take_pins()),
+        Check::Refused(_) => None,
+    };
+    // A temporary view may be made, read and dropped...
+    assert!(allowed(&mut s, "CREATE TEMP VIEW v AS SELECT * FROM orders").is_some());
+    assert_eq!(allowed(&mut s, "SELECT * FROM v"), Some(vec![]));
+    // ...but what is written through it is written to orders.
+    assert_eq!(allowed(&mut s, "DELETE FROM v"), None);
+    assert_eq!(allowed(&mut s, "UPDATE v SET total = 0"), None);
+    assert_eq!(allowed(&mut s, "INSERT INTO v VALUES (9, 1, 1)"), None);
+    assert_eq!(allowed(&mut s, "DROP VIEW v"), Some(vec!["v".to_string()]));
+    // A name once a view is never a table to write, and the other way.
+    assert_eq!(allowed(&mut s, "CREATE TEMP TABLE v (a int)"), None);
+    assert!(allowed(&mut s, "CREATE TEMP TABLE t (a int)").is_some());
+    assert_eq!(allowed(&mut s, "DROP TABLE t"), Some(vec!["t".to_string()]));
+    assert_eq!(
+        allowed(&mut s, "CREATE TEMP VIEW t AS SELECT * FROM orders"),
+        None
+    );
+    assert_eq!(
+        allowed(
+            &mut s,
+            "CREATE TEMP TABLE w (a int); DROP TABLE w; CREATE TEMP VIEW w AS SELECT 1"
+        ),
+        None
+    );
+    // Writes to temporary tables carry the names to pin, also when the
+    // same text is allowed again from the session's memo.
+    assert!(allowed(&mut s, "CREATE TEMP TABLE orders (a int) ON COMMIT DROP").is_some());
+    for _ in 0..2 {
+        assert_eq!(
+            allowed(&mut s, "DELETE FROM orders"),
+            Some(vec!["orders".to_string()])
+        );
+    }
+    // The session's memo of its last allowed text keeps them too.
+    let delete = Arc::new(a("DELETE FROM orders"));
+    for _ in 0..2 {
+        assert!(matches!(
+            s.check_shared(&policy, &delete, false),
+            Check::Allowed(_)
+        ));
+        assert_eq!(s.take_pins(), vec!["orders".to_string()]);
+    }
+    let pinned = policies::pin_temp("DELETE FROM orders", &["orders".to_string()]).unwrap();
+    assert_eq!(pinned, "DELETE FROM pg_temp.orders");
+    assert_eq!(allowed(&mut s, "DELETE FROM public.orders"), None);
 }
 
 #[test]

@@ -161,6 +161,20 @@ pub fn parse(name: &[u8], sql: &str) -> BytesMut {
     })
 }
 
+/// Parse of `sql` under `name`, with the parameter types the client gave.
+pub fn parse_typed(name: &[u8], sql: &str, types: &[u32]) -> BytesMut {
+    frame(b'P', |b| {
+        b.put_slice(name);
+        b.put_u8(0);
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+        b.put_i16(i16::try_from(types.len()).unwrap_or(i16::MAX));
+        for t in types {
+            b.put_u32(*t);
+        }
+    })
+}
+
 /// A Bind with no parameters: the substituted statement takes none.
 pub fn empty_bind(portal: &[u8], statement: &[u8]) -> BytesMut {
     frame(b'B', |b| {

@@ -11,6 +11,7 @@
 
 pub mod catalog;
 pub mod lineage;
+pub mod pin;
 mod shape;
 
 use std::num::NonZeroUsize;
@@ -154,7 +155,11 @@ pub struct Statement {
     pub ddl: Vec<String>,
     /// Names of temporary tables this statement creates.
     pub creates_temp: Vec<String>,
-    /// Tables this statement drops (DROP TABLE).
+    /// Names of temporary views this statement creates. Apart from
+    /// tables: what is written through a view is written to the tables it
+    /// reads, which need not be temporary.
+    pub creates_temp_views: Vec<String>,
+    /// Tables and views this statement drops (DROP TABLE, DROP VIEW).
     pub drops_tables: Vec<String>,
     /// Functions called, with what each can do.
     pub functions: Vec<(String, FunctionClass)>,
@@ -815,10 +820,14 @@ fn names(list: &[protobuf::Node]) -> String {
 
 fn into_temp(st: &mut Statement, rel: &protobuf::RangeVar) {
     let name = qualified(rel);
-    if rel.relpersistence == "t" || rel.schemaname == "pg_temp" {
+    if is_temporary(rel) {
         push_unique(&mut st.creates_temp, rel.relname.clone());
     }
     push_unique(&mut st.ddl, name);
+}
+
+fn is_temporary(rel: &protobuf::RangeVar) -> bool {
+    rel.relpersistence == "t" || rel.schemaname == "pg_temp"
 }
 
 /// Reads the top-level fields of statements whose meaning is in options.
@@ -918,7 +927,10 @@ fn apply_detail(st: &mut Statement, node: N) {
         }
         N::ViewStmt(v) => {
             if let Some(rel) = &v.view {
-                into_temp(st, rel);
+                if is_temporary(rel) {
+                    push_unique(&mut st.creates_temp_views, rel.relname.clone());
+                }
+                push_unique(&mut st.ddl, qualified(rel));
             }
         }
         N::SelectStmt(s) => {
@@ -929,8 +941,10 @@ fn apply_detail(st: &mut Statement, node: N) {
             }
         }
         N::DropStmt(d)
-            if protobuf::ObjectType::try_from(d.remove_type)
-                == Ok(protobuf::ObjectType::ObjectTable) =>
+            if matches!(
+                protobuf::ObjectType::try_from(d.remove_type),
+                Ok(protobuf::ObjectType::ObjectTable | protobuf::ObjectType::ObjectView)
+            ) =>
         {
             for o in &d.objects {
                 if let Some(N::List(l)) = &o.node {
@@ -1405,6 +1419,19 @@ mod tests {
         assert!(s.creates_temp.is_empty());
         let s = one("DROP TABLE scratch, public.users");
         assert_eq!(s.drops_tables, vec!["scratch", "public.users"]);
+        let s = one("CREATE TEMP VIEW v AS SELECT * FROM orders");
+        assert!(s.creates_temp.is_empty());
+        assert_eq!(s.creates_temp_views, vec!["v"]);
+        assert_eq!(
+            one("CREATE VIEW pg_temp.v AS SELECT 1").creates_temp_views,
+            vec!["v"]
+        );
+        assert!(
+            one("CREATE VIEW v AS SELECT 1")
+                .creates_temp_views
+                .is_empty()
+        );
+        assert_eq!(one("DROP VIEW v").drops_tables, vec!["v"]);
         let s = one("INSERT INTO audit_log SELECT id::text FROM users");
         assert_eq!(s.writes, vec!["audit_log"]);
         assert_eq!(s.reads, vec!["users"]);

@@ -404,3 +404,33 @@ fn a_database_made_again_is_looked_up_afresh() {
         "[redacted]\n[redacted]\n[redacted]\n"
     );
 }
+
+/// The proxy's catalog connection does not outstay the sessions that
+/// used it: a plain DROP DATABASE (which waits up to 5 s for other
+/// sessions) succeeds after a masked read.
+#[test]
+fn the_catalog_connection_does_not_hold_the_database() {
+    let pg = pg::shared();
+    let db = "masking_dropped";
+    let fixture =
+        std::fs::read_to_string(workspace_root().join("tests/corpus/fixture.sql")).unwrap();
+    pg.psql_admin(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    )
+    .unwrap();
+    pg.psql_admin("postgres", &format!("CREATE DATABASE {db}"))
+        .unwrap();
+    pg.psql_admin(db, &fixture).unwrap();
+    let out = Command::new(pg::psql_path())
+        .args(["-X", "-At", "-c", "SELECT email FROM users ORDER BY id"])
+        .arg(proxy().conninfo(db, "disable"))
+        .output()
+        .expect("run psql");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "[redacted]\n[redacted]\n[redacted]\n"
+    );
+    pg.psql_admin("postgres", &format!("DROP DATABASE {db}"))
+        .unwrap();
+}

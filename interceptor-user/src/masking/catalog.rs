@@ -61,6 +61,13 @@ pub enum Known {
 
 type Entry = (Instant, Duration, Option<Arc<Relation>>);
 
+/// An idle catalog connection is closed after this long. A connection
+/// the proxy keeps open to a database stops `DROP DATABASE` (which waits
+/// 5 s for other sessions to leave), and a harness that drops and makes
+/// its database again between sessions would fail; the cache outlives
+/// the connection.
+const IDLE_CLOSE: Duration = Duration::from_secs(1);
+
 /// The catalog of one target's database.
 pub struct Catalog {
     target: Arc<TargetRuntime>,
@@ -68,6 +75,9 @@ pub struct Catalog {
     connect_timeout: Duration,
     mark: u32,
     conn: tokio::sync::Mutex<Option<Conn>>,
+    /// When the connection was last used: it is closed once idle for
+    /// [`IDLE_CLOSE`].
+    last_used: Mutex<Instant>,
     by_oid: Mutex<HashMap<u32, Entry>>,
     by_name: Mutex<HashMap<String, Entry>>,
 }
@@ -92,6 +102,7 @@ impl Catalog {
             connect_timeout,
             mark,
             conn: tokio::sync::Mutex::new(None),
+            last_used: Mutex::new(Instant::now()),
             by_oid: Mutex::new(HashMap::new()),
             by_name: Mutex::new(HashMap::new()),
         }
@@ -194,6 +205,7 @@ impl Catalog {
     /// them.
     pub async fn explain(&self, sql: &str, params: &[Option<Vec<u8>>]) -> Result<String, String> {
         let mut guard = self.conn.lock().await;
+        let _used = Used(&self.last_used);
         let conn = self.connection(&mut guard).await?;
         let run = async {
             simple_query(
@@ -236,6 +248,7 @@ impl Catalog {
     /// columns are masked.
     async fn read_only_query(&self, sql: &str) -> Result<Vec<Vec<Option<Vec<u8>>>>, String> {
         let mut guard = self.conn.lock().await;
+        let _used = Used(&self.last_used);
         let mut retried = false;
         loop {
             let kept = guard.is_some();
@@ -417,6 +430,37 @@ async fn exchange(conn: &mut Conn, msg: &[u8]) -> Result<Vec<Vec<Option<Vec<u8>>
     }
 }
 
+/// Marks the connection used when a query on it ends, however it ends.
+struct Used<'a>(&'a Mutex<Instant>);
+
+impl Drop for Used<'_> {
+    fn drop(&mut self) {
+        *lock(self.0) = Instant::now();
+    }
+}
+
+/// Closes `catalog`'s connection whenever it has been idle for
+/// [`IDLE_CLOSE`]; ends with the catalog.
+async fn close_when_idle(catalog: std::sync::Weak<Catalog>) {
+    loop {
+        tokio::time::sleep(IDLE_CLOSE).await;
+        let Some(c) = catalog.upgrade() else {
+            return;
+        };
+        // Locked means in use.
+        let Ok(mut conn) = c.conn.try_lock() else {
+            continue;
+        };
+        if lock(&c.last_used).elapsed() >= IDLE_CLOSE
+            && let Some(mut old) = conn.take()
+        {
+            // Terminate, so that the server logs a goodbye, not a lost
+            // connection.
+            let _ = old.send(&build::terminate()).await;
+        }
+    }
+}
+
 /// The catalogs of every target and database sessions have used.
 #[derive(Default)]
 pub struct Catalogs {
@@ -444,6 +488,7 @@ impl Catalogs {
                     mark,
                 ));
                 map.insert(key, c.clone());
+                tokio::spawn(close_when_idle(Arc::downgrade(&c)));
                 c
             }
         }

@@ -144,6 +144,11 @@ pub(crate) fn frame(tag: u8, body: impl FnOnce(&mut BytesMut)) -> BytesMut {
     out
 }
 
+/// Terminate: the session ends.
+pub fn terminate() -> BytesMut {
+    frame(b'X', |_| {})
+}
+
 pub fn query(sql: &str) -> BytesMut {
     frame(b'Q', |b| {
         b.put_slice(sql.as_bytes());

@@ -191,6 +191,13 @@ fn what_is_not_sensitive_stays_as_it_is() {
     assert_eq!(out, "1|[redacted]\n2|[redacted]\n");
     let (out, _) = psql("COPY (SELECT id, total FROM orders ORDER BY id) TO STDOUT");
     assert_eq!(out, "1\t10.5\n2\t99\n3\t3\n");
+    // A plan of a statement that reads masked columns holds none of their
+    // values: it is sent as it is.
+    let (out, _) = psql("EXPLAIN (COSTS OFF) SELECT * FROM users WHERE id = 1");
+    assert_eq!(
+        out,
+        "Index Scan using users_pkey on users\n  Index Cond: (id = 1)\n"
+    );
     // A detector finds an email in a column no rule names.
     let (out, _) = psql("SELECT 'write to dora@example.org please'");
     assert_eq!(out, "write to [redacted:email] please\n");

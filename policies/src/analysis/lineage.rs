@@ -410,6 +410,19 @@ impl<'t> Walker<'t> {
                     }
                 }
             }
+            // A plan holds the statement's own text, names from the
+            // catalog and the planner's estimates and counts, never a
+            // row's value. Only code lineage cannot see into (which the
+            // planner may run on constants) or query text could put data
+            // in it.
+            "ExplainStmt" => {
+                out.names = vec!["QUERY PLAN".into()];
+                out.outputs = Some(vec![Flow {
+                    unknown: out.all.unknown,
+                    opaque: out.all.opaque,
+                    ..Default::default()
+                }]);
+            }
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
                 let returning = returning(body);
                 if !returning.is_empty() {
@@ -824,6 +837,24 @@ mod tests {
             [(Some("public.secrets".to_owned()), "api_key".to_owned())]
         );
         assert_eq!(o[1].columns, [(None, "id".to_owned())]);
+    }
+
+    #[test]
+    fn a_plan_carries_no_row() {
+        let l = one("EXPLAIN (COSTS OFF) SELECT * FROM users WHERE email = 'x'");
+        let o = l.outputs.unwrap();
+        assert_eq!(o, [Flow::default()]);
+        // Errors and notices still carry what it reads.
+        assert_eq!(l.all.whole, ["users"]);
+        // What lineage cannot follow stays unknown, or opaque.
+        let o = one("EXPLAIN SELECT query_to_xml(current_setting('x.q'), true, false, '')")
+            .outputs
+            .unwrap();
+        assert!(o[0].unknown, "{o:?}");
+        let o = one("EXPLAIN VERBOSE SELECT my_function(api_key) FROM secrets")
+            .outputs
+            .unwrap();
+        assert!(o[0].opaque, "{o:?}");
     }
 
     #[test]

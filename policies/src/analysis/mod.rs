@@ -972,7 +972,24 @@ fn set_statement(st: &mut Statement, v: &protobuf::VariableSetStmt) {
         }
         _ => {
             let name = v.name.to_ascii_lowercase();
-            if setting_is_guarded(&name) {
+            let values: Option<Vec<&str>> = v
+                .args
+                .iter()
+                .map(|a| match &a.node {
+                    Some(N::AConst(c)) => match &c.val {
+                        Some(protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect();
+            let harmless = match kind {
+                K::VarSetValue => values.is_some_and(|v| harmless_value(&name, &v)),
+                // Back to the server's default.
+                K::VarSetDefault | K::VarReset => name == "search_path",
+                _ => false,
+            };
+            if setting_is_guarded(&name) && !harmless {
                 st.raise(Kind::Privilege, format!("changes guarded setting {name}"));
             }
             if affects_parsing(&name) && kind == K::VarSetValue {
@@ -992,6 +1009,24 @@ fn set_statement(st: &mut Statement, v: &protobuf::VariableSetStmt) {
 
 /// Finds every `set_config(name, ...)` call and judges it by its setting.
 /// A name that is not a literal is guarded: it could be anything.
+/// A guarded setting's value that guards nothing: a search_path of the
+/// default's schemas (`"$user"`, `public`), with `pg_catalog` first if it
+/// is named at all (named later, a function in public would shadow a
+/// built-in the analysis takes for the real one).
+fn harmless_value(name: &str, items: &[&str]) -> bool {
+    if name != "search_path" || items.is_empty() {
+        return false;
+    }
+    items.iter().enumerate().all(|(i, item)| {
+        let item = item.trim();
+        let item = item
+            .strip_prefix('"')
+            .and_then(|i| i.strip_suffix('"'))
+            .unwrap_or(item);
+        matches!(item, "$user" | "public") || (item == "pg_catalog" && i == 0)
+    })
+}
+
 fn set_config_calls(st: &mut Statement, node: &N) {
     let Ok(tree) = serde_json::to_value(node) else {
         st.raise(Kind::Privilege, "set_config() could not be inspected");
@@ -1009,7 +1044,12 @@ fn set_config_calls(st: &mut Statement, node: &N) {
                     match arg_literal(call, 0) {
                         Some(name) => {
                             let name = name.to_ascii_lowercase();
-                            if setting_is_guarded(&name) {
+                            let value = arg_literal(call, 1);
+                            let harmless = value.as_deref().is_some_and(|v| {
+                                let items: Vec<&str> = v.split(',').collect();
+                                harmless_value(&name, &items)
+                            });
+                            if setting_is_guarded(&name) && !harmless {
                                 st.raise(
                                     Kind::Privilege,
                                     format!("set_config() changes guarded setting {name}"),
@@ -1364,6 +1404,19 @@ mod tests {
             ("SET SESSION AUTHORIZATION postgres", Kind::Privilege),
             ("RESET ROLE", Kind::Privilege),
             ("SET LOCAL search_path = evil", Kind::Privilege),
+            ("SET search_path TO public", Kind::Session),
+            ("SET search_path = \"$user\", public", Kind::Session),
+            ("SET search_path = pg_catalog, public", Kind::Session),
+            ("SET search_path = public, pg_catalog", Kind::Privilege),
+            ("SET search_path = public, evil", Kind::Privilege),
+            ("SET search_path = 'public, evil'", Kind::Privilege),
+            ("SET search_path = public, pg_temp", Kind::Privilege),
+            ("RESET search_path", Kind::Session),
+            ("SET search_path TO DEFAULT", Kind::Session),
+            (
+                "SELECT set_config('search_path', 'evil, public', false)",
+                Kind::Privilege,
+            ),
             (
                 "SELECT set_config('role', 'postgres', false)",
                 Kind::Privilege,

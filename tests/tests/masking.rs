@@ -240,6 +240,39 @@ fn extended_protocol_text_and_binary_without_describe() {
     }
 }
 
+/// Errors at Parse and Bind (a missing relation, a constant folded at
+/// planning) keep their text when the statement reads nothing masked, as
+/// errors at Execute do; an error quoting masked data does not show it.
+#[test]
+fn extended_protocol_errors_are_masked_by_their_statement() {
+    use interceptor_tests::wire::first_error;
+    for (sql, code, text) in [
+        ("SELECT * FROM no_such_table", "42P01", "does not exist"),
+        ("SELECT 1/0", "22012", "division by zero"),
+        (
+            "SELECT id FROM users WHERE id = 1/0",
+            "22012",
+            "division by zero",
+        ),
+    ] {
+        let replies = parse_bind_execute(proxy().port, "agent", DB, sql, 0).unwrap();
+        let (c, m) = first_error(&replies).expect("an error");
+        assert_eq!(c, code, "{sql}: {m}");
+        assert!(m.contains(text), "{sql}: {m}");
+    }
+    let replies = parse_bind_execute(
+        proxy().port,
+        "agent",
+        DB,
+        "SELECT api_key::int FROM secrets",
+        0,
+    )
+    .unwrap();
+    let (c, m) = first_error(&replies).expect("an error");
+    assert_eq!(c, "22P02");
+    assert!(leaks(&m).is_empty(), "{m}");
+}
+
 /// A cursor DECLAREd in SQL and run by a protocol-level Execute (no Bind,
 /// no Describe): its rows are masked and the session goes on.
 #[test]

@@ -55,8 +55,11 @@ fn any_case(words: &[&str]) -> AhoCorasick {
 enum Expect {
     /// A simple Query (or a FunctionCall): everything until ReadyForQuery.
     Query(Option<Source>),
-    Parse,
-    Bind,
+    /// With the statement's lineage: an error at Parse or Bind (a relation
+    /// that does not exist, a constant folded at planning) quotes what it
+    /// read.
+    Parse(Option<Source>),
+    Bind(Option<Source>),
     Close,
     DescribeStatement(Vec<u8>),
     /// `true`: the proxy's own Describe; its reply is not forwarded.
@@ -200,6 +203,7 @@ impl FrontMask {
                 let l = self.lineage_of(p.sql);
                 self.described.remove(&(false, p.name.to_vec()));
                 let mut s = lock(&self.state);
+                s.queue.push_back(Expect::Parse(Some(l.clone())));
                 s.statements.insert(
                     p.name.to_vec(),
                     Statement {
@@ -207,11 +211,15 @@ impl FrontMask {
                         fields: None,
                     },
                 );
-                s.queue.push_back(Expect::Parse);
             }
             FrontendMessage::Bind(b) => {
                 self.described.remove(&(true, b.portal.to_vec()));
                 let mut s = lock(&self.state);
+                let lineage = s
+                    .statements
+                    .get(b.statement)
+                    .and_then(|st| st.lineage.clone());
+                s.queue.push_back(Expect::Bind(lineage));
                 s.portals.insert(
                     b.portal.to_vec(),
                     Portal {
@@ -220,7 +228,6 @@ impl FrontMask {
                         fields: None,
                     },
                 );
-                s.queue.push_back(Expect::Bind);
             }
             FrontendMessage::Describe { target, name } => {
                 let portal = *target == Target::Portal;
@@ -561,7 +568,7 @@ impl BackMask {
     fn front_source(&self) -> Option<Source> {
         let s = lock(&self.state);
         match s.queue.front()? {
-            Expect::Query(l) => l.clone(),
+            Expect::Query(l) | Expect::Parse(l) | Expect::Bind(l) => l.clone(),
             Expect::Execute(portal) | Expect::DescribePortal(portal, _) => {
                 let p = s.portals.get(portal)?;
                 s.statements.get(&p.statement)?.lineage.clone()
@@ -768,7 +775,7 @@ impl BackMask {
                 let mut s = lock(&self.state);
                 if matches!(
                     s.queue.front(),
-                    Some(Expect::Parse | Expect::Bind | Expect::Close)
+                    Some(Expect::Parse(_) | Expect::Bind(_) | Expect::Close)
                 ) {
                     s.queue.pop_front();
                 }

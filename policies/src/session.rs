@@ -165,9 +165,7 @@ impl SessionPolicy {
             && Arc::ptr_eq(&l.analysis, analysis)
             && Arc::ptr_eq(&l.policy, policy)
         {
-            if !l.pins.is_empty() {
-                self.pins.clone_from(&l.pins);
-            }
+            self.pins.clone_from(&l.pins);
             return Check::Allowed(l.rules.clone());
         }
         let (check, changed) = self.decide_all(policy, analysis, approved);

@@ -375,6 +375,23 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
             ],
         )?,
     );
+    show(
+        "refused by the server: a temporary orders, rolled back, no longer shadows the real one (sent as DROP TABLE pg_temp.orders)",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-c",
+                "BEGIN",
+                "-c",
+                "CREATE TEMP TABLE orders (id int)",
+                "-c",
+                "ROLLBACK",
+                "-c",
+                "DROP TABLE orders",
+            ],
+        )?,
+    );
     let explain = collect(Command::new(interceptor_tests::proxy::binary()).args([
         "policy",
         "explain",

@@ -33,15 +33,7 @@ const LEAKS: &[&str] = &[
 fn setup(pg: &PgCluster) {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        let fixture =
-            std::fs::read_to_string(workspace_root().join("tests/corpus/fixture.sql")).unwrap();
-        let _ = pg.psql_admin(
-            "postgres",
-            &format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"),
-        );
-        pg.psql_admin("postgres", &format!("CREATE DATABASE {DB}"))
-            .unwrap();
-        pg.psql_admin(DB, &fixture).unwrap();
+        fixture_db_again(DB);
         pg.psql_admin(
             DB,
             "INSERT INTO secrets VALUES (2, 'opensesame');
@@ -76,15 +68,34 @@ fn proxy() -> &'static Proxy {
 
 /// psql through the proxy: (stdout, stderr), whatever the exit status.
 fn psql(sql: &str) -> (String, String) {
+    psql_in(DB, sql)
+}
+
+fn psql_in(db: &str, sql: &str) -> (String, String) {
     let out = Command::new(pg::psql_path())
         .args(["-X", "-At", "-c", sql])
-        .arg(proxy().conninfo(DB, "disable"))
+        .arg(proxy().conninfo(db, "disable"))
         .output()
         .expect("run psql");
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `db`, dropped (whoever is connected) and made again with the fixture.
+fn fixture_db_again(db: &str) {
+    let pg = pg::shared();
+    let fixture =
+        std::fs::read_to_string(workspace_root().join("tests/corpus/fixture.sql")).unwrap();
+    pg.psql_admin(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+    )
+    .unwrap();
+    pg.psql_admin("postgres", &format!("CREATE DATABASE {db}"))
+        .unwrap();
+    pg.psql_admin(db, &fixture).unwrap();
 }
 
 fn leaks(text: &str) -> Vec<&'static str> {
@@ -407,32 +418,12 @@ fn binary_deny_refuses_masked_binary_columns() {
 /// lookup opens a new one rather than mask every column it was for.
 #[test]
 fn a_database_made_again_is_looked_up_afresh() {
-    let pg = pg::shared();
     let db = "masking_remade";
-    let fixture =
-        std::fs::read_to_string(workspace_root().join("tests/corpus/fixture.sql")).unwrap();
-    let remake = || {
-        pg.psql_admin(
-            "postgres",
-            &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-        )
-        .unwrap();
-        pg.psql_admin("postgres", &format!("CREATE DATABASE {db}"))
-            .unwrap();
-        pg.psql_admin(db, &fixture).unwrap();
-    };
-    let through_proxy = |sql: &str| {
-        let out = Command::new(pg::psql_path())
-            .args(["-X", "-At", "-c", sql])
-            .arg(proxy().conninfo(db, "disable"))
-            .output()
-            .expect("run psql");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    remake();
+    let through_proxy = |sql: &str| psql_in(db, sql).0;
+    fixture_db_again(db);
     let names = "SELECT id, name FROM users ORDER BY id";
     assert_eq!(through_proxy(names), "1|Alice\n2|Bob\n3|Carol\n");
-    remake();
+    fixture_db_again(db);
     // Other relations than before: not cached by OID.
     assert_eq!(
         through_proxy("SELECT id, total FROM orders ORDER BY id"),
@@ -450,27 +441,13 @@ fn a_database_made_again_is_looked_up_afresh() {
 /// sessions) succeeds after a masked read.
 #[test]
 fn the_catalog_connection_does_not_hold_the_database() {
-    let pg = pg::shared();
     let db = "masking_dropped";
-    let fixture =
-        std::fs::read_to_string(workspace_root().join("tests/corpus/fixture.sql")).unwrap();
-    pg.psql_admin(
-        "postgres",
-        &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
-    )
-    .unwrap();
-    pg.psql_admin("postgres", &format!("CREATE DATABASE {db}"))
-        .unwrap();
-    pg.psql_admin(db, &fixture).unwrap();
-    let out = Command::new(pg::psql_path())
-        .args(["-X", "-At", "-c", "SELECT email FROM users ORDER BY id"])
-        .arg(proxy().conninfo(db, "disable"))
-        .output()
-        .expect("run psql");
+    fixture_db_again(db);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        psql_in(db, "SELECT email FROM users ORDER BY id").0,
         "[redacted]\n[redacted]\n[redacted]\n"
     );
-    pg.psql_admin("postgres", &format!("DROP DATABASE {db}"))
+    pg::shared()
+        .psql_admin("postgres", &format!("DROP DATABASE {db}"))
         .unwrap();
 }

@@ -236,8 +236,9 @@ impl Enforcer {
             })
         );
         let mut check = self.session.check_shared(policy, analysis, approved);
+        // Rare: only texts that change the session's temporary tables.
         let pins = self.session.take_pins();
-        if let (Check::Allowed(_), false) = (&check, pins.is_empty()) {
+        if matches!(check, Check::Allowed(_)) && !pins.is_empty() {
             match std::str::from_utf8(sql)
                 .map_err(|_| policies::PinError::Analysis(policies::AnalysisError::NotUtf8))
                 .and_then(|text| policies::pin_temp(text, &pins))

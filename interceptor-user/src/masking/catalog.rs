@@ -80,6 +80,8 @@ pub struct Catalog {
     last_used: Mutex<Instant>,
     by_oid: Mutex<HashMap<u32, Entry>>,
     by_name: Mutex<HashMap<String, Entry>>,
+    /// This catalog, for the task that closes its idle connection.
+    me: std::sync::Weak<Catalog>,
 }
 
 fn fresh(e: Option<&Entry>) -> Known {
@@ -95,8 +97,9 @@ impl Catalog {
         database: String,
         connect_timeout: Duration,
         mark: u32,
-    ) -> Catalog {
-        Catalog {
+    ) -> Arc<Catalog> {
+        Arc::new_cyclic(|me| Catalog {
+            me: me.clone(),
             target,
             database,
             connect_timeout,
@@ -105,7 +108,7 @@ impl Catalog {
             last_used: Mutex::new(Instant::now()),
             by_oid: Mutex::new(HashMap::new()),
             by_name: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     pub fn by_oid(&self, oid: u32) -> Known {
@@ -194,6 +197,8 @@ impl Catalog {
                     upstream::UpstreamError::Relayed(_) => "the server refused the login".into(),
                 })?;
             **guard = Some(up.conn);
+            *lock(&self.last_used) = Instant::now();
+            tokio::spawn(close_when_idle(self.me.clone()));
         }
         guard.as_mut().ok_or_else(|| "no catalog connection".into())
     }
@@ -439,8 +444,9 @@ impl Drop for Used<'_> {
     }
 }
 
-/// Closes `catalog`'s connection whenever it has been idle for
-/// [`IDLE_CLOSE`]; ends with the catalog.
+/// Closes `catalog`'s connection once it has been idle for
+/// [`IDLE_CLOSE`], and ends then (the next connection starts another), or
+/// when the connection or the catalog is gone.
 async fn close_when_idle(catalog: std::sync::Weak<Catalog>) {
     loop {
         tokio::time::sleep(IDLE_CLOSE).await;
@@ -448,16 +454,24 @@ async fn close_when_idle(catalog: std::sync::Weak<Catalog>) {
             return;
         };
         // Locked means in use.
-        let Ok(mut conn) = c.conn.try_lock() else {
+        let Ok(mut guard) = c.conn.try_lock() else {
             continue;
         };
-        if lock(&c.last_used).elapsed() >= IDLE_CLOSE
-            && let Some(mut old) = conn.take()
-        {
-            // Terminate, so that the server logs a goodbye, not a lost
-            // connection.
-            let _ = old.send(&build::terminate()).await;
+        if guard.is_none() {
+            return;
         }
+        if lock(&c.last_used).elapsed() < IDLE_CLOSE {
+            continue;
+        }
+        let old = guard.take();
+        drop(guard);
+        if let Some(mut old) = old {
+            // Terminate, so that the server logs a goodbye rather than a
+            // lost connection; not waited on for long.
+            let bye = build::terminate();
+            let _ = tokio::time::timeout(IDLE_CLOSE, old.send(&bye)).await;
+        }
+        return;
     }
 }
 
@@ -481,14 +495,8 @@ impl Catalogs {
             // A reload may have changed the target: a new catalog then.
             Some(c) if Arc::ptr_eq(&c.target, target) => c.clone(),
             _ => {
-                let c = Arc::new(Catalog::new(
-                    target.clone(),
-                    database.to_owned(),
-                    connect_timeout,
-                    mark,
-                ));
+                let c = Catalog::new(target.clone(), database.to_owned(), connect_timeout, mark);
                 map.insert(key, c.clone());
-                tokio::spawn(close_when_idle(Arc::downgrade(&c)));
                 c
             }
         }

@@ -172,6 +172,17 @@ pub fn explain(
             Check::Allowed(rules) => {
                 let rule = rules.iter().flatten().next().cloned().unwrap_or_default();
                 let _ = writeln!(out, "  decision: allow by rule {rule}");
+                let pins = session.take_pins();
+                if !pins.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "  sent as: {} (the session's temporary tables, named so that the server refuses the statement if one is gone)",
+                        pins.iter()
+                            .map(|p| format!("pg_temp.{p}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
             }
             Check::Refused(r) => {
                 let _ = writeln!(
@@ -189,4 +200,27 @@ pub fn explain(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explain_says_what_is_sent_pinned_to_pg_temp() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let policy = Policy::load(&root.join("policies/examples/agent.toml")).unwrap();
+        let out = explain(
+            &policy,
+            &Principal::default(),
+            "main",
+            "app",
+            "CREATE TEMP TABLE s (a int); DELETE FROM s; DROP TABLE users",
+        );
+        assert_eq!(out.matches("sent as: pg_temp.s ").count(), 1, "{out}");
+        assert!(
+            out.contains("decision: deny by rule no-schema-changes"),
+            "{out}"
+        );
+    }
 }

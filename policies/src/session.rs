@@ -212,8 +212,11 @@ impl SessionPolicy {
                 return (Check::Refused(Refusal::from_decision(d, i, n)), false);
             }
             rules.push(d.rule);
+            // What the statement creates needs no pin: it names itself
+            // temporary.
             for t in self.temp_targets(st, &changes).into_iter().flatten() {
-                if !self.pins.contains(&t) {
+                let created = st.creates_temp.contains(&t) || st.creates_temp_views.contains(&t);
+                if !created && !self.pins.contains(&t) {
                     self.pins.push(t);
                 }
             }

@@ -320,6 +320,7 @@ const NEEDS_DETAIL: &[&str] = &[
     "DiscardStmt",
     "TransactionStmt",
     "ViewStmt",
+    "RenameStmt",
 ];
 
 /// Statement types whose every table and function call libpg_query's
@@ -940,6 +941,19 @@ fn apply_detail(st: &mut Statement, node: N) {
                 into_temp(st, rel);
             }
         }
+        // The summary names no table for a column's or constraint's new
+        // name: the table is what changes (a temporary table's own
+        // columns are the session's to rename).
+        N::RenameStmt(r)
+            if matches!(
+                protobuf::ObjectType::try_from(r.rename_type),
+                Ok(protobuf::ObjectType::ObjectColumn | protobuf::ObjectType::ObjectTabconstraint)
+            ) =>
+        {
+            if let Some(rel) = &r.relation {
+                push_unique(&mut st.ddl, qualified(rel));
+            }
+        }
         N::DropStmt(d)
             if matches!(
                 protobuf::ObjectType::try_from(d.remove_type),
@@ -1485,6 +1499,11 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(one("DROP VIEW v").drops_tables, vec!["v"]);
+        assert_eq!(one("ALTER TABLE t RENAME COLUMN a TO b").ddl, vec!["t"]);
+        assert_eq!(
+            one("ALTER TABLE s.t RENAME CONSTRAINT c TO d").ddl,
+            vec!["s.t"]
+        );
         let s = one("INSERT INTO audit_log SELECT id::text FROM users");
         assert_eq!(s.writes, vec!["audit_log"]);
         assert_eq!(s.reads, vec!["users"]);

@@ -217,12 +217,15 @@ impl Enforcer {
         // references would move their cache lines between CPUs.
         let policy = &self.policy;
         let not_utf8;
-        let analysis = match std::str::from_utf8(sql) {
-            Ok(text) => self
+        // Read once: the analysis, the pinning and the laundering check
+        // all take the text.
+        let text = std::str::from_utf8(sql).ok();
+        let analysis = match text {
+            Some(text) => self
                 .shared
                 .analyzer
                 .analyze_after(text, &mut self.last_analysis),
-            Err(_) => {
+            None => {
                 not_utf8 = Arc::new(Err(policies::AnalysisError::NotUtf8));
                 &not_utf8
             }
@@ -239,16 +242,17 @@ impl Enforcer {
         // Rare: only texts that change the session's temporary tables.
         let pins = self.session.take_pins();
         if matches!(check, Check::Allowed(_)) && !pins.is_empty() {
-            match std::str::from_utf8(sql)
-                .map_err(|_| policies::PinError::Analysis(policies::AnalysisError::NotUtf8))
+            match text
+                .ok_or(policies::PinError::Analysis(
+                    policies::AnalysisError::NotUtf8,
+                ))
                 .and_then(|text| policies::pin_temp(text, &pins))
             {
                 Ok(text) => self.pinned = Some(text),
                 Err(e) => check = Check::Refused(pin_refusal(&e)),
             }
         }
-        if let (Check::Allowed(_), Some(guard), Ok(text)) =
-            (&check, &self.launder, std::str::from_utf8(sql))
+        if let (Check::Allowed(_), Some(guard), Some(text)) = (&check, &self.launder, text)
             && let Some(r) = guard.check(text)
         {
             check = Check::Refused(r);

@@ -206,7 +206,8 @@ impl SessionPolicy {
         let mut rules = Vec::with_capacity(analysis.statements.len());
         let n = analysis.statements.len();
         for (i, st) in analysis.statements.iter().enumerate() {
-            let d = self.decide_one(policy, st, &changes);
+            let targets = self.temp_targets(st, &changes);
+            let d = self.decide_one(policy, st, targets.is_some(), &changes);
             if d.verdict != Verdict::Allow && !(approved && d.verdict == Verdict::Hold) {
                 self.pins.clear();
                 return (Check::Refused(Refusal::from_decision(d, i, n)), false);
@@ -214,7 +215,7 @@ impl SessionPolicy {
             rules.push(d.rule);
             // What the statement creates needs no pin: it names itself
             // temporary.
-            for t in self.temp_targets(st, &changes).into_iter().flatten() {
+            for t in targets.into_iter().flatten() {
                 let created = st.creates_temp.contains(&t) || st.creates_temp_views.contains(&t);
                 if !created && !self.pins.contains(&t) {
                     self.pins.push(t);
@@ -340,8 +341,15 @@ impl SessionPolicy {
         found
     }
 
-    fn decide_one(&self, policy: &Policy, st: &Statement, pending: &[Change]) -> Decision {
-        let temporary_only = self.temp_targets(st, pending).is_some();
+    /// `temporary_only`: every table `st` changes is one of the session's
+    /// temporary tables (see [`temp_targets`](Self::temp_targets)).
+    fn decide_one(
+        &self,
+        policy: &Policy,
+        st: &Statement,
+        temporary_only: bool,
+        pending: &[Change],
+    ) -> Decision {
         let d = policy.decide(&self.subject, st, SessionFacts { temporary_only });
         if d.verdict != Verdict::Allow {
             return d;
@@ -360,7 +368,10 @@ impl SessionPolicy {
             // EXECUTE runs what PREPARE stored; it keeps the decision the
             // stored statement gets now.
             return match self.prepared_statement(name, pending) {
-                Some(inner) => self.decide_one(policy, inner, pending),
+                Some(inner) => {
+                    let temporary_only = self.temp_targets(inner, pending).is_some();
+                    self.decide_one(policy, inner, temporary_only, pending)
+                }
                 None => Decision {
                     verdict: Verdict::Deny,
                     rule: None,

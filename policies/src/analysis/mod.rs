@@ -986,24 +986,24 @@ fn set_statement(st: &mut Statement, v: &protobuf::VariableSetStmt) {
         }
         _ => {
             let name = v.name.to_ascii_lowercase();
-            let values: Option<Vec<&str>> = v
-                .args
-                .iter()
-                .map(|a| match &a.node {
-                    Some(N::AConst(c)) => match &c.val {
-                        Some(protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+            let harmless = || match kind {
+                K::VarSetValue => v
+                    .args
+                    .iter()
+                    .map(|a| match &a.node {
+                        Some(N::AConst(c)) => match &c.val {
+                            Some(protobuf::a_const::Val::Sval(s)) => Some(s.sval.as_str()),
+                            _ => None,
+                        },
                         _ => None,
-                    },
-                    _ => None,
-                })
-                .collect();
-            let harmless = match kind {
-                K::VarSetValue => values.is_some_and(|v| harmless_value(&name, &v)),
+                    })
+                    .collect::<Option<Vec<&str>>>()
+                    .is_some_and(|values| harmless_value(&name, &values)),
                 // Back to the server's default.
                 K::VarSetDefault | K::VarReset => name == "search_path",
                 _ => false,
             };
-            if setting_is_guarded(&name) && !harmless {
+            if setting_is_guarded(&name) && !harmless() {
                 st.raise(Kind::Privilege, format!("changes guarded setting {name}"));
             }
             if affects_parsing(&name) && kind == K::VarSetValue {
@@ -1058,12 +1058,13 @@ fn set_config_calls(st: &mut Statement, node: &N) {
                     match arg_literal(call, 0) {
                         Some(name) => {
                             let name = name.to_ascii_lowercase();
-                            let value = arg_literal(call, 1);
-                            let harmless = value.as_deref().is_some_and(|v| {
-                                let items: Vec<&str> = v.split(',').collect();
-                                harmless_value(&name, &items)
-                            });
-                            if setting_is_guarded(&name) && !harmless {
+                            let harmless = || {
+                                arg_literal(call, 1).is_some_and(|v| {
+                                    let items: Vec<&str> = v.split(',').collect();
+                                    harmless_value(&name, &items)
+                                })
+                            };
+                            if setting_is_guarded(&name) && !harmless() {
                                 st.raise(
                                     Kind::Privilege,
                                     format!("set_config() changes guarded setting {name}"),

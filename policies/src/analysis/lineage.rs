@@ -153,6 +153,11 @@ pub fn lineage(sql: &str) -> Result<Lineage, AnalysisError> {
     lineage_at_depth(sql, 0)
 }
 
+/// pg_query's SubLinkType values.
+const SUBLINK_EXISTS: i64 = 1;
+const SUBLINK_EXPR: i64 = 5;
+const SUBLINK_ARRAY: i64 = 7;
+
 /// Query text inside query text is followed this deep, then unknown.
 const MAX_TEXT_DEPTH: u32 = 4;
 
@@ -549,7 +554,7 @@ impl<'t> Walker<'t> {
                     _ => return None,
                 };
                 for (i, item) in items.iter().enumerate() {
-                    let f = self.flow(item);
+                    let f = self.value_flow(item);
                     match cols.get_mut(i) {
                         Some(c) => c.1.add(&f),
                         None => cols.push((format!("column{}", i + 1), f)),
@@ -577,7 +582,7 @@ impl<'t> Walker<'t> {
                 "" => default_name(val),
                 n => n.to_owned(),
             };
-            out.push((name, self.flow(val)));
+            out.push((name, self.value_flow(val)));
         }
         Some(out)
     }
@@ -587,34 +592,94 @@ impl<'t> Walker<'t> {
             .map(|v| v.into_iter().map(|(_, f)| f).collect())
     }
 
-    /// Everything that may flow out of the subtree `v`.
+    /// Everything the subtree `v` reads: what may flow into its value, an
+    /// error it raises or a notice it sends.
     fn flow(&self, v: &Value) -> Flow {
         let mut f = Flow::default();
-        self.flow_into(v, &mut f);
+        self.flow_into(v, &mut f, false);
         f
     }
 
-    fn flow_into(&self, v: &Value, f: &mut Flow) {
+    /// What may flow into the value of the expression `v`. Unlike
+    /// [`Self::flow`], parts that pass on no value are left out: a count
+    /// says how many, `IS [NOT] NULL` whether there is one, `EXISTS`
+    /// whether a row matched, and a scalar or ARRAY subquery passes on its
+    /// output columns, not what its WHERE compared (as a statement's own
+    /// WHERE does not). Their flags stay: code lineage cannot see into
+    /// still taints the value.
+    fn value_flow(&self, v: &Value) -> Flow {
+        let mut f = Flow::default();
+        self.flow_into(v, &mut f, true);
+        f
+    }
+
+    fn flow_into(&self, v: &Value, f: &mut Flow, values: bool) {
         match v {
             Value::Object(m) => {
                 if let Some(c) = m.get("ColumnRef") {
                     self.column_ref(c, f);
                     return;
                 }
+                if values && self.passes_no_value(m, f) {
+                    return;
+                }
                 if let Some(call) = m.get("FuncCall") {
                     self.func_call(call, f);
                 }
                 for child in m.values() {
-                    self.flow_into(child, f);
+                    self.flow_into(child, f, values);
                 }
             }
             Value::Array(a) => {
                 for child in a {
-                    self.flow_into(child, f);
+                    self.flow_into(child, f, values);
                 }
             }
             _ => {}
         }
+    }
+
+    /// For [`Self::value_flow`]: when the node `m` passes on no value (or
+    /// only its subquery's outputs), adds what does to `f` and says so.
+    fn passes_no_value(&self, m: &serde_json::Map<String, Value>, f: &mut Flow) -> bool {
+        let flags_only = |f: &mut Flow, of: &Flow| {
+            f.unknown |= of.unknown;
+            f.opaque |= of.opaque;
+        };
+        if let Some(call) = m.get("FuncCall") {
+            let name = strings(call.get("funcname").unwrap_or(&Value::Null)).join(".");
+            if name == "count" || name == "pg_catalog.count" {
+                flags_only(f, &self.flow(call));
+                return true;
+            }
+        } else if let Some(test) = m.get("NullTest") {
+            flags_only(f, &self.flow(test));
+            return true;
+        } else if let Some(link) = m.get("SubLink") {
+            let sub = link.get("subselect").unwrap_or(&Value::Null);
+            match link.get("sub_link_type").and_then(Value::as_i64) {
+                Some(SUBLINK_EXISTS) => {
+                    flags_only(f, &self.flow(sub));
+                    return true;
+                }
+                Some(SUBLINK_EXPR | SUBLINK_ARRAY) => {
+                    let body = match node(sub) {
+                        Some(("SelectStmt", b)) => b,
+                        _ => return false,
+                    };
+                    let Some(outputs) = self.select_outputs_inner(body) else {
+                        return false;
+                    };
+                    flags_only(f, &self.flow(sub));
+                    for (_, o) in &outputs {
+                        f.add(o);
+                    }
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
     }
 
     fn func_call(&self, call: &Value, f: &mut Flow) {
@@ -938,6 +1003,54 @@ mod tests {
             stored("PREPARE p AS INSERT INTO t SELECT api_key FROM secrets").len(),
             1
         );
+    }
+
+    #[test]
+    fn counts_null_tests_and_exists_pass_on_no_value() {
+        let outputs = |sql: &str| one(sql).outputs.unwrap();
+        let none = Flow::default();
+        assert_eq!(outputs("SELECT count(DISTINCT email) FROM users")[0], none);
+        assert_eq!(
+            outputs("SELECT pg_catalog.count(email) FILTER (WHERE email > 'b') FROM users")[0],
+            none
+        );
+        assert_eq!(
+            outputs("SELECT email IS NOT NULL, api_key IS NULL FROM users, secrets")[1],
+            none
+        );
+        assert_eq!(
+            outputs("SELECT EXISTS (SELECT 1 FROM users WHERE email LIKE 'a%')")[0],
+            none
+        );
+        assert_eq!(
+            outputs("SELECT (SELECT count(*) FROM users WHERE email LIKE '%@example.com')")[0],
+            none
+        );
+        // A scalar or ARRAY subquery passes on its own outputs.
+        let o = outputs(
+            "SELECT (SELECT max(email) FROM users), ARRAY(SELECT api_key FROM secrets WHERE id > 0)",
+        );
+        assert_eq!(o[0].columns, [(None, "email".to_owned())]);
+        assert_eq!(o[1].columns, [(None, "api_key".to_owned())]);
+        assert!(outputs("SELECT (SELECT s FROM secrets s)::text")[0].whole == ["secrets"]);
+        assert!(
+            !outputs("SELECT (SELECT * FROM secrets LIMIT 1)")[0]
+                .whole
+                .is_empty()
+        );
+        // Values computed from the column still flow.
+        assert_eq!(
+            outputs("SELECT length(email), email = 'x', max(email) FROM users")
+                .iter()
+                .filter(|f| f.columns.is_empty())
+                .count(),
+            0
+        );
+        // Code lineage cannot see into still taints a count.
+        assert!(outputs("SELECT count(my_function(api_key)) FROM secrets")[0].opaque);
+        // An error raised inside a count can carry the value: it is read.
+        let l = one("SELECT count(api_key::int) FROM secrets");
+        assert_eq!(l.all.columns, [(None, "api_key".to_owned())]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 
 use aho_corasick::AhoCorasick;
 use bytes::{BufMut, BytesMut};
-use policies::analysis::lineage::{Flow, Lineage, LineageCache, StatementLineage};
+use policies::analysis::lineage::{Flow, Lineage, LineageCache, StatementLineage, ViewDef};
 use policies::masking::{Masks, Relations, Taint, ValueType};
 
 use crate::protocol::build::{ProxyError, frame};
@@ -35,11 +35,40 @@ enum Source {
 }
 
 /// Whether a text may define or use a name (PREPARE, EXECUTE, DECLARE,
-/// FETCH, MOVE): its lineage is then needed as it is sent, in order.
+/// FETCH, MOVE, a view and its renaming): its lineage is then needed as it
+/// is sent, in order.
 fn names_anything(sql: &str) -> bool {
-    static WORDS: LazyLock<AhoCorasick> =
-        LazyLock::new(|| any_case(&["prepare", "execute", "declare", "fetch", "move"]));
+    static WORDS: LazyLock<AhoCorasick> = LazyLock::new(|| {
+        any_case(&[
+            "prepare", "execute", "declare", "fetch", "move", "view", "rename",
+        ])
+    });
     WORDS.is_match(sql)
+}
+
+/// Views this session defined, by name without schema: every definition
+/// each name has had, kept for the session's life (a rollback or a DROP
+/// leaves them: only more is masked).
+type Views = Arc<HashMap<String, Vec<Arc<ViewDef>>>>;
+
+/// Records the views `l` defines and renames into `views`.
+fn record_views(views: &mut Views, l: &Lineage) {
+    for st in &l.statements {
+        if let Some(v) = &st.view {
+            Arc::make_mut(views)
+                .entry(v.name.clone())
+                .or_default()
+                .push(Arc::new(v.clone()));
+        }
+        if let Some((from, to)) = &st.renames
+            && let Some(defs) = views.get(from).cloned()
+        {
+            Arc::make_mut(views)
+                .entry(to.clone())
+                .or_default()
+                .extend(defs);
+        }
+    }
 }
 
 /// A searcher for `words` in any ASCII case: a cheap test before lineage,
@@ -88,6 +117,7 @@ struct State {
     queue: VecDeque<Expect>,
     statements: HashMap<Vec<u8>, Statement>,
     portals: HashMap<Vec<u8>, Portal>,
+    views: Views,
 }
 
 /// One session's masking: the frontend half, the backend half, and the
@@ -102,6 +132,7 @@ pub fn session(
         masks: masks.clone(),
         lineages: lineages.clone(),
         catalog: catalog.clone(),
+        state: state.clone(),
     };
     (
         FrontMask {
@@ -149,6 +180,7 @@ impl FrontMask {
             return Source::Text(text.into());
         }
         let l = self.lineage.get(&text);
+        record_views(&mut lock(&self.state).views, &l);
         // EXECUTE and FETCH return what their name was defined as.
         let mut resolved: Option<Lineage> = None;
         for (i, st) in l.statements.iter().enumerate() {
@@ -331,20 +363,52 @@ pub struct BackMask {
     pending: Option<(Vec<u32>, Vec<String>)>,
 }
 
-/// Views, for lineage, as this session's masks see them.
+/// Views, for lineage, as this session's masks see them: the catalog's,
+/// and the session's own.
 struct SessionViews<'a> {
     masks: &'a Masks,
     catalog: &'a Catalog,
+    own: Views,
     depth: std::cell::Cell<u32>,
 }
 
 impl<'a> SessionViews<'a> {
-    fn new(masks: &'a Masks, catalog: &'a Catalog) -> Self {
+    fn new(masks: &'a Masks, catalog: &'a Catalog, own: Views) -> Self {
         SessionViews {
             masks,
             catalog,
+            own,
             depth: std::cell::Cell::new(0),
         }
+    }
+
+    /// The session's own views named `relation` (bare, or in pg_temp,
+    /// where an unqualified name finds a temporary relation first).
+    fn own_taints(&self, relation: &str) -> Option<Vec<(String, Taint)>> {
+        let bare = match relation.rsplit_once('.') {
+            None => relation,
+            Some(("pg_temp", n)) => n,
+            Some(_) => return None,
+        };
+        let defs = self.own.get(bare)?;
+        if self.depth.get() > 8 {
+            let unknown = Taint {
+                unknown: true,
+                ..Default::default()
+            };
+            return Some(vec![(String::new(), unknown)]);
+        }
+        self.depth.set(self.depth.get() + 1);
+        let out = defs
+            .iter()
+            .flat_map(|d| {
+                d.columns
+                    .iter()
+                    .map(|(n, f)| (n.clone(), self.masks.taint(f, &d.relations, self)))
+            })
+            .collect();
+        self.depth.set(self.depth.get() - 1);
+        Some(out)
     }
 
     fn view_taints(&self, rel: &catalog::Relation) -> Vec<(String, Taint)> {
@@ -387,9 +451,17 @@ impl<'a> SessionViews<'a> {
 
 impl Relations for SessionViews<'_> {
     fn view_columns(&self, relation: &str) -> Option<Vec<(String, Taint)>> {
-        match self.catalog.by_name(relation) {
+        let own = self.own_taints(relation);
+        let catalog = match self.catalog.by_name(relation) {
             Known::Found(Some(r)) if r.is_view() => Some(self.view_taints(&r)),
             _ => None,
+        };
+        match (own, catalog) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b);
+                Some(a)
+            }
+            (a, b) => a.or(b),
         }
     }
 
@@ -460,7 +532,7 @@ impl BackMask {
         lineage: Option<&StatementLineage>,
         source: Option<Source>,
     ) -> Current {
-        let views = SessionViews::new(&self.masks, &self.catalog);
+        let views = SessionViews::new(&self.masks, &self.catalog, self.own_views());
         let mut deny = None;
         let columns: Vec<Column> = fields
             .iter()
@@ -596,6 +668,10 @@ impl BackMask {
         }
     }
 
+    fn own_views(&self) -> Views {
+        lock(&self.state).views.clone()
+    }
+
     /// Whether the statement reads masked data (or lineage cannot tell).
     fn reads_masked(&self, source: Option<&Source>) -> bool {
         if !self.masks.by_column {
@@ -604,7 +680,7 @@ impl BackMask {
         match source {
             Some(s) => {
                 let l = self.lineage_of(s);
-                let views = SessionViews::new(&self.masks, &self.catalog);
+                let views = SessionViews::new(&self.masks, &self.catalog, self.own_views());
                 !self.masks.taint(&l.all, &l.relations, &views).is_clean()
             }
             None => true,
@@ -984,6 +1060,9 @@ pub struct LaunderCheck {
     masks: Arc<Masks>,
     lineages: Arc<LineageCache>,
     catalog: Arc<Catalog>,
+    /// For the session's own views, and those defined earlier in the same
+    /// text.
+    state: Arc<Mutex<State>>,
 }
 
 /// Whether a text may store values.
@@ -1009,7 +1088,9 @@ impl LaunderCheck {
             return None;
         }
         let lineage = self.lineages.get(sql);
-        let views = SessionViews::new(&self.masks, &self.catalog);
+        let mut own = lock(&self.state).views.clone();
+        record_views(&mut own, &lineage);
+        let views = SessionViews::new(&self.masks, &self.catalog, own);
         for st in &lineage.statements {
             for flow in &st.stores {
                 let taint = self.masks.taint(flow, &st.relations, &views);

@@ -83,6 +83,25 @@ pub struct StatementLineage {
     /// `EXECUTE name` or `FETCH ... name`: the results are those of what
     /// `name` was defined as.
     pub uses: Option<String>,
+    /// `CREATE [TEMP] VIEW`: what its columns carry.
+    pub view: Option<ViewDef>,
+    /// `ALTER ... name RENAME TO new`: a relation's new name.
+    pub renames: Option<(String, String)>,
+}
+
+/// A view as its defining statement shows it. Results that read a view
+/// the catalog cannot show (one in the session's own temporary schema,
+/// which another connection's search path does not reach, or one made in
+/// a transaction that is still open) are masked by this.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewDef {
+    /// As written, without its schema.
+    pub name: String,
+    /// Each column's name and what flows into it; one unnamed entry,
+    /// standing for every column, when they cannot be listed (`*`).
+    pub columns: Vec<(String, Flow)>,
+    /// The relations its query reads.
+    pub relations: Vec<String>,
 }
 
 /// A query string's lineage, a statement at a time.
@@ -389,6 +408,49 @@ impl<'t> Walker<'t> {
                 out.outputs = body.get("query").and_then(|q| self.query_outputs(q));
             }
             "ExecuteStmt" => out.uses = Some(str_field(body, "name").to_owned()),
+            "ViewStmt" => {
+                let name = body
+                    .get("view")
+                    .map(|v| str_field(v, "relname"))
+                    .unwrap_or_default()
+                    .to_owned();
+                let aliases = strings(body.get("aliases").unwrap_or(&Value::Null));
+                let query = body.get("query").unwrap_or(&Value::Null);
+                let listed = match node(query) {
+                    Some(("SelectStmt", b)) => self.select_outputs_inner(b),
+                    _ => None,
+                };
+                let columns = match listed {
+                    Some(cols) => cols
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (n, f))| (aliases.get(i).cloned().unwrap_or(n), f))
+                        .collect(),
+                    None => vec![(String::new(), self.flow(query))],
+                };
+                let relations = self
+                    .relations
+                    .iter()
+                    .filter(|r| r.rsplit('.').next() != Some(name.as_str()))
+                    .cloned()
+                    .collect();
+                out.view = Some(ViewDef {
+                    name,
+                    columns,
+                    relations,
+                });
+            }
+            "RenameStmt" => {
+                if let Some(rv) = body.get("relation").filter(|r| !r.is_null())
+                    && str_field(body, "subname").is_empty()
+                    && !str_field(body, "newname").is_empty()
+                {
+                    out.renames = Some((
+                        str_field(rv, "relname").to_owned(),
+                        str_field(body, "newname").to_owned(),
+                    ));
+                }
+            }
             "FetchStmt" => out.uses = Some(str_field(body, "portalname").to_owned()),
             "CopyStmt" => {
                 out.copy_options = copy_options(body);
@@ -1051,6 +1113,30 @@ mod tests {
         // An error raised inside a count can carry the value: it is read.
         let l = one("SELECT count(api_key::int) FROM secrets");
         assert_eq!(l.all.columns, [(None, "api_key".to_owned())]);
+    }
+
+    #[test]
+    fn views_say_what_their_columns_carry() {
+        let v = one("CREATE TEMP VIEW v (a) AS SELECT upper(api_key), id AS b FROM secrets")
+            .view
+            .unwrap();
+        assert_eq!(v.name, "v");
+        assert_eq!(v.relations, ["secrets"]);
+        assert_eq!(v.columns[0].0, "a");
+        assert_eq!(v.columns[0].1.columns, [(None, "api_key".to_owned())]);
+        assert_eq!(v.columns[1].0, "b");
+        let v = one("CREATE OR REPLACE TEMP VIEW pg_temp.w AS SELECT * FROM secrets")
+            .view
+            .unwrap();
+        assert_eq!(v.name, "w");
+        assert_eq!(v.columns.len(), 1);
+        assert_eq!(v.columns[0].0, "");
+        assert_eq!(v.columns[0].1.whole, ["secrets"]);
+        assert_eq!(
+            one("ALTER VIEW v RENAME TO w").renames,
+            Some(("v".to_owned(), "w".to_owned()))
+        );
+        assert_eq!(one("ALTER TABLE v RENAME COLUMN a TO b").renames, None);
     }
 
     #[test]

@@ -430,8 +430,9 @@ impl Masks {
             for rel in candidates {
                 match views.view_columns(rel) {
                     Some(cols) => {
+                        // An unnamed column stands for every column.
                         for (name, c) in cols {
-                            if name == *column {
+                            if name == *column || name.is_empty() {
                                 t = t.union(c);
                             }
                         }

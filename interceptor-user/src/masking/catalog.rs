@@ -54,9 +54,12 @@ impl Relation {
 pub enum Known {
     /// Not looked up yet, or stale.
     Missing,
-    /// Looked up: the relation, or `None` when there is no such relation
-    /// or the lookup failed (either way: fail closed).
+    /// Looked up: the relation, or `None` when the catalog connection
+    /// sees no such relation (it may be the session's own, or made in its
+    /// open transaction).
     Found(Option<Arc<Relation>>),
+    /// The lookup failed: fail closed.
+    Failed,
 }
 
 type Entry = (Instant, Duration, Option<Arc<Relation>>);
@@ -86,6 +89,7 @@ pub struct Catalog {
 
 fn fresh(e: Option<&Entry>) -> Known {
     match e {
+        Some((at, ttl, _)) if at.elapsed() < *ttl && *ttl == FAILED => Known::Failed,
         Some((at, ttl, r)) if at.elapsed() < *ttl => Known::Found(r.clone()),
         _ => Known::Missing,
     }

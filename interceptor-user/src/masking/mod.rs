@@ -454,6 +454,14 @@ impl Relations for SessionViews<'_> {
         let own = self.own_taints(relation);
         let catalog = match self.catalog.by_name(relation) {
             Known::Found(Some(r)) if r.is_view() => Some(self.view_taints(&r)),
+            // It may be a view: whatever it is, every column is unknown.
+            Known::Failed => Some(vec![(
+                String::new(),
+                Taint {
+                    unknown: true,
+                    ..Default::default()
+                },
+            )]),
             _ => None,
         };
         match (own, catalog) {
@@ -502,10 +510,10 @@ impl BackMask {
         let mut expressions = false;
         for f in fields {
             if f.table_oid != 0 && f.attnum > 0 {
-                if matches!(self.catalog.by_oid(f.table_oid), Known::Missing)
-                    && !oids.contains(&f.table_oid)
-                {
-                    oids.push(f.table_oid);
+                match self.catalog.by_oid(f.table_oid) {
+                    Known::Missing if !oids.contains(&f.table_oid) => oids.push(f.table_oid),
+                    Known::Found(None) => expressions = true,
+                    _ => {}
                 }
             } else {
                 expressions = true;
@@ -546,7 +554,7 @@ impl BackMask {
                 let ty = ValueType::from_oid(f.type_oid);
                 let taint = if !self.masks.by_column {
                     Taint::default()
-                } else if f.table_oid != 0 && f.attnum > 0 {
+                } else if f.table_oid != 0 && f.attnum > 0 && !self.unseen(f) {
                     self.source_taint(f, &views)
                 } else {
                     match lineage {
@@ -657,10 +665,21 @@ impl BackMask {
         }
     }
 
+    /// A column of a relation the catalog connection does not see: made in
+    /// the client's open transaction. Its values came through statements
+    /// checked against laundering, or are the client's own; lineage says
+    /// what flows into it (a view of the session's own, say).
+    fn unseen(&self, f: &Field) -> bool {
+        matches!(self.catalog.by_oid(f.table_oid), Known::Found(None))
+    }
+
     /// The lineage a plan for `fields` needs: only expression columns
-    /// (table OID 0) need the statement's.
+    /// (table OID 0), and columns of relations the catalog does not see,
+    /// need the statement's.
     fn lineage_for(&self, fields: &[Field], source: Option<&Source>) -> Option<StatementLineage> {
-        let expressions = fields.iter().any(|f| f.table_oid == 0 || f.attnum <= 0);
+        let expressions = fields
+            .iter()
+            .any(|f| f.table_oid == 0 || f.attnum <= 0 || self.unseen(f));
         if expressions && self.masks.by_column {
             source.map(|s| self.lineage_of(s))
         } else {
@@ -1020,7 +1039,7 @@ impl BackMask {
                         f.name = name;
                     }
                 }
-                Known::Found(None) => {}
+                Known::Found(None) | Known::Failed => {}
             }
         }
         let plan_lineage = lineage.as_ref().map(|l| {

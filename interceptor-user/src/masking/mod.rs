@@ -51,22 +51,30 @@ fn names_anything(sql: &str) -> bool {
 /// leaves them: only more is masked).
 type Views = Arc<HashMap<String, Vec<Arc<ViewDef>>>>;
 
-/// Records the views `l` defines and renames into `views`.
+/// Records the views `l` defines and renames into `views`. A definition
+/// sent again (a job that makes its view each run) is kept once.
 fn record_views(views: &mut Views, l: &Lineage) {
+    fn add(views: &mut Views, name: &str, defs: Vec<Arc<ViewDef>>) {
+        let known = views.get(name);
+        let new: Vec<_> = defs
+            .into_iter()
+            .filter(|d| known.is_none_or(|k| !k.contains(d)))
+            .collect();
+        if !new.is_empty() {
+            Arc::make_mut(views)
+                .entry(name.to_owned())
+                .or_default()
+                .extend(new);
+        }
+    }
     for st in &l.statements {
         if let Some(v) = &st.view {
-            Arc::make_mut(views)
-                .entry(v.name.clone())
-                .or_default()
-                .push(Arc::new(v.clone()));
+            add(views, &v.name, vec![Arc::new(v.clone())]);
         }
         if let Some((from, to)) = &st.renames
             && let Some(defs) = views.get(from).cloned()
         {
-            Arc::make_mut(views)
-                .entry(to.clone())
-                .or_default()
-                .extend(defs);
+            add(views, to, defs);
         }
     }
 }
@@ -1162,4 +1170,29 @@ pub fn load_key(state_dir: &std::path::Path) -> std::io::Result<policies::maskin
     f.write_all(&key)?;
     f.sync_all()?;
     Ok(policies::masking::MaskKey::from_bytes(&key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_are_recorded_once_and_follow_renames() {
+        let mut views = Views::default();
+        let def = |sql: &str| policies::analysis::lineage::lineage(sql).unwrap();
+        let v = def("CREATE TEMP VIEW v AS SELECT api_key AS k FROM secrets");
+        record_views(&mut views, &v);
+        record_views(&mut views, &v);
+        assert_eq!(views["v"].len(), 1);
+        record_views(
+            &mut views,
+            &def("CREATE OR REPLACE TEMP VIEW v AS SELECT 1 AS k"),
+        );
+        assert_eq!(views["v"].len(), 2);
+        record_views(&mut views, &def("ALTER VIEW v RENAME TO w"));
+        assert_eq!(views["w"].len(), 2);
+        // A rename of what is not one of the session's views records nothing.
+        record_views(&mut views, &def("ALTER TABLE t RENAME TO u"));
+        assert!(!views.contains_key("u"));
+    }
 }

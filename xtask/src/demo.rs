@@ -295,6 +295,19 @@ pub fn run(keep: bool, with_clickhouse: bool) -> Result<()> {
         )?,
     );
     show(
+        "through the agent's own temporary view, which only its session can see; a count says how many, not what, and comes back as it is",
+        &agent(
+            &ic,
+            &tls,
+            &[
+                "-c",
+                "CREATE TEMP VIEW keys AS SELECT service, api_key FROM secrets",
+                "-c",
+                "SELECT service, reverse(api_key) AS backwards, count(api_key) OVER () AS keys FROM keys ORDER BY service",
+            ],
+        )?,
+    );
+    show(
         "COPY secrets TO STDOUT WITH (FORMAT csv, HEADER)",
         &agent(
             &ic,

@@ -51,6 +51,13 @@ fn names_anything(sql: &str) -> bool {
 /// leaves them: only more is masked).
 type Views = Arc<HashMap<String, Vec<Arc<ViewDef>>>>;
 
+/// Whether `l` defines or renames a relation that may be a view.
+fn touches_views(l: &Lineage) -> bool {
+    l.statements
+        .iter()
+        .any(|st| st.view.is_some() || st.renames.is_some())
+}
+
 /// Records the views `l` defines and renames into `views`. A definition
 /// sent again (a job that makes its view each run) is kept once.
 fn record_views(views: &mut Views, l: &Lineage) {
@@ -188,7 +195,11 @@ impl FrontMask {
             return Source::Text(text.into());
         }
         let l = self.lineage.get(&text);
-        record_views(&mut lock(&self.state).views, &l);
+        // "view" also matches texts that only read `reviews`: those take
+        // no lock.
+        if touches_views(&l) {
+            record_views(&mut lock(&self.state).views, &l);
+        }
         // EXECUTE and FETCH return what their name was defined as.
         let mut resolved: Option<Lineage> = None;
         for (i, st) in l.statements.iter().enumerate() {
@@ -400,11 +411,7 @@ impl<'a> SessionViews<'a> {
         };
         let defs = self.own.get(bare)?;
         if self.depth.get() > 8 {
-            let unknown = Taint {
-                unknown: true,
-                ..Default::default()
-            };
-            return Some(vec![(String::new(), unknown)]);
+            return Some(vec![(String::new(), Taint::UNKNOWN)]);
         }
         self.depth.set(self.depth.get() + 1);
         let out = defs
@@ -427,15 +434,7 @@ impl<'a> SessionViews<'a> {
             return rel
                 .columns
                 .iter()
-                .map(|c| {
-                    (
-                        c.clone(),
-                        Taint {
-                            unknown: true,
-                            ..Default::default()
-                        },
-                    )
-                })
+                .map(|c| (c.clone(), Taint::UNKNOWN))
                 .collect();
         }
         self.depth.set(self.depth.get() + 1);
@@ -463,13 +462,7 @@ impl Relations for SessionViews<'_> {
         let catalog = match self.catalog.by_name(relation) {
             Known::Found(Some(r)) if r.is_view() => Some(self.view_taints(&r)),
             // It may be a view: whatever it is, every column is unknown.
-            Known::Failed => Some(vec![(
-                String::new(),
-                Taint {
-                    unknown: true,
-                    ..Default::default()
-                },
-            )]),
+            Known::Failed => Some(vec![(String::new(), Taint::UNKNOWN)]),
             _ => None,
         };
         match (own, catalog) {
@@ -560,10 +553,13 @@ impl BackMask {
                     many => many.get(i) == Some(&1),
                 };
                 let ty = ValueType::from_oid(f.type_oid);
+                let seen = (self.masks.by_column && f.table_oid != 0 && f.attnum > 0)
+                    .then(|| self.source_taint(f, &views))
+                    .flatten();
                 let taint = if !self.masks.by_column {
                     Taint::default()
-                } else if f.table_oid != 0 && f.attnum > 0 && !self.unseen(f) {
-                    self.source_taint(f, &views)
+                } else if let Some(t) = seen {
+                    t
                 } else {
                     match lineage {
                         Some(l) => {
@@ -574,10 +570,7 @@ impl BackMask {
                                 .map_or(&l.all, |o| &o[i]);
                             self.masks.taint(flow, &l.relations, &views)
                         }
-                        None => Taint {
-                            unknown: true,
-                            ..Default::default()
-                        },
+                        None => Taint::UNKNOWN,
                     }
                 };
                 let rule = self
@@ -621,12 +614,11 @@ impl BackMask {
         }
     }
 
-    fn source_taint(&self, f: &Field, views: &SessionViews<'_>) -> Taint {
-        let unknown = Taint {
-            unknown: true,
-            ..Default::default()
-        };
-        match self.catalog.by_oid(f.table_oid) {
+    /// What a column of a relation carries, from the catalog; `None` when
+    /// the catalog does not see the relation (see [`Self::unseen`]).
+    fn source_taint(&self, f: &Field, views: &SessionViews<'_>) -> Option<Taint> {
+        let unknown = Taint::UNKNOWN;
+        Some(match self.catalog.by_oid(f.table_oid) {
             Known::Found(Some(rel)) => {
                 let i = (f.attnum - 1) as usize;
                 if rel.is_view() {
@@ -648,8 +640,9 @@ impl BackMask {
                     }
                 }
             }
-            _ => unknown,
-        }
+            Known::Found(None) => return None,
+            Known::Missing | Known::Failed => unknown,
+        })
     }
 
     /// Where the lineage of the statement at the front of the queue is.
@@ -1116,7 +1109,9 @@ impl LaunderCheck {
         }
         let lineage = self.lineages.get(sql);
         let mut own = lock(&self.state).views.clone();
-        record_views(&mut own, &lineage);
+        if touches_views(&lineage) {
+            record_views(&mut own, &lineage);
+        }
         let views = SessionViews::new(&self.masks, &self.catalog, own);
         for st in &lineage.statements {
             for flow in &st.stores {

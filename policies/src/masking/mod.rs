@@ -227,6 +227,13 @@ pub struct Taint {
 }
 
 impl Taint {
+    /// Lineage cannot tell: fail closed.
+    pub const UNKNOWN: Taint = Taint {
+        rules: 0,
+        unknown: true,
+        opaque: false,
+    };
+
     pub fn union(self, o: Taint) -> Taint {
         Taint {
             rules: self.rules | o.rules,

@@ -90,8 +90,12 @@ pub fn run() -> Result<()> {
         f("spool_mb_per_s")
     );
     println!(
-        "  a session's share:  {:>12.0} ns per statement  (open its row, count the reply, encode and hash it)",
+        "  a session's share:  {:>12.0} ns per statement  (open its row, count the reply, end it and queue it)",
         f("session_audit_ns_per_statement"),
+    );
+    println!(
+        "  the writer's share: {:>12.0} ns per statement  (seal the row: encode it and hash it into the chain)",
+        f("writer_seal_ns_per_statement"),
     );
     println!(
         "  on one thread:      {:>12.0} rows/s  (encode a batch, append it, and so on)",

@@ -1,9 +1,11 @@
 //! The audit trail: every session, statement and decision, written first
 //! to a durable local spool.
 //!
-//! The data path appends encoded events to a bounded queue and goes on;
-//! one writer thread moves them into the spool (every 5 ms while
-//! events keep coming), fsyncing per batch at most every
+//! The data path appends events to a bounded queue and goes on (statement
+//! rows as they ended, other events encoded); one writer thread seals the
+//! rows into their sessions' hash chains and moves everything into the
+//! spool (every 5 ms while events keep coming), fsyncing per batch at most
+//! every
 //! `fsync_interval` (group commit). When the spool cannot be written
 //! (a full disk) the writer keeps the batch and retries, and
 //! [`SpoolGate`] says so.
@@ -45,23 +47,52 @@ const LINGER: Duration = Duration::from_millis(5);
 /// Most event bytes held in memory while the spool cannot be written.
 const HOLD_BYTES: usize = 256 << 20;
 
-/// Encoded frames waiting for the writer, in lanes: one per session
-/// thread, and one that every other thread shares.
+/// Events waiting for the writer, in lanes: one per session thread, and
+/// one that every other thread shares.
 ///
-/// A session appends its statement's frames to its own thread's lane under
-/// that lane's lock: a copy of a few hundred bytes, no allocation, and
-/// (the lane being its thread's alone) no cache line taken from another
-/// CPU; the writer visits each lane once per batch. One queue for all
+/// A session moves its ended statement rows into its own thread's lane
+/// under that lane's lock: no allocation, and (the lane being its thread's
+/// alone) no cache line taken from another CPU; the writer visits each
+/// lane once per batch and seals the rows there. One queue for all
 /// sessions moved its lock and its buffer between the CPUs on every
 /// statement. Each lane keeps its events in the order they happened, and
 /// a session's events all go through its thread's lane.
 #[derive(Default)]
 struct Queue {
+    /// Other events, encoded.
     frames: Vec<u8>,
+    /// Everything in the lane, in order: statement rows, and runs of
+    /// `frames`.
+    items: Vec<Item>,
     events: usize,
     /// [`Auditor::close`] has run: the writer drains what is here and
     /// stops, and later events are refused.
     closed: bool,
+}
+
+enum Item {
+    /// The next this many bytes of the lane's `frames`.
+    Frames(usize),
+    Row(session::Ended),
+}
+
+impl Queue {
+    /// Moves the lane's events, in order, onto the end of `out`, sealing
+    /// the rows.
+    fn drain_into(&mut self, out: &mut Vec<u8>) {
+        let mut at = 0;
+        for item in self.items.drain(..) {
+            match item {
+                Item::Frames(n) => {
+                    out.extend_from_slice(&self.frames[at..at + n]);
+                    at += n;
+                }
+                Item::Row(row) => row.seal(out),
+            }
+        }
+        self.frames.clear();
+        self.events = 0;
+    }
 }
 
 /// A lane on a cache line of its own.
@@ -158,6 +189,7 @@ impl Auditor {
         });
         let writer = Writer {
             shared: shared.clone(),
+            spare: Queue::default(),
             spool,
             fsync: config.fsync,
             interval: config.fsync_interval,
@@ -193,26 +225,43 @@ impl Auditor {
         self.append(|b| spool::encode_frame(&event, b), 1);
     }
 
-    /// Queues `events` frames already encoded (see
-    /// `spool::seal_statement_frame`) and clears `frames` for reuse.
-    pub async fn record_frames(&self, frames: &mut Vec<u8>, events: usize) {
-        let full = self.append(|b| b.extend_from_slice(frames), events);
-        frames.clear();
-        if full {
+    /// Queues ended statement rows (the writer seals them), leaving `rows`
+    /// empty for reuse.
+    pub async fn record_rows(&self, rows: &mut Vec<session::Ended>) {
+        if self.push(|q| {
+            for row in rows.drain(..) {
+                q.events += row.events();
+                q.items.push(Item::Row(row));
+            }
+        }) {
             self.room().await;
         }
     }
 
     /// True when the lane is now over its bound.
     fn append(&self, fill: impl FnOnce(&mut Vec<u8>), events: usize) -> bool {
+        self.push(|q| {
+            let before = q.frames.len();
+            fill(&mut q.frames);
+            let n = q.frames.len() - before;
+            match q.items.last_mut() {
+                Some(Item::Frames(run)) => *run += n,
+                _ => q.items.push(Item::Frames(n)),
+            }
+            q.events += events;
+        })
+    }
+
+    /// Adds to this thread's lane with `fill`; true when the lane is now
+    /// over its bound.
+    fn push(&self, fill: impl FnOnce(&mut Queue)) -> bool {
         let mut q = self.shared.lane().lock();
         if q.closed {
             drop(q);
             error!("audit event after the audit writer stopped; it is not recorded");
             return false;
         }
-        fill(&mut q.frames);
-        q.events += events;
+        fill(&mut q);
         let full = q.events > self.shared.cap;
         drop(q);
         // Read before swapped: the flag's cache line stays shared while
@@ -281,6 +330,10 @@ impl Drop for Closed {
 
 struct Writer {
     shared: Arc<Shared>,
+    /// An emptied lane's buffers, swapped for the next lane's full ones:
+    /// the lane is locked only for the swap, and nothing is allocated
+    /// once they have grown.
+    spare: Queue,
     spool: spool::SpoolWriter,
     fsync: Fsync,
     interval: Duration,
@@ -338,28 +391,25 @@ impl Writer {
         }
     }
 
-    /// Moves everything queued onto the end of `buf`, and wakes sessions
-    /// waiting for room. True once the auditor is closed: then every lane
-    /// is, and this took all they will ever hold.
+    /// Moves everything queued onto the end of `buf` (sealing statement
+    /// rows), and wakes sessions waiting for room. True once the auditor is
+    /// closed: then every lane is, and this took all they will ever hold.
     fn collect(&mut self, buf: &mut Vec<u8>) -> bool {
         let closed = self.shared.closed.load(Ordering::SeqCst);
         let mut full = false;
         for lane in &self.shared.lanes {
-            let mut q = lane.lock();
-            if q.frames.is_empty() {
-                continue;
+            {
+                let mut q = lane.lock();
+                if q.items.is_empty() {
+                    continue;
+                }
+                full |= q.events > self.shared.cap;
+                std::mem::swap(&mut q.frames, &mut self.spare.frames);
+                std::mem::swap(&mut q.items, &mut self.spare.items);
+                q.events = 0;
             }
-            full |= q.events > self.shared.cap;
-            q.events = 0;
-            if buf.is_empty() {
-                // The lane takes the emptied buffer of the last batch: no
-                // copy, and no allocation once both have grown.
-                std::mem::swap(&mut q.frames, buf);
-            } else {
-                buf.extend_from_slice(&q.frames);
-                q.frames.clear();
-                trim(&mut q.frames);
-            }
+            self.spare.drain_into(buf);
+            trim(&mut self.spare.frames);
         }
         if full {
             self.shared.drained.notify_waiters();
@@ -467,12 +517,17 @@ mod tests {
         }
     }
 
+    /// The events' numbers: a stop's timestamp, a statement's text.
     fn order(dir: &Path) -> Vec<i64> {
         spool::read_all(dir)
             .unwrap()
             .into_iter()
             .map(|e| match e {
                 Event::DaemonStop { ts_us, .. } => ts_us,
+                Event::Statement(s) => {
+                    assert_eq!(s.hash, s.compute_hash(), "row {} not sealed", s.seq);
+                    s.text.parse().unwrap()
+                }
                 other => panic!("unexpected event {other:?}"),
             })
             .collect()
@@ -486,21 +541,28 @@ mod tests {
             ..AuditConfig::default()
         };
         let auditor = Arc::new(Auditor::start(&config, dir.path()).unwrap());
-        // Two sessions at once, far past the bound, and frames as the
-        // backend direction hands them over.
+        // Two sessions at once, far past the bound: events, and statement
+        // rows as the backend direction hands them over.
         let tasks: Vec<_> = (0..2)
             .map(|t| {
                 let a = auditor.clone();
                 tokio::spawn(async move {
-                    let mut frames = Vec::new();
+                    let shared = Arc::new(session::SessionAudit::new(
+                        uuid::Uuid::from_u128(t as u128),
+                        "test".into(),
+                    ));
+                    let mut front = session::FrontendAudit::new(shared.clone());
+                    let mut back = session::BackendAudit::new(shared);
                     for i in 0..5000 {
                         let n = t * 10_000 + i;
                         if i % 2 == 0 {
                             a.record(stop(n)).await;
                         } else {
-                            spool::encode_frame(&stop(n), &mut frames);
-                            a.record_frames(&mut frames, 1).await;
-                            assert!(frames.is_empty());
+                            front
+                                .query(session::StatementInfo::unchecked(n.to_string().as_bytes()));
+                            back.ready();
+                            back.hand_over(&a).await;
+                            assert_eq!(back.take_ended().count(), 0);
                         }
                     }
                 })
@@ -519,6 +581,16 @@ mod tests {
             let want: Vec<i64> = (0..5000).map(|i| t * 10_000 + i).collect();
             assert_eq!(mine, want, "session {t}'s events out of order");
         }
+        // Each session's rows, sealed on the writer, form one chain.
+        let mut prev = std::collections::HashMap::new();
+        for e in spool::read_all(dir.path()).unwrap() {
+            if let Event::Statement(s) = e {
+                let last = prev.insert(s.session, (s.seq, s.hash));
+                let (seq, hash) = last.unwrap_or((0, [0; 32]));
+                assert_eq!((s.seq, s.prev_hash), (seq + 1, hash));
+            }
+        }
+        assert_eq!(prev.len(), 2);
     }
 
     #[test]

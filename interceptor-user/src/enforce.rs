@@ -338,6 +338,26 @@ impl Enforcer {
         }
     }
 
+    /// Catalog entries the laundering check needs before it can decide the
+    /// text `msg` carries (see [`look_up`](Self::look_up)).
+    pub fn lookups(&self, msg: &FrontendMessage<'_>) -> Vec<String> {
+        let sql = match msg {
+            FrontendMessage::Query { sql } => *sql,
+            FrontendMessage::Parse(p) => p.sql,
+            _ => return Vec::new(),
+        };
+        match (&self.launder, std::str::from_utf8(sql)) {
+            (Some(guard), Ok(text)) => guard.lookups(text),
+            _ => Vec::new(),
+        }
+    }
+
+    pub async fn look_up(&self, names: &[String]) {
+        if let Some(guard) = &self.launder {
+            guard.look_up(names).await;
+        }
+    }
+
     /// The audit view of the text last checked (by Query or Parse).
     pub fn take_last(&mut self) -> Option<StatementInfo> {
         self.last.take()

@@ -79,6 +79,11 @@ struct FrontendState {
     mask: Option<FrontMask>,
     /// The statement parked for approval at the front of the buffer.
     held: Option<Box<crate::enforce::Held>>,
+    /// Relations the catalog must look up before the message at the front
+    /// of the buffer is decided.
+    lookups: Vec<String>,
+    /// They were: decide it now.
+    looked_up: bool,
 }
 
 impl FrontendState {
@@ -359,6 +364,16 @@ where
         let mut edits = Edits::default();
         let (used, verdict) = complete_frames(buf, max, |frame| {
             let msg = FrontendMessage::parse(frame)?;
+            if !std::mem::take(&mut state.looked_up)
+                && let Some(e) = &state.enforcer
+            {
+                let names = e.lookups(&msg);
+                if !names.is_empty() {
+                    // Offered again once the catalog has them.
+                    state.lookups = names;
+                    return Ok(Next::Pause);
+                }
+            }
             let replaced = match state.gate(&msg) {
                 Some(bytes) => Some(bytes),
                 None => match state.enforcer.as_mut().map(|e| e.inspect(&msg)) {
@@ -406,6 +421,14 @@ where
         }
         match verdict {
             Ok(Next::Pause) => {
+                if !state.lookups.is_empty() {
+                    let names = std::mem::take(&mut state.lookups);
+                    if let Some(enforcer) = &state.enforcer {
+                        enforcer.look_up(&names).await;
+                    }
+                    state.looked_up = true;
+                    continue;
+                }
                 let (Some(held), Some(enforcer)) = (state.held.take(), state.enforcer.as_mut())
                 else {
                     continue;
@@ -598,6 +621,8 @@ pub async fn run(
         gated: None,
         mask: front_mask,
         held: None,
+        lookups: Vec::new(),
+        looked_up: false,
     };
     let max = limits.max_message_size as usize;
 

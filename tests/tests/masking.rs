@@ -223,6 +223,33 @@ fn what_is_not_sensitive_stays_as_it_is() {
     assert!(err.contains("would store masked data"), "{err}");
 }
 
+/// A permanent view over a masked column, named here for the first time:
+/// the laundering check looks it up before deciding, instead of taking it
+/// for a table (and letting what it reads be stored in clear).
+#[test]
+fn storing_through_a_view_not_yet_looked_up_is_refused() {
+    let pg = pg::shared();
+    proxy();
+    pg.psql_admin(
+        DB,
+        "CREATE VIEW v_fresh AS SELECT id, api_key AS k FROM secrets;
+         CREATE VIEW v_fresh2 AS SELECT id, api_key AS k FROM secrets;",
+    )
+    .unwrap();
+    let (_, err) = psql("INSERT INTO audit_log(action) SELECT upper(k) FROM v_fresh");
+    assert!(err.contains("would store masked data"), "{err}");
+    // Through the session's own view of it, in the same text.
+    let (_, err) = psql(
+        "CREATE TEMP VIEW mine AS SELECT k FROM v_fresh2; INSERT INTO audit_log(action) SELECT lower(k) FROM mine",
+    );
+    assert!(err.contains("would store masked data"), "{err}");
+    // What the view reads from unmasked columns is stored as before.
+    let (out, err) = psql(
+        "INSERT INTO audit_log(action) SELECT 'id ' || id FROM v_fresh2 WHERE id = 2; SELECT count(*) FROM audit_log WHERE action = 'id 2'",
+    );
+    assert_eq!(out, "INSERT 0 1\n1\n", "{err}");
+}
+
 #[test]
 fn extended_protocol_text_and_binary_without_describe() {
     for (sql, format) in [

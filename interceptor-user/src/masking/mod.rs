@@ -1102,6 +1102,50 @@ fn may_store(sql: &str) -> bool {
 }
 
 impl LaunderCheck {
+    /// The relations a text that may store values reads (through the
+    /// session's own views too) that the catalog has not looked up: until
+    /// it has, a permanent view among them would be taken for a table,
+    /// and what it reads from masked columns would pass.
+    pub fn lookups(&self, sql: &str) -> Vec<String> {
+        if !self.masks.by_column || !may_store(sql) {
+            return Vec::new();
+        }
+        let lineage = self.lineages.get(sql);
+        let mut own = lock(&self.state).views.clone();
+        if touches_views(&lineage) {
+            record_views(&mut own, &lineage);
+        }
+        let mut todo: Vec<&str> = lineage
+            .statements
+            .iter()
+            .filter(|st| !st.stores.is_empty())
+            .flat_map(|st| st.relations.iter().map(String::as_str))
+            .collect();
+        let mut seen = HashSet::new();
+        let mut missing = Vec::new();
+        while let Some(name) = todo.pop() {
+            if !seen.insert(name) {
+                continue;
+            }
+            let bare = name.strip_prefix("pg_temp.").unwrap_or(name);
+            if let Some(defs) = own.get(bare) {
+                todo.extend(
+                    defs.iter()
+                        .flat_map(|d| d.relations.iter().map(String::as_str)),
+                );
+            }
+            if matches!(self.catalog.by_name(name), Known::Missing) {
+                missing.push(name.to_owned());
+            }
+        }
+        missing
+    }
+
+    /// Looks `names` up in the catalog (see [`lookups`](Self::lookups)).
+    pub async fn look_up(&self, names: &[String]) {
+        self.catalog.load(&[], names).await;
+    }
+
     /// The refusal for `sql`, when it would store masked data.
     pub fn check(&self, sql: &str) -> Option<policies::Refusal> {
         if !self.masks.by_column || !may_store(sql) {

@@ -5,9 +5,6 @@ use interceptor::cli::{Cli, Command};
 use interceptor::config::Config;
 use interceptor::intercept::{cgroup, job, loader};
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

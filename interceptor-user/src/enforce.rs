@@ -341,15 +341,16 @@ impl Enforcer {
     /// Catalog entries the laundering check needs before it can decide the
     /// text `msg` carries (see [`look_up`](Self::look_up)).
     pub fn lookups(&self, msg: &FrontendMessage<'_>) -> Vec<String> {
+        // Before the text is read: without masking, no message pays for it.
+        let Some(guard) = &self.launder else {
+            return Vec::new();
+        };
         let sql = match msg {
             FrontendMessage::Query { sql } => *sql,
             FrontendMessage::Parse(p) => p.sql,
             _ => return Vec::new(),
         };
-        match (&self.launder, std::str::from_utf8(sql)) {
-            (Some(guard), Ok(text)) => guard.lookups(text),
-            _ => Vec::new(),
-        }
+        std::str::from_utf8(sql).map_or_else(|_| Vec::new(), |text| guard.lookups(text))
     }
 
     pub async fn look_up(&self, names: &[String]) {

@@ -139,7 +139,7 @@ pub async fn serve(
         };
         auditor
             .record(Event::SessionEnd(SessionEnd {
-                session: audit.session,
+                session: audit.session(),
                 ts_us: now_us(),
                 outcome,
                 duration_us: arrived.elapsed().as_micros() as u64,

@@ -92,7 +92,6 @@ impl Queue {
             }
         }
         self.frames.clear();
-        self.events = 0;
     }
 }
 

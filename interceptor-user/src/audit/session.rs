@@ -170,7 +170,6 @@ impl Open {
 
 /// Shared by the two directions of one relay.
 pub struct SessionAudit {
-    pub session: Uuid,
     chain: Arc<Chain>,
     queue: Mutex<VecDeque<Entry>>,
     /// The wall clock (µs since the epoch) and the monotonic clock, read
@@ -186,7 +185,6 @@ pub struct SessionAudit {
 impl SessionAudit {
     pub fn new(session: Uuid, principal: String) -> Self {
         SessionAudit {
-            session,
             chain: Arc::new(Chain {
                 session,
                 principal,
@@ -195,6 +193,10 @@ impl SessionAudit {
             queue: Mutex::new(VecDeque::new()),
             epoch: (now_us(), Instant::now()),
         }
+    }
+
+    pub fn session(&self) -> Uuid {
+        self.chain.session
     }
 
     /// µs since the Unix epoch at `at`.

@@ -382,6 +382,17 @@ pub struct BackMask {
     pending: Option<(Vec<u32>, Vec<String>)>,
 }
 
+/// The session's own views `relation` may name: bare, or in pg_temp
+/// (where an unqualified name finds a temporary relation first).
+fn own_views_named<'v>(views: &'v Views, relation: &str) -> Option<&'v Vec<Arc<ViewDef>>> {
+    let bare = match relation.rsplit_once('.') {
+        None => relation,
+        Some(("pg_temp", n)) => n,
+        Some(_) => return None,
+    };
+    views.get(bare)
+}
+
 /// Views, for lineage, as this session's masks see them: the catalog's,
 /// and the session's own.
 struct SessionViews<'a> {
@@ -404,12 +415,7 @@ impl<'a> SessionViews<'a> {
     /// The session's own views named `relation` (bare, or in pg_temp,
     /// where an unqualified name finds a temporary relation first).
     fn own_taints(&self, relation: &str) -> Option<Vec<(String, Taint)>> {
-        let bare = match relation.rsplit_once('.') {
-            None => relation,
-            Some(("pg_temp", n)) => n,
-            Some(_) => return None,
-        };
-        let defs = self.own.get(bare)?;
+        let defs = own_views_named(&self.own, relation)?;
         if self.depth.get() > 8 {
             return Some(vec![(String::new(), Taint::UNKNOWN)]);
         }
@@ -1107,14 +1113,9 @@ impl LaunderCheck {
     /// it has, a permanent view among them would be taken for a table,
     /// and what it reads from masked columns would pass.
     pub fn lookups(&self, sql: &str) -> Vec<String> {
-        if !self.masks.by_column || !may_store(sql) {
+        let Some((lineage, own)) = self.storing(sql) else {
             return Vec::new();
-        }
-        let lineage = self.lineages.get(sql);
-        let mut own = lock(&self.state).views.clone();
-        if touches_views(&lineage) {
-            record_views(&mut own, &lineage);
-        }
+        };
         let mut todo: Vec<&str> = lineage
             .statements
             .iter()
@@ -1127,8 +1128,7 @@ impl LaunderCheck {
             if !seen.insert(name) {
                 continue;
             }
-            let bare = name.strip_prefix("pg_temp.").unwrap_or(name);
-            if let Some(defs) = own.get(bare) {
+            if let Some(defs) = own_views_named(&own, name) {
                 todo.extend(
                     defs.iter()
                         .flat_map(|d| d.relations.iter().map(String::as_str)),
@@ -1141,13 +1141,9 @@ impl LaunderCheck {
         missing
     }
 
-    /// Looks `names` up in the catalog (see [`lookups`](Self::lookups)).
-    pub async fn look_up(&self, names: &[String]) {
-        self.catalog.load(&[], names).await;
-    }
-
-    /// The refusal for `sql`, when it would store masked data.
-    pub fn check(&self, sql: &str) -> Option<policies::Refusal> {
+    /// For a text that may store values: its lineage, and the session's
+    /// views with those it defines itself.
+    fn storing(&self, sql: &str) -> Option<(Arc<Lineage>, Views)> {
         if !self.masks.by_column || !may_store(sql) {
             return None;
         }
@@ -1156,6 +1152,17 @@ impl LaunderCheck {
         if touches_views(&lineage) {
             record_views(&mut own, &lineage);
         }
+        Some((lineage, own))
+    }
+
+    /// Looks `names` up in the catalog (see [`lookups`](Self::lookups)).
+    pub async fn look_up(&self, names: &[String]) {
+        self.catalog.load(&[], names).await;
+    }
+
+    /// The refusal for `sql`, when it would store masked data.
+    pub fn check(&self, sql: &str) -> Option<policies::Refusal> {
+        let (lineage, own) = self.storing(sql)?;
         let views = SessionViews::new(&self.masks, &self.catalog, own);
         for st in &lineage.statements {
             for flow in &st.stores {

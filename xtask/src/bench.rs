@@ -556,6 +556,14 @@ impl<'a> OnOff<'a> {
         median_run(&self.results[&k])
     }
 
+    /// `route`'s median tps in `mode` with `clients` clients, if it ran.
+    pub fn tps(&self, mode: &str, clients: u32, route: &str) -> Option<f64> {
+        self.results
+            .iter()
+            .find(|((m, c, r), _)| *m == mode && *c == clients && *r == route)
+            .map(|(_, runs)| median_run(runs).tps)
+    }
+
     /// Transactions run through `route` in all rounds.
     pub fn transactions(&self, route: &str) -> f64 {
         self.results

@@ -557,11 +557,9 @@ impl<'a> OnOff<'a> {
     }
 
     /// `route`'s median tps in `mode` with `clients` clients, if it ran.
-    pub fn tps(&self, mode: &str, clients: u32, route: &str) -> Option<f64> {
-        self.results
-            .iter()
-            .find(|((m, c, r), _)| *m == mode && *c == clients && *r == route)
-            .map(|(_, runs)| median_run(runs).tps)
+    pub fn tps(&self, mode: &'static str, clients: u32, route: &'a str) -> Option<f64> {
+        let k = (mode, clients, route);
+        self.results.contains_key(&k).then(|| self.median(k).tps)
     }
 
     /// Transactions run through `route` in all rounds.

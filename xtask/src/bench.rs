@@ -562,6 +562,20 @@ impl<'a> OnOff<'a> {
         self.results.contains_key(&k).then(|| self.median(k).tps)
     }
 
+    /// `route`'s median tps over `baseline`'s, in each case that both ran.
+    pub fn ratios(&self, route: &'a str, baseline: &'a str) -> Vec<(&'static str, u32, f64)> {
+        ON_OFF_CASES
+            .iter()
+            .filter_map(|&(mode, clients)| {
+                Some((
+                    mode,
+                    clients,
+                    self.tps(mode, clients, route)? / self.tps(mode, clients, baseline)?,
+                ))
+            })
+            .collect()
+    }
+
     /// Transactions run through `route` in all rounds.
     pub fn transactions(&self, route: &str) -> f64 {
         self.results
@@ -581,7 +595,7 @@ impl<'a> OnOff<'a> {
             v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
         };
         println!(
-            "\n{:<9} {:>3} {:<14} {:>10} {:>8} {:>8} {:>10} {:>15}",
+            "\n{:<9} {:>3} {:<16} {:>10} {:>8} {:>8} {:>10} {:>15}",
             "mode", "c", "path", "tps", "p50 ms", "p99 ms", "ratio", "proxy cpu µs/tx"
         );
         let mut rows = Vec::new();
@@ -602,7 +616,7 @@ impl<'a> OnOff<'a> {
                     .get(&(mode, clients, name))
                     .map_or(f64::NAN, |v| median(v));
                 println!(
-                    "{:<9} {:>3} {:<14} {:>10.0} {:>8.3} {:>8.3} {:>9.3}x {:>15.2}",
+                    "{:<9} {:>3} {:<16} {:>10.0} {:>8.3} {:>8.3} {:>9.3}x {:>15.2}",
                     mode, clients, name, r.tps, r.p50_ms, r.p99_ms, ratio, cpu
                 );
                 let every: Vec<f64> = self.results[&(mode, clients, name)]

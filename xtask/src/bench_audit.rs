@@ -53,6 +53,11 @@ pub fn run() -> Result<()> {
         )
     };
     let off = start("[audit]\nenabled = false\n")?;
+    // The same as `off`, in a daemon of its own: its ratio to `off` is
+    // what this run's noise alone makes of two identical routes, against
+    // which the audit's ratios are read. On the 2-vCPU VM this was added
+    // on, such a pair ran 0.94-1.05 apart at 10 clients.
+    let off_again = start("[audit]\nenabled = false\n")?;
     let spool = start("[audit]\n")?;
     // For scale, not a target: the same spool without fsync. On this
     // kind of VM the default fsync (every 10 ms) is most of what the audit
@@ -68,6 +73,7 @@ pub fn run() -> Result<()> {
     let routes = [
         ("direct", pg.port, None),
         ("audit off", off.port, Some(&off)),
+        (AUDIT_OFF_AGAIN, off_again.port, Some(&off_again)),
         ("spool only", spool.port, Some(&spool)),
         ("spool no fsync", unsynced.port, Some(&unsynced)),
         ("clickhouse", shipped.port, Some(&shipped)),
@@ -75,7 +81,12 @@ pub fn run() -> Result<()> {
     let ch_cpu = ch.cpu_time();
     let runs = OnOff::run(&routes, rounds, seconds)?;
     let paced_tps = paced_rate(runs.tps("simple", 10, "audit off").unwrap_or(f64::NAN));
-    let paced = paced_cpu(&routes[1..], paced_tps, rounds.min(5), seconds.max(4))?;
+    let audited: Vec<_> = routes[1..]
+        .iter()
+        .filter(|r| r.0 != AUDIT_OFF_AGAIN)
+        .copied()
+        .collect();
+    let paced = paced_cpu(&audited, paced_tps, rounds.min(5), seconds.max(4))?;
     let transactions = runs.transactions("clickhouse");
     // Everything pgbench ran through the shipping proxy reached ClickHouse.
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -121,6 +132,15 @@ pub fn run() -> Result<()> {
     let paced_rows = paced.table("audit off");
     let min_ratio = min.get("clickhouse").copied().unwrap_or(f64::NAN);
     let min_spool = min.get("spool only").copied().unwrap_or(f64::NAN);
+    let control = runs.ratios(AUDIT_OFF_AGAIN, "audit off");
+    let (low, high) = control
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &(_, _, r)| {
+            (l.min(r), h.max(r))
+        });
+    println!(
+        "\nnoise: an identical audit-off daemon ran at {low:.3}-{high:.3} of audit off in this run (the four cases above); the audit's ratios are read against that spread"
+    );
     println!(
         "\npgbench through the shipping proxy: about {transactions:.0} statements; {in_clickhouse} rows in ClickHouse; the ClickHouse server used {ch_us_per_row:.2} µs of CPU per row (on the same 2 vCPUs as pgbench, PostgreSQL and the proxy)"
     );
@@ -155,6 +175,9 @@ pub fn run() -> Result<()> {
     let report = json!({
         "figures": {"audit_path": micro, "seconds_per_run": seconds, "rounds": rounds,
             "pgbench": rows, "pgbench_paced_proxy_cpu": paced_rows,
+            "pgbench_noise_identical_off_over_off": control.iter()
+                .map(|(mode, clients, r)| json!({"mode": mode, "clients": clients, "ratio": r}))
+                .collect::<Vec<_>>(),
             "pgbench_rows_in_clickhouse": in_clickhouse,
             "clickhouse_server_cpu_us_per_row": ch_us_per_row},
         "targets": targets,
@@ -175,6 +198,9 @@ pub fn run() -> Result<()> {
 /// compare: the writer's write and fsync every 10 ms cost about the same
 /// whatever the rate, so each transaction's share grows as the rate falls.
 const PACED_TPS_MAX: u32 = 10_000;
+
+/// The control route: audit off, in a second daemon.
+const AUDIT_OFF_AGAIN: &str = "audit off again";
 
 /// The paced rate for a machine where audit off ran at `off_tps`.
 fn paced_rate(off_tps: f64) -> u32 {

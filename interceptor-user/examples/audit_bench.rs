@@ -1,12 +1,13 @@
 //! The audit path's own speed, for `cargo xtask bench audit` (run in a
 //! release build): spool appends per second (encoding and writing frames
-//! as the writer thread does, and end to end through the Auditor's
-//! queue), and, given a ClickHouse URL, rows per second shipped from a
+//! as the writer thread does, the median of five passes, and end to end
+//! through the Auditor's queue), and, given a ClickHouse URL, rows per second shipped from a
 //! spool into ClickHouse by the real shipper.
 //!
 //! Usage: audit_bench [--clickhouse URL] [--rows N]. Prints one JSON
 //! object.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use interceptor::audit::session::{BackendAudit, FrontendAudit, SessionAudit, StatementInfo};
@@ -56,70 +57,13 @@ fn main() -> anyhow::Result<()> {
     let rows: u64 = arg("--rows").map_or(Ok(1_000_000), |s| s.parse())?;
     let session = uuid::Uuid::now_v7();
 
-    // Spool appends as the daemon makes them: sessions encode their frames
-    // on their own threads, and the writer thread appends 1 MiB batches
-    // and fsyncs at most every `fsync_interval` (the default fsync policy).
+    // The first pass's spool is what is shipped to ClickHouse below.
     let dir = tempfile::tempdir()?;
-    let (mut w, _) = SpoolWriter::open(dir.path(), 64 << 20)?;
     let events: Vec<Event> = (1..=rows).map(|i| row(session, i)).collect();
-    let start = Instant::now();
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
-        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-        let events = &events;
-        scope.spawn(move || {
-            let mut buf = Vec::with_capacity(2 << 20);
-            for e in events {
-                encode_frame(e, &mut buf);
-                if buf.len() >= 1 << 20 {
-                    let next = empty_rx
-                        .try_recv()
-                        .unwrap_or_else(|_| Vec::with_capacity(2 << 20));
-                    if full_tx.send(std::mem::replace(&mut buf, next)).is_err() {
-                        return;
-                    }
-                }
-            }
-            let _ = full_tx.send(buf);
-        });
-        let mut synced = Instant::now();
-        for mut batch in full_rx {
-            w.append(&batch)?;
-            if synced.elapsed() >= AuditConfig::default().fsync_interval {
-                w.sync()?;
-                synced = Instant::now();
-            }
-            batch.clear();
-            let _ = empty_tx.send(batch);
-        }
-        w.sync()?;
-        Ok(())
-    })?;
-    let spool_secs = start.elapsed().as_secs_f64();
-    // The same on one thread: encode a batch, append it, and so on.
-    let one_dir = tempfile::tempdir()?;
-    let (mut w1, _) = SpoolWriter::open(one_dir.path(), 64 << 20)?;
-    let start = Instant::now();
-    let mut buf = Vec::with_capacity(2 << 20);
-    let mut synced = Instant::now();
-    for e in &events {
-        encode_frame(e, &mut buf);
-        if buf.len() >= 1 << 20 {
-            w1.append(&buf)?;
-            buf.clear();
-            if synced.elapsed() >= AuditConfig::default().fsync_interval {
-                w1.sync()?;
-                synced = Instant::now();
-            }
-        }
-    }
-    w1.append(&buf)?;
-    w1.sync()?;
-    let one_thread_secs = start.elapsed().as_secs_f64();
-    drop(w1);
-    drop(one_dir);
+    let spool_secs = median_of_passes(Some(dir.path()), |d| two_threads(&events, d))?;
+    let one_thread_secs = median_of_passes(None, |d| one_thread(&events, d))?;
     // Encoding alone, for scale.
-    buf.clear();
+    let mut buf = Vec::with_capacity(2 << 20);
     let start = Instant::now();
     let mut n = 0;
     for e in &events {
@@ -135,7 +79,6 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len()))
         .sum();
-    drop(w);
 
     // End to end through the bounded queue, from one session task.
     let queued_dir = tempfile::tempdir()?;
@@ -245,6 +188,88 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{out}");
     Ok(())
+}
+
+/// Passes per append figure. A pass takes about half a second, and on
+/// the 2-vCPU VM one pass in several ran at a third of the others' rate
+/// (the host's disk, shared); the median of five is not moved by one.
+const PASSES: usize = 5;
+
+/// The median time of [`PASSES`] passes of `pass`, each into a fresh
+/// directory, except that the first writes into `keep` if given.
+fn median_of_passes(
+    keep: Option<&Path>,
+    mut pass: impl FnMut(&Path) -> anyhow::Result<f64>,
+) -> anyhow::Result<f64> {
+    let mut secs = Vec::with_capacity(PASSES);
+    for i in 0..PASSES {
+        let fresh = tempfile::tempdir()?;
+        secs.push(pass(keep.filter(|_| i == 0).unwrap_or(fresh.path()))?);
+    }
+    secs.sort_by(f64::total_cmp);
+    Ok(secs[secs.len() / 2])
+}
+
+/// Spool appends as the daemon makes them: sessions encode their frames
+/// on their own threads, and the writer thread appends 1 MiB batches and
+/// fsyncs at most every `fsync_interval` (the default fsync policy).
+fn two_threads(events: &[Event], dir: &Path) -> anyhow::Result<f64> {
+    let (mut w, _) = SpoolWriter::open(dir, 64 << 20)?;
+    let start = Instant::now();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        scope.spawn(move || {
+            let mut buf = Vec::with_capacity(2 << 20);
+            for e in events {
+                encode_frame(e, &mut buf);
+                if buf.len() >= 1 << 20 {
+                    let next = empty_rx
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(2 << 20));
+                    if full_tx.send(std::mem::replace(&mut buf, next)).is_err() {
+                        return;
+                    }
+                }
+            }
+            let _ = full_tx.send(buf);
+        });
+        let mut synced = Instant::now();
+        for mut batch in full_rx {
+            w.append(&batch)?;
+            if synced.elapsed() >= AuditConfig::default().fsync_interval {
+                w.sync()?;
+                synced = Instant::now();
+            }
+            batch.clear();
+            let _ = empty_tx.send(batch);
+        }
+        w.sync()?;
+        Ok(())
+    })?;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The same on one thread: encode a batch, append it, and so on.
+fn one_thread(events: &[Event], dir: &Path) -> anyhow::Result<f64> {
+    let (mut w, _) = SpoolWriter::open(dir, 64 << 20)?;
+    let start = Instant::now();
+    let mut buf = Vec::with_capacity(2 << 20);
+    let mut synced = Instant::now();
+    for e in events {
+        encode_frame(e, &mut buf);
+        if buf.len() >= 1 << 20 {
+            w.append(&buf)?;
+            buf.clear();
+            if synced.elapsed() >= AuditConfig::default().fsync_interval {
+                w.sync()?;
+                synced = Instant::now();
+            }
+        }
+    }
+    w.append(&buf)?;
+    w.sync()?;
+    Ok(start.elapsed().as_secs_f64())
 }
 
 fn spool_bytes_in(dir: &std::path::Path, index: u64) -> u64 {

@@ -1,8 +1,8 @@
 //! The audit path's own speed, for `cargo xtask bench audit` (run in a
 //! release build): spool appends per second (encoding and writing frames
 //! as the writer thread does, the median of five passes, and end to end
-//! through the Auditor's queue), and, given a ClickHouse URL, rows per second shipped from a
-//! spool into ClickHouse by the real shipper.
+//! through the Auditor's queue), and, given a ClickHouse URL, rows per
+//! second shipped from a spool into ClickHouse by the real shipper.
 //!
 //! Usage: audit_bench [--clickhouse URL] [--rows N]. Prints one JSON
 //! object.
@@ -190,9 +190,10 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Passes per append figure. A pass takes about half a second, and on
-/// the 2-vCPU VM one pass in several ran at a third of the others' rate
-/// (the host's disk, shared); the median of five is not moved by one.
+/// Passes per append figure. A pass takes about half a second; on the
+/// 2-vCPU VM one pass ran at a third of the rate of the passes just before
+/// and after it (something on the shared host), and the median of five is
+/// not moved by one such.
 const PASSES: usize = 5;
 
 /// The median time of [`PASSES`] passes of `pass`, each into a fresh
@@ -272,7 +273,7 @@ fn one_thread(events: &[Event], dir: &Path) -> anyhow::Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn spool_bytes_in(dir: &std::path::Path, index: u64) -> u64 {
+fn spool_bytes_in(dir: &Path, index: u64) -> u64 {
     std::fs::metadata(dir.join(format!("seg-{index:012}.spool"))).map_or(0, |m| m.len())
 }
 

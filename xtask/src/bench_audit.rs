@@ -55,8 +55,8 @@ pub fn run() -> Result<()> {
     let off = start("[audit]\nenabled = false\n")?;
     // The same as `off`, in a daemon of its own: its ratio to `off` is
     // what this run's noise alone makes of two identical routes, against
-    // which the audit's ratios are read. On the 2-vCPU VM this was added
-    // on, such a pair ran 0.94-1.05 apart at 10 clients.
+    // which the audit's ratios are read. In the first two runs with it on
+    // a 2-vCPU VM, its median rounds ran at 0.93-1.17 of audit off's.
     let off_again = start("[audit]\nenabled = false\n")?;
     let spool = start("[audit]\n")?;
     // For scale, not a target: the same spool without fsync. On this

@@ -456,6 +456,14 @@ pub fn pgbench_init(pg: &PgCluster, scale: u32) -> Result<()> {
     Ok(())
 }
 
+/// The middle value of `v` (the upper of the two middle ones when even);
+/// NaN when empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// The run with the median tps.
 fn median_run(runs: &[RunResult]) -> RunResult {
     let mut runs = runs.to_vec();
@@ -589,11 +597,6 @@ impl<'a> OnOff<'a> {
     /// Prints the table (median of the rounds, ratio to `baseline`) and
     /// returns its rows as JSON and each route's smallest ratio.
     pub fn table(&self, baseline: &str) -> (Vec<serde_json::Value>, BTreeMap<&'a str, f64>) {
-        let median = |v: &[f64]| {
-            let mut v = v.to_vec();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-        };
         println!(
             "\n{:<9} {:>3} {:<16} {:>10} {:>8} {:>8} {:>10} {:>15}",
             "mode", "c", "path", "tps", "p50 ms", "p99 ms", "ratio", "proxy cpu µs/tx"

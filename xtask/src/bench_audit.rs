@@ -15,7 +15,7 @@ use interceptor_tests::run_ok;
 use serde_json::json;
 
 use crate::bench::{
-    OnOff, PgbenchRoute, pgbench_init, pgbench_on, run_lengths, target, write_report,
+    OnOff, PgbenchRoute, median, pgbench_init, pgbench_on, run_lengths, target, write_report,
 };
 
 pub fn run() -> Result<()> {
@@ -273,11 +273,6 @@ impl Paced<'_> {
     /// Prints each route's median round and its difference from
     /// `baseline`'s, and returns them as JSON rows.
     fn table(&self, baseline: &str) -> Vec<serde_json::Value> {
-        let median = |v: &[f64]| {
-            let mut v = v.to_vec();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-        };
         println!(
             "
 proxy CPU per transaction at a paced {tps} tps (pgbench -S -c10 -R{tps}; about 30 % of audit off's saturated tps, so the machine is not saturated):",

@@ -16,7 +16,7 @@ use interceptor_tests::proxy::Proxy;
 use interceptor_tests::{run_ok, workspace_root};
 use serde_json::json;
 
-use crate::bench::{pgbench_on, run_lengths, target, write_report};
+use crate::bench::{median, pgbench_on, run_lengths, target, write_report};
 
 /// Bytes per second, in MB/s, of one criterion benchmark.
 fn criterion_mb_per_s(id: &str) -> Result<f64> {
@@ -119,11 +119,6 @@ pub fn run() -> Result<()> {
             );
         }
     }
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
     let secs = |name: &str| median(&seconds.iter().find(|s| s.0 == name).expect("route").1);
     let cpus = |name: &str| median(&cpu.iter().find(|s| s.0 == name).expect("route").1);
     let ratio = secs("no masks") / secs("masked");

@@ -529,6 +529,18 @@ const ON_OFF_CASES: [(&str, u32); 4] = [
 
 impl<'a> OnOff<'a> {
     pub fn run(routes: &[PgbenchRoute<'a>], rounds: u32, seconds: u32) -> Result<OnOff<'a>> {
+        Self::run_beside(routes, rounds, seconds, |_| Ok(None::<()>))
+    }
+
+    /// As [`OnOff::run`], with `beside(route)` started before each of that
+    /// route's pgbench runs and dropped after it: a load that shares the
+    /// machine with that route only.
+    pub fn run_beside<T>(
+        routes: &[PgbenchRoute<'a>],
+        rounds: u32,
+        seconds: u32,
+        beside: impl Fn(&str) -> Result<Option<T>>,
+    ) -> Result<OnOff<'a>> {
         let logdir = workspace_root().join("target/bench/pgbench-logs");
         let mut out = OnOff {
             routes: routes.to_vec(),
@@ -540,8 +552,10 @@ impl<'a> OnOff<'a> {
             for (mode, clients) in ON_OFF_CASES {
                 for (name, port, proxy) in rotated(routes, round) {
                     eprintln!("bench: round {} {mode} c={clients} {name}", round + 1);
+                    let side = beside(name)?;
                     let cpu = proxy.map(|p| p.cpu_time());
                     let r = pgbench(port, mode, (clients, 1), seconds, &logdir)?;
+                    drop(side);
                     if let (Some(p), Some(before)) = (proxy, cpu) {
                         let used = p.cpu_time().saturating_sub(before).as_secs_f64();
                         out.cpu_per_txn

@@ -235,13 +235,10 @@ fn two_threads(events: &[Event], dir: &Path) -> anyhow::Result<f64> {
             }
             let _ = full_tx.send(buf);
         });
-        let mut synced = Instant::now();
+        let mut sync = SyncPolicy::default();
         for mut batch in full_rx {
             w.append(&batch)?;
-            if synced.elapsed() >= AuditConfig::default().fsync_interval {
-                w.sync()?;
-                synced = Instant::now();
-            }
+            sync.after_append(&mut w)?;
             batch.clear();
             let _ = empty_tx.send(batch);
         }
@@ -256,21 +253,44 @@ fn one_thread(events: &[Event], dir: &Path) -> anyhow::Result<f64> {
     let (mut w, _) = SpoolWriter::open(dir, 64 << 20)?;
     let start = Instant::now();
     let mut buf = Vec::with_capacity(2 << 20);
-    let mut synced = Instant::now();
+    let mut sync = SyncPolicy::default();
     for e in events {
         encode_frame(e, &mut buf);
         if buf.len() >= 1 << 20 {
             w.append(&buf)?;
             buf.clear();
-            if synced.elapsed() >= AuditConfig::default().fsync_interval {
-                w.sync()?;
-                synced = Instant::now();
-            }
+            sync.after_append(&mut w)?;
         }
     }
     w.append(&buf)?;
     w.sync()?;
     Ok(start.elapsed().as_secs_f64())
+}
+
+/// The daemon's default fsync policy: sync after an append once
+/// `fsync_interval` has passed since the last sync.
+struct SyncPolicy {
+    every: Duration,
+    synced: Instant,
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        SyncPolicy {
+            every: AuditConfig::default().fsync_interval,
+            synced: Instant::now(),
+        }
+    }
+}
+
+impl SyncPolicy {
+    fn after_append(&mut self, w: &mut SpoolWriter) -> std::io::Result<()> {
+        if self.synced.elapsed() >= self.every {
+            w.sync()?;
+            self.synced = Instant::now();
+        }
+        Ok(())
+    }
 }
 
 fn spool_bytes_in(dir: &Path, index: u64) -> u64 {

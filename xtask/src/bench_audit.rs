@@ -152,10 +152,10 @@ pub fn run() -> Result<()> {
     );
     let floor = runs.ratios(FSYNC_FLOOR, "audit off");
     let (low, high) = spread(&floor);
+    let syncs_per_s = syncs.per_second();
     println!(
-        "floor: audit off beside a bare loop of {} KiB appended and fdatasynced every 10 ms ({:.0} fsyncs/s), the audit's default fsync with none of its code, ran at {low:.3}-{high:.3} of audit off",
+        "floor: audit off beside a bare loop of {} KiB appended and fdatasynced every {FLOOR_INTERVAL:?} ({syncs_per_s:.0} fsyncs/s), the audit's default fsync with none of its code, ran at {low:.3}-{high:.3} of audit off",
         FLOOR_BATCH_BYTES >> 10,
-        syncs.per_second()
     );
     println!(
         "\npgbench through the shipping proxy: about {transactions:.0} statements; {in_clickhouse} rows in ClickHouse; the ClickHouse server used {ch_us_per_row:.2} µs of CPU per row (on the same 2 vCPUs as pgbench, PostgreSQL and the proxy)"
@@ -193,7 +193,7 @@ pub fn run() -> Result<()> {
             "pgbench": rows, "pgbench_paced_proxy_cpu": paced_rows,
             "pgbench_noise_identical_off_over_off": cases(&control),
             "pgbench_fsync_floor_over_off": cases(&floor),
-            "fsync_floor_syncs_per_s": syncs.per_second(),
+            "fsync_floor_syncs_per_s": syncs_per_s,
             "pgbench_rows_in_clickhouse": in_clickhouse,
             "clickhouse_server_cpu_us_per_row": ch_us_per_row},
         "targets": targets,
@@ -222,11 +222,11 @@ fn cases(ratios: &[(&str, u32, f64)]) -> Vec<serde_json::Value> {
 /// the 2-vCPU VM where it was added, one such loop next to audit off ran
 /// at 0.94 of audit off over 8 interleaved rounds, and in two bench runs
 /// at 0.86-0.93 at 10 clients, where the spooled route ran at 0.87-0.96
-/// and the control at 0.95-1.03. Each fdatasync there
-/// (ext4 without a journal) is three virtio requests, each a VM exit: the
-/// data, the inode block for the new mtime, and a cache flush. The audit
-/// writer thread's profile there was 16 % in the virtio doorbell write
-/// (`iowrite16`) alone.
+/// and the control at 0.95-1.03. Each fdatasync there (ext4 without a
+/// journal) is three virtio requests, each a VM exit: the data, the inode
+/// block for the new mtime, and a cache flush. The audit writer thread's
+/// profile there was 16 % in the virtio doorbell write (`iowrite16`)
+/// alone.
 const FSYNC_FLOOR: &str = "off + bare fsync";
 
 /// About one 10 ms batch of statement rows (~270 bytes) at the 11-15k tps
@@ -234,6 +234,12 @@ const FSYNC_FLOOR: &str = "off + bare fsync";
 /// the same loop without fdatasync ran at 0.98 of audit off (median of 8
 /// rounds; the mean of its rounds was audit off's).
 const FLOOR_BATCH_BYTES: usize = 32 << 10;
+
+/// The daemon's default `fsync_interval` and `segment_bytes`. Written
+/// again, not read from its config: xtask must build before `cargo xtask
+/// setup` has installed the eBPF toolchain the daemon's crate needs.
+const FLOOR_INTERVAL: Duration = Duration::from_millis(10);
+const FLOOR_SEGMENT_BYTES: u64 = 64 << 20;
 
 /// What the [`FsyncLoop`]s did, over all of their runs.
 #[derive(Default)]
@@ -260,8 +266,9 @@ impl FsyncCount {
 }
 
 /// A thread appending [`FLOOR_BATCH_BYTES`] to a file in the temp dir
-/// (where the bench's spools are) and fdatasyncing it, at most every 10
-/// ms, until dropped; a new file past 64 MiB, as the spool's segments.
+/// (where the bench's spools are) and fdatasyncing it, at most every
+/// [`FLOOR_INTERVAL`], until dropped; a new file past
+/// [`FLOOR_SEGMENT_BYTES`], as the spool's segments.
 struct FsyncLoop {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -308,7 +315,10 @@ fn fsync_loop(dir: &Path, stop: &AtomicBool, syncs: &AtomicU64) -> std::io::Resu
     let mut segment: Option<(std::fs::File, u64)> = None;
     while !stop.load(Ordering::Relaxed) {
         let tick = Instant::now();
-        if segment.as_ref().is_none_or(|(_, len)| *len > 64 << 20) {
+        if segment
+            .as_ref()
+            .is_none_or(|(_, len)| *len > FLOOR_SEGMENT_BYTES)
+        {
             let _ = std::fs::remove_file(&path);
             let file = OpenOptions::new()
                 .create_new(true)
@@ -323,7 +333,7 @@ fn fsync_loop(dir: &Path, stop: &AtomicBool, syncs: &AtomicU64) -> std::io::Resu
             *len += batch.len() as u64;
         }
         syncs.fetch_add(1, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(10).saturating_sub(tick.elapsed()));
+        std::thread::sleep(FLOOR_INTERVAL.saturating_sub(tick.elapsed()));
     }
     Ok(())
 }
